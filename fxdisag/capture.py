@@ -526,6 +526,8 @@ def _strip_wrapper_prefix(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target.startswith("model."):
             node.target = node.target[len("model.") :]
+            if node.name.startswith("model_"):
+                node._rename(node.name[len("model_") :])
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {

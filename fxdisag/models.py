@@ -14,7 +14,7 @@ Contract
   ...) to a ``ModelSpec`` whose config reproduces the shapes of the public
   checkpoint, from the numbers of its ``config.json`` written here (no download).
   ``meta_model(name)`` builds that model on the meta device: no real memory,
-  about a second even for DeepSeek-V3 (671B parameters).
+  about 0.1 s even for DeepSeek-V3 (671B parameters).
 * ``resolve_model(name)`` accepts either kind of name. Unknown names raise
   ``ValueError`` listing the valid ones.
 

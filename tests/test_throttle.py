@@ -119,3 +119,236 @@ def test_harness_detects_rank_dying_without_report() -> None:
     msg = str(info.value)
     assert "root cause most likely on rank 0" in msg
     assert "rank 0 exited with code 3" in msg
+
+
+# --------------------------------------------------------------------------
+# throttle: parsing (no processes)
+
+from fxdisag.runtime.throttle import (  # noqa: E402
+    ENV_VAR,
+    LinkThrottle,
+    install_from_env,
+    installed,
+    parse_rate,
+    parse_time,
+    throttle_from_spec,
+)
+
+
+@pytest.mark.parametrize(
+    "text, bytes_per_s",
+    [
+        ("1gbit", 125e6),
+        ("400mbit", 50e6),
+        ("8kbit", 1000.0),
+        ("800", 100.0),  # bare number: bits/s, as in tc
+        ("2mbps", 2e6),  # tc "bps" is bytes/s
+        ("1.5GBit", 187.5e6),
+    ],
+)
+def test_parse_rate(text: str, bytes_per_s: float) -> None:
+    assert parse_rate(text) == pytest.approx(bytes_per_s)
+
+
+def test_parse_rate_and_time_errors() -> None:
+    assert parse_rate("unlimited") is None
+    assert parse_time("50us") == pytest.approx(50e-6)
+    assert parse_time("2ms") == pytest.approx(2e-3)
+    assert parse_time("0.5") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="'1 gigabit'.*tc unit"):
+        parse_rate("1 gigabit")
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_rate("0mbit")
+    with pytest.raises(ValueError, match="'5 minutes'"):
+        parse_time("5 minutes")
+
+
+def test_throttle_from_spec() -> None:
+    t = throttle_from_spec("400mbit,latency=50us,egress=per_link")
+    assert t is not None
+    assert (t.bandwidth, t.latency, t.egress) == (50e6, pytest.approx(50e-6), "per_link")
+    assert throttle_from_spec("unlimited") is None
+    with pytest.raises(ValueError, match="unknown option 'jitter=1ms'"):
+        throttle_from_spec("1gbit,jitter=1ms")
+    with pytest.raises(ValueError, match="egress must be"):
+        throttle_from_spec("1gbit,egress=fast")
+    assert install_from_env({}) is None
+    assert install_from_env({ENV_VAR: "unlimited"}) is None
+    assert installed() is None
+    with pytest.raises(ValueError, match="bandwidth_bytes_per_s must be > 0"):
+        LinkThrottle(0)
+
+
+# --------------------------------------------------------------------------
+# throttle: 2-3 gloo ranks
+
+
+def _warm_up(rank: int, world_size: int) -> None:
+    # the first transfer after init can be 100x slow (see the notes)
+    t = torch.zeros(1 << 18)
+    for peer in range(world_size):
+        if peer != rank:
+            w = dist.irecv(torch.empty_like(t), peer)
+            dist.isend(t, peer).wait()
+            w.wait()
+    dist.barrier()
+
+
+def _throughput_body(rank: int, world_size: int, rate: float, total: int, nmsg: int) -> float:
+    from fxdisag.runtime.throttle import LinkThrottle
+
+    _warm_up(rank, world_size)
+    n = total // nmsg // 4
+    throttle = LinkThrottle(rate)
+    best = float("inf")
+    for _ in range(2):
+        bufs = [torch.full((n,), float(i)) for i in range(nmsg)]
+        dist.barrier()
+        t0 = time.monotonic()
+        if rank == 0:
+            for w in [throttle.isend(b, 1) for b in bufs]:
+                w.wait()
+        else:
+            works = [dist.irecv(b, 0) for b in bufs]
+            for w in works:
+                w.wait()
+            best = min(best, time.monotonic() - t0)
+            assert [b[0].item() for b in bufs] == [float(i) for i in range(nmsg)]
+    throttle.close()
+    return best
+
+
+def test_throttle_throughput_matches_rate() -> None:
+    rate, total = 50e6, 8 << 20  # 400 Mbit/s, 8 MiB in 4 messages
+    out = run_distributed(_throughput_body, 2, rate, total, 4, timeout=60)
+    expected = total / rate  # 0.168 s, by hand
+    assert out[1] == pytest.approx(expected, rel=0.15), (out[1], expected)
+
+
+def _model_body(rank: int, world_size: int, egress: str) -> dict:
+    """Rank 0 posts, at one instant, 1000 B to rank 1, 2000 B to rank 2 and
+    500 B to rank 1 on a 1 MB/s NIC with 20 ms latency; returns the emulated
+    arrival times relative to the first post and the measured receive times."""
+    from fxdisag.runtime.throttle import LinkThrottle
+
+    _warm_up(rank, world_size)
+    throttle = LinkThrottle(1e6, latency_s=0.02, egress=egress)  # type: ignore[arg-type]
+    sizes = [(1, 1000), (2, 2000), (1, 500)]
+    dist.barrier()
+    t0 = time.monotonic()
+    if rank == 0:
+        works = [throttle.isend(torch.ones(nb // 4), d) for d, nb in sizes]
+        arrivals = [w.arrival - t0 for w in works]
+        for w in works:
+            w.wait()
+        throttle.close()
+        return {"arrivals": arrivals}
+    bufs = [torch.zeros(nb // 4) for d, nb in sizes if d == rank]
+    done = []
+    for b in bufs:
+        dist.irecv(b, 0).wait()
+        done.append(time.monotonic() - t0)
+        assert b.sum().item() == b.numel()
+    return {"received": done}
+
+
+def test_throttle_clock_model_shared_and_per_link() -> None:
+    shared = run_distributed(_model_body, 3, "shared", timeout=60)
+    # shared NIC at 1e6 B/s: transmissions end at 1, 3, 3.5 ms; +20 ms latency
+    assert shared[0]["arrivals"] == pytest.approx([0.021, 0.023, 0.0235], abs=1e-3)
+    per_link = run_distributed(_model_body, 3, "per_link", timeout=60)
+    # a clock per destination: rank 1 gets 1000 then 500 B (1, 1.5 ms), rank 2 2000 B (2 ms)
+    assert per_link[0]["arrivals"] == pytest.approx([0.021, 0.022, 0.0215], abs=1e-3)
+    for out in (shared, per_link):
+        arrivals = out[0]["arrivals"]
+        received = [out[1]["received"][0], out[2]["received"][0], out[1]["received"][1]]
+        for a, r in zip(arrivals, received):
+            assert a - 1e-3 <= r <= a + 0.015, (arrivals, received)
+
+
+def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
+    from fxdisag.runtime.throttle import LinkThrottle
+
+    _warm_up(rank, world_size)
+    sizes = [(i * 7919 % 13 + 1) * 256 for i in range(nmsg)]  # irregular, big and small mixed
+    with LinkThrottle(20e6, latency_s=1e-3):  # installed: dist.isend is throttled
+        assert dist.isend.__module__ == "fxdisag.runtime.throttle"
+        assert dist.batch_isend_irecv.__module__ == "fxdisag.runtime.throttle"
+        half = nmsg // 2
+        if rank == 0:
+            msgs = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
+            works = [dist.isend(m, 1, tag=i % 3) for i, m in enumerate(msgs[:half])]
+            ops = [dist.P2POp(dist.isend, m, 1, tag=(half + i) % 3) for i, m in enumerate(msgs[half:])]
+            works += dist.batch_isend_irecv(ops)
+            for w in works:
+                w.wait()
+            return []
+        bufs = [torch.empty(n) for n in sizes]
+        ops = [dist.P2POp(dist.irecv, b, 0, tag=i % 3) for i, b in enumerate(bufs)]
+        t0 = time.monotonic()
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        elapsed = time.monotonic() - t0
+        whole = all(b.min().item() == b.max().item() for b in bufs)
+        return [b.mean().item() for b in bufs] + [float(whole), elapsed, 4.0 * sum(sizes)]
+
+
+def test_throttle_preserves_order_and_patches_dist() -> None:
+    import fxdisag.runtime.throttle as th
+
+    real = dist.isend
+    out = run_distributed(_ordering_body, 2, 200, timeout=60)
+    *means, whole, elapsed, nbytes = out[1]
+    assert means == [float(i) for i in range(200)]
+    assert whole == 1.0  # every message arrived whole, not mixed with another
+    # both the dist.isend half and the batch_isend_irecv half were paced
+    assert elapsed >= 0.95 * nbytes / 20e6, (elapsed, nbytes)
+    assert dist.isend is real and th.installed() is None  # the parent was never patched
+
+
+def _overlap_body(rank: int, world_size: int, rate: float) -> dict:
+    from fxdisag.runtime.throttle import LinkThrottle
+
+    _warm_up(rank, world_size)
+    a = torch.randn(256, 256)
+
+    def compute(iters: int) -> float:
+        t0 = time.monotonic()
+        for _ in range(iters):
+            a @ a
+        return time.monotonic() - t0
+
+    # calibrate on rank 0 so that compute alone is about 0.3 s
+    iters = torch.tensor([0])
+    if rank == 0:
+        compute(20)
+        per = compute(50) / 50
+        iters[0] = max(1, int(0.3 / per))
+    dist.broadcast(iters, 0)
+    nbytes = int(0.3 * rate) // 4 * 4
+    throttle = LinkThrottle(rate)
+    res: dict[str, float] = {}
+    for phase in ("comm", "compute", "both", "comm", "compute", "both"):
+        buf = torch.zeros(nbytes // 4)
+        dist.barrier()
+        if rank == 1:
+            if phase != "compute":
+                dist.irecv(buf, 0).wait()
+            continue
+        t0 = time.monotonic()
+        work = throttle.isend(buf, 1) if phase != "compute" else None
+        if phase != "comm":
+            compute(int(iters))
+        if work is not None:
+            work.wait()
+        res[phase] = min(res.get(phase, float("inf")), time.monotonic() - t0)
+    throttle.close()
+    return res
+
+
+def test_throttle_lets_compute_overlap_transfer() -> None:
+    res = run_distributed(_overlap_body, 2, 50e6, timeout=60)[0]
+    comm, comp, both = res["comm"], res["compute"], res["both"]
+    assert comm == pytest.approx(0.3, rel=0.15), res
+    # overlapped: about max(comm, compute), well under the sum
+    assert max(comm, comp) * 0.95 <= both <= 0.8 * (comm + comp), res

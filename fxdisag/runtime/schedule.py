@@ -214,8 +214,8 @@ def consumes(action: Action, num_moe_layers: int) -> Key | None:
     return None
 
 
-def _producer(action: Action) -> Key | None:
-    """The compute whose output a SEND carries."""
+def produced_by(action: Action) -> Key | None:
+    """The key of the compute whose output the SEND ``action`` carries, or None."""
     k, j, i = action.kind, action.stage, action.microbatch
     return {
         ActionKind.SEND_D: (ActionKind.F, j, i),
@@ -245,7 +245,7 @@ def required_before(action: Action, num_moe_layers: int) -> list[Key]:
     elif k is ActionKind.EB:
         before.append((ActionKind.EF, s, i))
     elif k.is_send:
-        before.append(_producer(action))  # type: ignore[arg-type]
+        before.append(produced_by(action))  # type: ignore[arg-type]
     return before
 
 

@@ -1,0 +1,290 @@
+"""``fxdisag.disaggregate``: one call from an HF MoE model to a disaggregated training module.
+
+Contract::
+
+    dmodel = fxdisag.disaggregate(model, example_inputs, plan=Plan | "auto")
+    out = dmodel(input_ids=ids, labels=labels)   # every rank, the same global batch
+    out.loss.backward()                           # runs the pipeline's backward half
+    opt.step()                                    # opt built on dmodel.parameters()
+
+* every rank runs the same code under ``torchrun`` (``torch.distributed`` is initialised
+  from the environment when it is not yet: gloo on CPU, NCCL when CUDA is available);
+* ``dmodel.parameters()`` are the rank's own parameters: attention ranks hold everything
+  but the routed experts (replicated, data parallel), expert ranks hold their experts;
+* ``out.loss`` is the loss of the whole global batch, identical on every rank; after
+  ``backward`` each local parameter's ``.grad`` equals the single-process gradient;
+* ``consolidated_state_dict()`` / ``consolidated_grads()`` return full tensors under the
+  model's original parameter names (a collective: call it on every rank).
+
+Pipeline: capture -> insert_dispatch -> split_stages -> af_pipe_schedule -> workers.
+The forward call runs the schedule's forward actions; ``loss.backward()`` runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fxdisag.capture import CapturedModel, capture
+from fxdisag.dump import maybe_dump_graph
+from fxdisag.passes.insert_dispatch import insert_dispatch
+from fxdisag.passes.split_stages import StagedProgram, split_stages
+from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
+from fxdisag.runtime.experts import local_experts
+from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, validate
+
+__all__ = ["DisaggregatedModel", "DisaggregatedOutput", "disaggregate"]
+
+_BACKWARD_KINDS = {
+    ActionKind.B,
+    ActionKind.EB,
+    ActionKind.RECV_GD,
+    ActionKind.RECV_GC,
+    ActionKind.SEND_GC,
+    ActionKind.SEND_GD,
+    ActionKind.REDUCE,
+}
+
+
+@dataclass
+class DisaggregatedOutput:
+    loss: torch.Tensor
+    logits: None = None
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "fxdisag.disaggregate needs torch.distributed: launch with torchrun "
+            "(e.g. `torchrun --nproc-per-node 2 train.py`) or call dist.init_process_group first"
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _owner_slots(plan, num_experts: int) -> list[int]:
+    placement = plan.expert_placement
+    if len(placement) != num_experts:
+        raise ValueError(f"plan places {len(placement)} experts; the model has {num_experts} per MoE layer")
+    slots = []
+    for e, ranks in enumerate(placement):
+        if len(ranks) != 1:
+            raise NotImplementedError(
+                f"plan replicates expert {e} on ranks {list(ranks)}; the runtime runs one copy per expert "
+                "for now. Use at most as many expert ranks as experts."
+            )
+        if ranks[0] not in plan.expert_ranks:
+            raise ValueError(f"plan places expert {e} on rank {ranks[0]}, which is not an expert rank")
+        slots.append(list(plan.expert_ranks).index(ranks[0]))
+    return slots
+
+
+def _resolve_plan(plan, captured: CapturedModel, example_inputs, cluster):
+    if not isinstance(plan, str):
+        return plan
+    if plan != "auto":
+        raise ValueError(f"plan must be a Plan or 'auto', got {plan!r}")
+    from fxdisag.partitioner import auto_plan
+
+    return auto_plan(captured, example_inputs, cluster=cluster, world_size=dist.get_world_size())
+
+
+class _PipelineBackward(torch.autograd.Function):
+    """Makes ``loss.backward()`` run the backward half of the schedule on this rank."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, loss: torch.Tensor, owner: "DisaggregatedModel") -> torch.Tensor:
+        ctx.owner = owner
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.owner._run_backward(float(grad))
+        return None, None, None
+
+
+class DisaggregatedModel(nn.Module):
+    def __init__(
+        self,
+        captured: CapturedModel,
+        program: StagedProgram,
+        schedule: Schedule,
+        plan,
+        owner: list[int],
+        device: torch.device,
+        attention_group,
+        trace: bool,
+    ):
+        super().__init__()
+        self.plan = plan
+        self.schedule = schedule
+        self.layout = captured.layout
+        self.program = program
+        self.rank = dist.get_rank()
+        self.device = device
+        self.role = schedule.role(self.rank)
+        self.__dict__["_model"] = captured.model
+        self._anchor = torch.zeros((), requires_grad=True)
+        actions = schedule.actions[self.rank]
+        self._split = next((k for k, a in enumerate(actions) if a.kind in _BACKWARD_KINDS), len(actions))
+        self._pending_backward = False
+        if self.role == "A":
+            self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
+            self.worker = AttentionWorker(program, schedule, self.rank, owner, device, attention_group, trace)
+        else:
+            slot = list(schedule.expert_ranks).index(self.rank)
+            mine = [e for e, s in enumerate(owner) if s == slot]
+            model = captured.model
+            self.local_experts = nn.ModuleList(
+                [local_experts(model.get_submodule(m.experts), mine) for m in self.layout.moe]
+            ).to(device)
+            self.expert_ids = mine
+            first = model.get_submodule(self.layout.moe[0].experts)
+            dtype = next(first.parameters()).dtype
+            self.worker = ExpertWorker(
+                list(self.local_experts), schedule, self.rank, self.layout.hidden_size, (dtype, dtype), device, trace
+            )
+
+    # ---- training step
+    def forward(self, **batch: torch.Tensor) -> DisaggregatedOutput:
+        if self._pending_backward:
+            raise RuntimeError(
+                "the previous step's loss.backward() was never called; fxdisag runs the pipeline's backward "
+                "half from it. Call loss.backward() after every forward (or run the forward under torch.no_grad())."
+            )
+        if "labels" not in batch:
+            raise ValueError("fxdisag trains with a loss: pass labels=... (input_ids are fine as labels for an LM)")
+        w = self.worker
+        w.actions = self.schedule.actions[self.rank][: self._split]
+        if self.role == "A":
+            local = w.step(batch)
+        else:
+            w.step()
+            local = torch.zeros(())
+        loss = local.to(self.device).reshape(())
+        dist.all_reduce(loss)
+        if torch.is_grad_enabled():
+            self._pending_backward = True
+            loss = _PipelineBackward.apply(self._anchor, loss.cpu(), self)
+        else:
+            self._finish_without_backward()
+        return DisaggregatedOutput(loss=loss)
+
+    def _run_backward(self, grad_scale: float) -> None:
+        w = self.worker
+        w.actions = self.schedule.actions[self.rank][self._split :]
+        if self.role == "A":
+            w.loss_scale = [s * grad_scale for s in w.loss_scale]
+        w._run_actions()
+        self._pending_backward = False
+        if self.role == "A":
+            w.clear()
+
+    def _finish_without_backward(self) -> None:
+        self.worker.mailbox.drain()
+        if self.role == "A":
+            self.worker.clear()
+
+    # ---- checkpoints
+    def _owned(self, grads: bool) -> dict[str, tuple[tuple[int, ...] | None, torch.Tensor]]:
+        owned: dict[str, tuple[tuple[int, ...] | None, torch.Tensor]] = {}
+        experts = {m.experts for m in self.layout.moe}
+        if self.role == "A":
+            if self.rank != self.schedule.attention_ranks[0]:
+                return owned
+            for name, p in self._model.named_parameters():
+                if name.rsplit(".", 1)[0] in experts:
+                    continue
+                t = p.grad if grads else p.detach()
+                owned[name] = (None, None if t is None else t.detach().cpu())
+        else:
+            for m, mod in zip(self.layout.moe, self.local_experts):
+                for pname, p in mod.named_parameters(recurse=False):
+                    t = p.grad if grads else p.detach()
+                    owned[f"{m.experts}.{pname}"] = (mod.fxdisag_expert_ids, None if t is None else t.detach().cpu())
+        return owned
+
+    def _consolidate(self, grads: bool) -> dict[str, torch.Tensor | None]:
+        pieces: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(pieces, self._owned(grads))
+        full: dict[str, torch.Tensor | None] = {}
+        for owned in pieces:
+            for name, (ids, t) in owned.items():
+                if ids is None:
+                    full[name] = t
+                    continue
+                shape = dict(self._model.named_parameters())[name].shape
+                if full.get(name) is None:
+                    full[name] = None if t is None else torch.zeros(shape, dtype=t.dtype)
+                if t is not None:
+                    full[name][list(ids)] = t
+        order = [n for n, _ in self._model.named_parameters()]
+        return {n: full.get(n) for n in order}
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._consolidate(grads=False)
+
+    def consolidated_grads(self) -> dict[str, torch.Tensor | None]:
+        return self._consolidate(grads=True)
+
+
+def disaggregate(
+    model: nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    plan: Any = "auto",
+    cluster: Any = None,
+    *,
+    sync_params: bool = True,
+    trace: bool = False,
+) -> DisaggregatedModel:
+    """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
+
+    ``sync_params`` broadcasts every parameter from rank 0 first (as DDP does), so ranks
+    that built the model with different random seeds still train the same model.
+    """
+    _init_distributed()
+    device = _device()
+    captured = capture(model, example_inputs)
+    plan = _resolve_plan(plan, captured, example_inputs, cluster)
+    world = dist.get_world_size()
+    ranks = sorted(list(plan.attention_ranks) + list(plan.expert_ranks))
+    if ranks != list(range(world)):
+        raise ValueError(
+            f"plan uses ranks {ranks} but the world has {world} ranks: attention_ranks + expert_ranks must "
+            f"cover 0..{world - 1} exactly once"
+        )
+    if sync_params:
+        for p in model.parameters():
+            if p.device.type != "meta":
+                buf = p.detach().to(device)
+                dist.broadcast(buf, src=0)
+                p.data.copy_(buf.to(p.device))
+    num_experts = {m.num_experts for m in captured.layout.moe}
+    if len(num_experts) != 1:
+        raise NotImplementedError(f"MoE layers with different expert counts {sorted(num_experts)}")
+    owner = _owner_slots(plan, num_experts.pop())
+    gm = insert_dispatch(captured.graph_module, captured.layout, owner, len(plan.expert_ranks))
+    program = split_stages(gm)
+    schedule = af_pipe_schedule(plan.attention_ranks, plan.expert_ranks, len(program.boundaries), plan.num_microbatches)
+    validate(schedule)
+    # new_group is collective: every rank creates every group, in the same order.
+    attention_group = dist.new_group(sorted(plan.attention_ranks))
+    for stage in program.stages:
+        maybe_dump_graph(f"stage{stage.index}", stage.module)
+    return DisaggregatedModel(captured, program, schedule, plan, owner, device, attention_group, trace)

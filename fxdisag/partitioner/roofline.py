@@ -1,0 +1,719 @@
+"""The cost model: every formula once, as a sympy expression, and the numbers from it.
+
+Contract
+--------
+Each :class:`Formula` below is the single definition of one quantity. Numbers are
+computed by calling the formula (a ``sympy.lambdify`` of the same expression), never by
+a second hand-written copy, and :class:`Recorder` keeps the inputs and outputs of the
+calls that produced a plan so that ``plan.explain()`` can print expression, values and
+result side by side.
+
+Formulas (all times in seconds, bytes in bytes, per device unless said otherwise)::
+
+    REGION_TIME     t = max(F / peak, B / mem_bw)                 roofline of one region
+    TRANSFER_TIME   t = max(nic_out / (n_out bw_nic), nic_in / (n_in bw_nic),
+                            link_out / bw_link, link_in / bw_link) + latency
+                    (one node; the slowest node sets the time; NVLink and NIC run in parallel)
+    PIPELINE_TIME   T = (L - 1) max(m t_b, R) + (m - 1) t_b + R
+                    L laps (MoE layers) of m micro-batches around a cycle of stages whose
+                    round trip is R = sum of stage times and whose busiest resource needs
+                    t_b per micro-batch: steady state max(m t_b, R) per lap, then the last
+                    lap drains.
+    PHASE_TIME      T = m (t_pre + t_post) + T_pipe               a forward or backward phase
+    STEP_TIME       T = r (T_fwd + T_bwd) + max(0, t_sync - o T_bwd)
+                    r gradient-accumulation rounds; the gradient all-reduce hides behind
+                    the last backward when o = 1, is fully exposed when o = 0
+    ALLREDUCE_TIME  hierarchical ring: 2 (g-1)/g bytes / bw_link + 2 (k-1)/k bytes / (nics bw_nic)
+                    + 2 (g-1) lat_link + 2 (k-1) lat_nic      (g devices per node, k nodes)
+    MEMORY          M = P (w + g) + P o / s + A                   params P, bytes/param of weights
+                    w, grads g, optimizer o (sharded s ways), activations A
+
+The three step-time models built from them (functions :func:`afpipe_times` and
+:func:`ep_times`):
+
+* **AF-pipe**: attention group and expert group are the two compute resources, the
+  dispatch and combine directions the two network resources; stages per MoE layer
+  t_a (attention side), t_d (dispatch), t_e (experts), t_c (combine), so
+  t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c. Embedding, dense layers
+  before the first MoE layer (``pre``) and final norm/head/loss (``post``) run on the
+  attention group outside the pipeline (no overlap assumed: an upper bound).
+* **EP, no overlap**: every device does attention (data parallel) then experts; per
+  layer attention, all-to-all dispatch, experts, all-to-all combine run one after the
+  other (PIPELINE_TIME with m = 1, t_b = R), gradient all-reduce exposed (o = 0).
+* **EP, with overlap** ("two half-batch" overlap, as DeepSeek-V3 and Megatron-LM's
+  all-to-all overlap): each micro-step is split into two halves; while one half
+  computes, the other's all-to-all runs. Compute (attention + experts) and network
+  (dispatch + combine) are the two resources: PIPELINE_TIME with m = 2,
+  t_b = max(t_a/2 + t_e/2, t_d' + t_c'), where t_d', t_c' move half the bytes but
+  pay the full latency; gradient all-reduce hidden behind backward (o = 1).
+
+Assumptions, stated once: uniform routing (every expert gets the same share of rows);
+dispatch sends top_k rows per token (no per-device de-duplication); backward FLOPs and
+bytes are 2x forward; bytes per region = weights + activations read and written by the
+region's leaf modules (no caching across regions); NIC sharing between devices of a
+node (PXN-style) is free; a NIC shared by both groups of a node counts half for each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import sympy as sp
+
+__all__ = [
+    "Formula",
+    "Recorder",
+    "REGION_TIME",
+    "TRANSFER_TIME",
+    "PIPELINE_TIME",
+    "PHASE_TIME",
+    "STEP_TIME",
+    "ALLREDUCE_TIME",
+    "MEMORY",
+    "FORMULAS",
+]
+
+
+@dataclass(frozen=True)
+class Formula:
+    """One named sympy expression; calling it evaluates the expression numerically."""
+
+    name: str
+    expr: sp.Expr
+    doc: str
+
+    @cached_property
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(sorted(s.name for s in self.expr.free_symbols))
+
+    @cached_property
+    def _fn(self):
+        syms = [sp.Symbol(n) for n in self.symbols]
+        return sp.lambdify(syms, self.expr, modules=[{"Max": max, "Min": min}, "math"])
+
+    def __call__(self, recorder: "Recorder | None" = None, label: str | None = None, **values: float) -> float:
+        missing = set(self.symbols) - set(values)
+        extra = set(values) - set(self.symbols)
+        if missing or extra:
+            raise TypeError(
+                f"formula {self.name}({', '.join(self.symbols)}): missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        result = float(self._fn(*(values[n] for n in self.symbols)))
+        if recorder is not None:
+            recorder.record(label or self.name, self, values, result)
+        return result
+
+    def __str__(self) -> str:
+        return f"{self.name} = {sp.sstr(self.expr)}"
+
+
+def _s(names: str):
+    return sp.symbols(names, nonnegative=True)
+
+
+_F, _peak, _B, _mem_bw = _s("F peak B mem_bw")
+REGION_TIME = Formula(
+    "REGION_TIME",
+    sp.Max(_F / _peak, _B / _mem_bw),
+    "roofline time of one region: F FLOPs at peak FLOP/s, or B bytes at memory bandwidth",
+)
+
+_no, _ni, _n_out, _n_in, _bw_nic, _lo, _li, _bw_link, _lat = _s(
+    "nic_out nic_in n_out n_in bw_nic link_out link_in bw_link latency"
+)
+TRANSFER_TIME = Formula(
+    "TRANSFER_TIME",
+    sp.Max(_no / (_n_out * _bw_nic), _ni / (_n_in * _bw_nic), _lo / _bw_link, _li / _bw_link) + _lat,
+    "one node's share of a transfer: bytes leaving/entering the node over the NICs its group uses "
+    "(n_out, n_in of bw_nic each), bytes a device sends/receives inside the node (bw_link), plus latency",
+)
+
+_L, _m, _tb, _R = _s("L m t_b R")
+PIPELINE_TIME = Formula(
+    "PIPELINE_TIME",
+    (_L - 1) * sp.Max(_m * _tb, _R) + (_m - 1) * _tb + _R,
+    "L laps of m micro-batches around a stage cycle with round trip R and busiest resource t_b "
+    "per micro-batch",
+)
+
+_tpre, _tpost, _tpipe = _s("t_pre t_post T_pipe")
+PHASE_TIME = Formula(
+    "PHASE_TIME",
+    _m * (_tpre + _tpost) + _tpipe,
+    "forward or backward of one round: pre (embedding, leading dense layers) and post (norm, head, "
+    "loss) of every micro-batch, plus the MoE pipeline",
+)
+
+_r, _Tf, _Tb, _tsync, _o = _s("r T_fwd T_bwd t_sync o")
+STEP_TIME = Formula(
+    "STEP_TIME",
+    _r * (_Tf + _Tb) + sp.Max(0, _tsync - _o * _Tb),
+    "r gradient-accumulation rounds, then the gradient all-reduce (hidden behind the last backward "
+    "when o = 1)",
+)
+
+_bytes, _g, _k, _nics, _lat_link, _lat_nic = _s("bytes g k nics lat_link lat_nic")
+ALLREDUCE_TIME = Formula(
+    "ALLREDUCE_TIME",
+    2 * (_g - 1) / _g * _bytes / _bw_link
+    + 2 * (_k - 1) / _k * _bytes / (_nics * _bw_nic)
+    + 2 * (_g - 1) * _lat_link
+    + 2 * (_k - 1) * _lat_nic,
+    "hierarchical ring all-reduce of `bytes` over g devices per node on k nodes using `nics` NICs per node",
+)
+
+_P, _w, _gr, _opt, _shard, _act = _s("P w grad opt shard act")
+MEMORY = Formula(
+    "MEMORY",
+    _P * (_w + _gr) + _P * _opt / _shard + _act,
+    "device memory: P parameters with w bytes of weight, grad bytes of gradient and opt bytes of "
+    "optimizer state each (sharded over `shard` replicas), plus activations kept for backward",
+)
+
+FORMULAS: dict[str, Formula] = {
+    f.name: f for f in (REGION_TIME, TRANSFER_TIME, PIPELINE_TIME, PHASE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY)
+}
+
+
+@dataclass
+class Evaluation:
+    label: str
+    formula: str
+    inputs: dict[str, float]
+    result: float
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "formula": self.formula, "inputs": self.inputs, "result": self.result}
+
+
+@dataclass
+class Recorder:
+    """Keeps the formula evaluations that produced a plan (for ``Plan.explain``)."""
+
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+    def record(self, label: str, formula: Formula, values: dict[str, float], result: float) -> None:
+        self.evaluations.append(Evaluation(label, formula.name, {k: float(v) for k, v in values.items()}, result))
+
+
+def explain(evaluations: list[dict]) -> str:
+    """Formulas, then every recorded evaluation: label, inputs and result."""
+    used = []
+    for ev in evaluations:
+        if ev["formula"] not in used:
+            used.append(ev["formula"])
+    lines = ["Formulas (fxdisag/partitioner/roofline.py):"]
+    for name in used:
+        f = FORMULAS[name]
+        lines.append(f"  {f}")
+        lines.append(f"      {f.doc}")
+    lines.append("")
+    lines.append("Evaluations:")
+    for ev in evaluations:
+        inputs = ", ".join(f"{k}={_fmt(v)}" for k, v in ev["inputs"].items())
+        lines.append(f"  {ev['label']}: {ev['formula']}({inputs}) = {_fmt(ev['result'])}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "inf"
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+# ====================================================================== the model's inputs
+
+
+def optimizer_bytes_per_param(optimizer: str, dtype_bytes: int) -> float:
+    """Optimizer-state bytes per parameter: Adam keeps fp32 m and v, plus an fp32 master copy
+    when training in a 16-bit dtype (mixed precision); SGD keeps only the master copy."""
+    master = 4.0 if dtype_bytes < 4 else 0.0
+    if optimizer in ("adam", "adamw"):
+        return 8.0 + master
+    if optimizer == "sgd":
+        return master
+    raise ValueError(f"optimizer={optimizer!r}: choose 'adam', 'adamw' or 'sgd'")
+
+
+@dataclass(frozen=True)
+class RegionCost:
+    """One attention-side region, per sequence at the planned length."""
+
+    fwd_flops: float
+    bwd_flops: float
+    io_bytes: float
+    weight_bytes: float
+
+
+@dataclass
+class Workload:
+    """A ModelProfile evaluated at one sequence length, cut the way AF-pipe cuts it.
+
+    ``pre``: regions before the first MoE layer's attention (embedding, dense layers);
+    ``layers[j]``: attention-side regions of MoE layer j (and of dense layers between MoE
+    layers); ``post``: final norm, head, loss. Experts: one homogeneous MoE layer
+    description (all registry models have identical MoE layers; mean values otherwise).
+    """
+
+    seq_len: int
+    dtype: str
+    dtype_bytes: int
+    pre: list[RegionCost]
+    layers: list[list[RegionCost]]
+    post: list[RegionCost]
+    attention_params: int  # everything but the routed experts (lives on attention devices)
+    attention_saved_bytes: float  # per sequence, all attention-side regions
+    num_experts: int
+    top_k: int
+    params_per_expert: float
+    expert_weight_bytes: float
+    expert_flops_per_row: float
+    expert_io_per_row: float
+    expert_saved_per_row: float
+    dispatch_per_token: float
+    combine_per_token: float
+    combine_grad_per_token: float
+    dispatch_grad_per_token: float
+    model_flops_per_seq: float  # forward + backward, the whole model
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def from_profile(cls, profile, seq_len: int) -> "Workload":
+        if not profile.moe:
+            raise ValueError(f"profile of {profile.model} has no MoE layers: nothing to disaggregate")
+        moe_layers = [m.layer for m in profile.moe]
+        first, last = moe_layers[0], moe_layers[-1]
+        pre: list[RegionCost] = []
+        post: list[RegionCost] = []
+        layers: list[list[RegionCost]] = [[] for _ in moe_layers]
+        params = 0
+        saved = 0.0
+        total_flops = 0.0
+        for r in profile.regions:
+            f, b = r.fwd_flops.at(seq_len), r.bwd_flops.at(seq_len)
+            total_flops += f + b
+            if r.kind == "experts":
+                continue
+            cost = RegionCost(f, b, r.io_bytes.at(seq_len), float(r.weight_bytes))
+            params += r.params
+            saved += r.saved_bytes.at(seq_len)
+            if r.layer is None:
+                (pre if r.kind == "embed" else post).append(cost)
+            elif r.layer < first:
+                pre.append(cost)
+            elif r.layer > last:
+                post.append(cost)
+            else:
+                # a dense layer between MoE layers belongs to the next MoE layer's stage
+                j = next(i for i, layer in enumerate(moe_layers) if layer >= r.layer)
+                layers[j].append(cost)
+        n = len(profile.moe)
+
+        def mean(attr: str) -> float:
+            return sum(getattr(m, attr) for m in profile.moe) / n
+
+        return cls(
+            seq_len=seq_len,
+            dtype=profile.dtype,
+            dtype_bytes=profile.dtype_bytes,
+            pre=pre,
+            layers=layers,
+            post=post,
+            attention_params=params,
+            attention_saved_bytes=saved,
+            num_experts=profile.moe[0].num_experts,
+            top_k=profile.moe[0].top_k,
+            params_per_expert=mean("params_per_expert"),
+            expert_weight_bytes=mean("expert_weight_bytes"),
+            expert_flops_per_row=mean("fwd_flops_per_row"),
+            expert_io_per_row=mean("io_bytes_per_row"),
+            expert_saved_per_row=mean("saved_bytes_per_row"),
+            dispatch_per_token=mean("dispatch_bytes_per_token"),
+            combine_per_token=mean("combine_bytes_per_token"),
+            combine_grad_per_token=mean("combine_grad_bytes_per_token"),
+            dispatch_grad_per_token=mean("dispatch_grad_bytes_per_token"),
+            model_flops_per_seq=total_flops,
+        )
+
+
+# ====================================================================== layouts
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    """What one node holds of an AF-pipe layout (identical nodes are folded into one)."""
+
+    attention: int  # attention devices on the node
+    experts: int  # expert devices on the node
+    row_share: float  # fraction of all routed rows processed on this node
+    max_device_share: float  # largest fraction of all rows on one expert device of the node
+    nics_attention: float  # NICs the attention devices use (a shared single NIC counts 1/2)
+    nics_experts: float
+
+
+@dataclass
+class GroupLayout:
+    """Where the two groups sit: ranks, expert replicas, per-node shares and NIC split."""
+
+    attention_ranks: list[int]
+    expert_ranks: list[int]
+    placement: list[list[int]]  # expert id -> expert ranks holding it
+    nodes: list[NodeShare]  # one per node of the cluster, in node order
+    device_share: dict[int, float]  # expert rank -> fraction of all rows it processes
+
+    @property
+    def max_share(self) -> float:
+        return max(self.device_share.values())
+
+    @property
+    def experts_per_device(self) -> int:
+        held: dict[int, int] = {}
+        for ranks in self.placement:
+            for r in ranks:
+                held[r] = held.get(r, 0) + 1
+        return max(held.values())
+
+    @classmethod
+    def build(
+        cls,
+        cluster,
+        attention_ranks: list[int],
+        expert_ranks: list[int],
+        placement: list[list[int]],
+        nic_split: list[float] | None = None,
+        transfer_bytes: tuple[float, float, float, float] | None = None,
+    ) -> "GroupLayout":
+        """``nic_split[n]``: NICs of node n given to its attention devices (the rest go to
+        its experts). None chooses, per node, the split that minimises the node's slowest
+        transfer of ``transfer_bytes`` = per-token (dispatch, combine, combine-grad,
+        dispatch-grad) bytes (evaluated with TRANSFER_TIME)."""
+        share: dict[int, float] = {r: 0.0 for r in expert_ranks}
+        E = len(placement)
+        for ranks in placement:
+            if not ranks:
+                raise ValueError("expert placement leaves an expert on no rank")
+            for r in ranks:
+                if r not in share:
+                    raise ValueError(f"expert placement names rank {r}, which is not an expert rank")
+                share[r] += 1.0 / (E * len(ranks))
+        dpn = cluster.devices_per_node
+        A = len(attention_ranks)
+        attn_set = set(attention_ranks)
+        nodes: list[NodeShare] = []
+        chosen: dict[tuple, float] = {}
+        for n in range(cluster.num_nodes):
+            ranks = range(n * dpn, (n + 1) * dpn)
+            a = sum(1 for r in ranks if r in attn_set)
+            exp = [r for r in ranks if r in share]
+            rows = sum(share[r] for r in exp)
+            top = max((share[r] for r in exp), default=0.0)
+            N = cluster.nics_per_node
+            if a and exp:
+                if N == 1:
+                    na = 0.5
+                elif nic_split is not None:
+                    na = float(nic_split[n])
+                else:
+                    key = (a, len(exp), rows, top)
+                    if key not in chosen:
+                        chosen[key] = _best_nic_split(cluster, A, a, rows, top, transfer_bytes)
+                    na = chosen[key]
+                ne = N - na if N > 1 else 0.5
+            else:
+                na, ne = (float(N), 0.0) if a else (0.0, float(N) if exp else 0.0)
+            nodes.append(NodeShare(a, len(exp), rows, top, na, ne))
+        return cls(list(attention_ranks), list(expert_ranks), placement, nodes, share)
+
+    def nic_split(self) -> list[tuple[float, float]]:
+        return [(n.nics_attention, n.nics_experts) for n in self.nodes]
+
+
+def _best_nic_split(cluster, A: int, a: int, rows: float, top: float, transfer_bytes) -> float:
+    if transfer_bytes is None:
+        raise ValueError("GroupLayout.build needs nic_split or transfer_bytes to choose the NIC split")
+    best, best_t = 1.0, math.inf
+    for na in range(1, cluster.nics_per_node):
+        node = NodeShare(a, 1, rows, top, float(na), float(cluster.nics_per_node - na))
+        t = max(
+            _node_transfer(cluster, A, node, b, toward_experts=(i % 2 == 0), latency=0.0)
+            for i, b in enumerate(transfer_bytes)
+        )
+        if t < best_t - 1e-15:
+            best, best_t = float(na), t
+    return best
+
+
+def _node_transfer(cluster, A: int, node: NodeShare, per_device: float, *, toward_experts: bool,
+                   latency: float | None = None, recorder=None, label=None) -> float:
+    """One node's time for a transfer where every attention device exchanges ``per_device``
+    bytes with the expert group (spread by row share)."""
+    a, rows, top = node.attention, node.row_share, node.max_device_share
+    attn_nic = a * per_device * (1.0 - rows)  # leaves/enters the node at its attention devices
+    exp_nic = (A - a) * per_device * rows  # enters/leaves the node at its expert devices
+    attn_link = per_device * rows if a else 0.0  # one attention device <-> local experts
+    exp_link = a * per_device * top  # local attention devices <-> the busiest local expert
+    cross = attn_nic > 0 or exp_nic > 0
+    if latency is None:
+        latency = cluster.inter_node_latency if cross else (cluster.intra_node_latency if attn_link or exp_link else 0.0)
+    n_a = node.nics_attention or 1.0
+    n_e = node.nics_experts or 1.0
+    if toward_experts:
+        values = dict(nic_out=attn_nic, n_out=n_a, nic_in=exp_nic, n_in=n_e, link_out=attn_link, link_in=exp_link)
+    else:
+        values = dict(nic_out=exp_nic, n_out=n_e, nic_in=attn_nic, n_in=n_a, link_out=exp_link, link_in=attn_link)
+    return TRANSFER_TIME(
+        recorder, label, **values, bw_nic=cluster.nic_bandwidth, bw_link=cluster.intra_node_bandwidth, latency=latency
+    )
+
+
+def afpipe_transfer(cluster, layout: GroupLayout, per_device: float, *, toward_experts: bool,
+                    recorder=None, label: str = "transfer") -> float:
+    """Time of one micro-batch's transfer between the groups: the slowest node."""
+    A = len(layout.attention_ranks)
+    worst, worst_node = -1.0, None
+    seen: dict[NodeShare, float] = {}
+    for node in layout.nodes:
+        if node not in seen:
+            seen[node] = _node_transfer(cluster, A, node, per_device, toward_experts=toward_experts)
+        if seen[node] > worst:
+            worst, worst_node = seen[node], node
+    if recorder is not None:  # record the formula on the node that sets the time
+        _node_transfer(cluster, A, worst_node, per_device, toward_experts=toward_experts, recorder=recorder,
+                       label=label)
+    return worst
+
+
+def group_span(ranks: list[int], devices_per_node: int) -> tuple[int, int]:
+    """(most devices of the group on one node, nodes the group spans)."""
+    per_node: dict[int, int] = {}
+    for r in ranks:
+        per_node[r // devices_per_node] = per_node.get(r // devices_per_node, 0) + 1
+    return max(per_node.values()), len(per_node)
+
+
+# ====================================================================== step times
+
+
+def _stage_time(cluster, dtype: str, regions: list[RegionCost], seqs: float, backward: bool) -> float:
+    peak, bw = cluster.peak(dtype), cluster.memory_bandwidth
+    total = 0.0
+    for r in regions:
+        flops = seqs * (r.bwd_flops if backward else r.fwd_flops)
+        # backward reads the weights and writes their gradients; activations: read + grad written
+        moved = (2.0 if backward else 1.0) * (r.weight_bytes + seqs * r.io_bytes)
+        total += REGION_TIME(F=flops, peak=peak, B=moved, mem_bw=bw)
+    return total
+
+
+def attention_times(work: Workload, cluster, seqs: float, recorder=None) -> dict[str, float]:
+    """Attention-side compute per micro-batch of ``seqs`` sequences: pre, one MoE layer's
+    stage (mean over layers) and post, forward and backward."""
+    out = {}
+    for bwd in (False, True):
+        sfx = "b" if bwd else "f"
+        out[f"pre_{sfx}"] = _stage_time(cluster, work.dtype, work.pre, seqs, bwd)
+        out[f"post_{sfx}"] = _stage_time(cluster, work.dtype, work.post, seqs, bwd)
+        per_layer = [_stage_time(cluster, work.dtype, regs, seqs, bwd) for regs in work.layers]
+        out[f"attn_{sfx}"] = sum(per_layer) / len(per_layer)
+    if recorder is not None:  # record one representative region evaluation per stage kind
+        for name, regs in (("pre", work.pre), ("attention stage", work.layers[0]), ("post", work.post)):
+            if regs:
+                r = max(regs, key=lambda x: x.fwd_flops)
+                REGION_TIME(recorder, f"largest region of {name}, fwd, {seqs:g} seq",
+                            F=seqs * r.fwd_flops, peak=cluster.peak(work.dtype),
+                            B=r.weight_bytes + seqs * r.io_bytes, mem_bw=cluster.memory_bandwidth)
+    return out
+
+
+def expert_time(work: Workload, cluster, rows: float, experts_held: int, backward: bool, recorder=None,
+                label: str = "experts") -> float:
+    k = 2.0 if backward else 1.0
+    return REGION_TIME(
+        recorder, label,
+        F=k * rows * work.expert_flops_per_row,
+        peak=cluster.peak(work.dtype),
+        B=k * (experts_held * work.expert_weight_bytes + rows * work.expert_io_per_row),
+        mem_bw=cluster.memory_bandwidth,
+    )
+
+
+def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int, m: int, rounds: int,
+                 recorder=None, attn: dict | None = None) -> dict[str, float]:
+    """Predicted AF-pipe step (seconds) and its parts, per the module docstring."""
+    S, L = work.seq_len, work.num_moe_layers
+    A = len(layout.attention_ranks)
+    attn = attn or attention_times(work, cluster, seqs_per_mb, recorder)
+    tokens = seqs_per_mb * S  # per attention device per micro-batch
+    rows = A * tokens * work.top_k * layout.max_share  # on the busiest expert device
+    held = layout.experts_per_device
+    t = dict(attn)
+    t["expert_f"] = expert_time(work, cluster, rows, held, False, recorder, "experts fwd, busiest device")
+    t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device")
+    for key, per_token, toward in (("dispatch", work.dispatch_per_token, True),
+                                   ("combine", work.combine_per_token, False),
+                                   ("combine_grad", work.combine_grad_per_token, True),
+                                   ("dispatch_grad", work.dispatch_grad_per_token, False)):
+        t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
+                                 label=f"{key} per micro-batch (slowest node)")
+    fwd_stages = (t["attn_f"], t["dispatch"], t["expert_f"], t["combine"])
+    bwd_stages = (t["attn_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
+    for phase, stages in (("fwd", fwd_stages), ("bwd", bwd_stages)):
+        sfx = phase[0]
+        t[f"pipe_{sfx}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(stages), R=sum(stages))
+        t[f"T_{phase}"] = PHASE_TIME(recorder, f"round {phase}", m=m, t_pre=t[f"pre_{sfx}"], t_post=t[f"post_{sfx}"],
+                                     T_pipe=t[f"pipe_{sfx}"])
+    t["sync"] = afpipe_sync(work, cluster, layout, recorder)
+    t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=t["sync"], o=1)
+    busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
+    busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"])
+    t["util_attention"] = busy_a / t["step"]
+    t["util_experts"] = busy_e / t["step"]
+    return t
+
+
+def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
+    """Gradient all-reduce: attention parameters over the attention group, replicated experts
+    over their replicas (the two groups use their own NIC shares, in parallel)."""
+    dpn = cluster.devices_per_node
+    nodes = layout.nodes
+    g, k = group_span(layout.attention_ranks, dpn)
+    nics = min(n.nics_attention * g / n.attention for n in nodes if n.attention)
+    t_attn = ALLREDUCE_TIME(
+        recorder, "all-reduce attention grads", bytes=work.attention_params * work.dtype_bytes,
+        g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
+        lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
+    )
+    replicated = [ranks for ranks in layout.placement if len(ranks) > 1]
+    if not replicated:
+        return t_attn
+    widest = max(replicated, key=lambda rs: group_span(rs, dpn)[::-1])
+    g, k = group_span(widest, dpn)
+    nics = min(n.nics_experts * g / n.experts for n in nodes if n.experts)
+    held = layout.experts_per_device
+    t_exp = ALLREDUCE_TIME(
+        recorder, "all-reduce replicated expert grads", bytes=held * work.params_per_expert * work.num_moe_layers
+        * work.dtype_bytes, g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth,
+        bw_nic=cluster.nic_bandwidth, lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
+    )
+    return max(t_attn, t_exp)
+
+
+def ep_transfer(cluster, ep: int, per_device: float, recorder=None, label: str = "all-to-all") -> float:
+    """All-to-all inside EP groups of ``ep`` consecutive ranks; each device sends
+    ``per_device`` bytes spread evenly over the group (its own share stays local)."""
+    dpn = cluster.devices_per_node
+    worst, worst_vals = -1.0, None
+    for n in range(min(cluster.num_nodes, max(1, math.lcm(ep, dpn) // dpn))):
+        nic = 0.0
+        link = 0.0
+        for r in range(n * dpn, (n + 1) * dpn):
+            group = range((r // ep) * ep, (r // ep + 1) * ep)
+            local = sum(1 for q in group if q // dpn == n)
+            nic += per_device * (ep - local) / ep
+            link = max(link, per_device * (local - 1) / ep)
+        lat = cluster.inter_node_latency if nic > 0 else (cluster.intra_node_latency if link > 0 else 0.0)
+        vals = dict(nic_out=nic, nic_in=nic, n_out=cluster.nics_per_node, n_in=cluster.nics_per_node,
+                    link_out=link, link_in=link, bw_nic=cluster.nic_bandwidth,
+                    bw_link=cluster.intra_node_bandwidth, latency=lat)
+        t = TRANSFER_TIME(**vals)
+        if t > worst:
+            worst, worst_vals = t, vals
+    if recorder is not None:
+        TRANSFER_TIME(recorder, label, **worst_vals)
+    return worst
+
+
+def ep_sync(work: Workload, cluster, ep: int, recorder=None) -> float:
+    """EP baseline all-reduce: attention over all W devices, then each expert over its W/ep
+    replicas (sequential: the same links)."""
+    W, dpn = cluster.world_size, cluster.devices_per_node
+    common = dict(bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
+                  lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency)
+    t = ALLREDUCE_TIME(recorder, "EP all-reduce attention grads", bytes=work.attention_params * work.dtype_bytes,
+                       g=min(dpn, W), k=cluster.num_nodes, nics=cluster.nics_per_node, **common)
+    if W // ep > 1:
+        g, k = group_span(list(range(0, W, ep)), dpn)
+        held = work.num_experts // ep
+        t += ALLREDUCE_TIME(recorder, "EP all-reduce expert grads over replicas",
+                            bytes=held * work.params_per_expert * work.num_moe_layers * work.dtype_bytes,
+                            g=g, k=k, nics=cluster.nics_per_node * g / dpn, **common)
+    return t
+
+
+def ep_times(work: Workload, cluster, ep: int, seqs: int, rounds: int, recorder=None) -> dict[str, float]:
+    """EP baseline step, without and with the two-half-batch overlap (module docstring)."""
+    S, L, K = work.seq_len, work.num_moe_layers, work.top_k
+    held = work.num_experts // ep
+    out: dict[str, float] = {"sync": ep_sync(work, cluster, ep, recorder)}
+    for variant, halves in (("no_overlap", 1), ("overlap", 2)):
+        rec = recorder if variant == "overlap" or recorder is None else recorder
+        part = seqs / halves
+        attn = attention_times(work, cluster, part)
+        tokens = part * S
+        tag = f"EP {variant.replace('_', ' ')}"
+        ef = expert_time(work, cluster, tokens * K, held, False, rec, f"{tag}: experts fwd")
+        eb = expert_time(work, cluster, tokens * K, held, True, rec, f"{tag}: experts bwd")
+        d = ep_transfer(cluster, ep, tokens * work.dispatch_per_token, rec, f"{tag}: dispatch all-to-all")
+        c = ep_transfer(cluster, ep, tokens * work.combine_per_token, rec, f"{tag}: combine all-to-all")
+        gc = ep_transfer(cluster, ep, tokens * work.combine_grad_per_token)
+        gd = ep_transfer(cluster, ep, tokens * work.dispatch_grad_per_token)
+        phases = {}
+        for phase, (ta, t1, te, t2), pre, post in (
+            ("fwd", (attn["attn_f"], d, ef, c), attn["pre_f"], attn["post_f"]),
+            ("bwd", (attn["attn_b"], gc, eb, gd), attn["pre_b"], attn["post_b"]),
+        ):
+            R = ta + t1 + te + t2
+            tb = R if halves == 1 else max(ta + te, t1 + t2)
+            pipe = PIPELINE_TIME(rec, f"{tag}: layers {phase}", L=L, m=halves, t_b=tb, R=R)
+            phases[phase] = PHASE_TIME(rec, f"{tag}: micro-step {phase}", m=halves, t_pre=pre, t_post=post, T_pipe=pipe)
+        out[f"step_{variant}"] = STEP_TIME(rec, f"{tag}: step", r=rounds, T_fwd=phases["fwd"], T_bwd=phases["bwd"],
+                                           t_sync=out["sync"], o=0 if halves == 1 else 1)
+        if halves == 1:
+            busy = rounds * (attn["pre_f"] + attn["post_f"] + attn["pre_b"] + attn["post_b"]
+                             + L * (attn["attn_f"] + attn["attn_b"] + ef + eb))
+            out["busy"] = busy
+    return out
+
+
+# ====================================================================== memory
+
+
+def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per parameter."""
+    return float(dtype_bytes), float(dtype_bytes), optimizer_bytes_per_param(optimizer, dtype_bytes)
+
+
+def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int, optimizer: str,
+                  shard_optimizer: bool, recorder=None) -> dict[str, float]:
+    w, g, o = param_bytes(optimizer, work.dtype_bytes)
+    A = len(layout.attention_ranks)
+    S, L = work.seq_len, work.num_moe_layers
+    attention = MEMORY(recorder, "memory per attention device", P=work.attention_params, w=w, grad=g, opt=o,
+                       shard=A if shard_optimizer else 1, act=m * seqs_per_mb * work.attention_saved_bytes)
+    rows = A * seqs_per_mb * S * work.top_k * layout.max_share
+    # optimizer state of an expert is sharded over its replicas; use the least replicated one held
+    held = layout.experts_per_device
+    replicas = min(len(r) for r in layout.placement)
+    experts = MEMORY(recorder, "memory per expert device", P=held * work.params_per_expert * L, w=w, grad=g, opt=o,
+                     shard=replicas if shard_optimizer else 1, act=m * L * rows * work.expert_saved_per_row)
+    return {"attention": attention, "experts": experts}
+
+
+def ep_memory(work: Workload, cluster, ep: int, seqs: int, optimizer: str, shard_optimizer: bool,
+              recorder=None) -> float:
+    w, g, o = param_bytes(optimizer, work.dtype_bytes)
+    W = cluster.world_size
+    S, L = work.seq_len, work.num_moe_layers
+    attention = MEMORY(recorder, "EP memory: attention part", P=work.attention_params, w=w, grad=g, opt=o,
+                       shard=W if shard_optimizer else 1, act=seqs * work.attention_saved_bytes)
+    experts = MEMORY(recorder, "EP memory: experts part", P=work.num_experts // ep * work.params_per_expert * L,
+                     w=w, grad=g, opt=o, shard=W // ep if shard_optimizer else 1,
+                     act=seqs * S * work.top_k * L * work.expert_saved_per_row)
+    return attention + experts

@@ -1,0 +1,169 @@
+"""split_stages: cut a dispatch-inserted graph into attention stages and expert boundaries.
+
+Contract: ``split_stages(gm) -> StagedProgram`` for a graph that went through
+``insert_dispatch`` (its experts nodes carry ``meta["fxdisag_boundary"] = j``):
+
+* with J experts nodes there are J+1 attention stages and J expert boundaries;
+  attention stage s holds every node that comes after experts node s-1 and before
+  experts node s in the graph's order (stage 0 starts at the inputs, stage J ends at
+  the outputs). Keeping the original order keeps the model's own sequence of
+  operations, so every stage computes exactly what the whole graph did;
+* boundary j's inputs are the experts node's arguments (``xs, ids, ws``), all produced
+  by stage j; its output ``ys`` is consumed by stage j+1 only;
+* values that stage s needs from earlier stages (residual stream, rotary tables, the
+  mask, labels, ...) are explicit stage inputs, named after the top-level value;
+* ``program.graph_module`` (the ``split_module`` result) still runs in one process and
+  gives the same outputs as ``gm``.
+
+Pseudo-code::
+
+    stage(n) = number of experts nodes before n        # boundaries: 2j+1, stages: 2s
+    top = split_module(gm, stage, keep_original_order=True, tuple_return=True)
+    for each submodule call in top: record its input value names and output value names
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+
+from fxdisag.dump import maybe_dump_graph
+
+__all__ = ["AttentionStage", "ExpertBoundary", "StagedProgram", "split_stages"]
+
+
+@dataclass
+class AttentionStage:
+    index: int
+    module: fx.GraphModule
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclass
+class ExpertBoundary:
+    index: int  # MoE layer j (0..J-1), in layer order
+    experts_fqn: str
+    xs: str  # token rows,      [P, H]
+    ids: str  # global expert id [P, 1]
+    ws: str  # routing weights   [P, 1]
+    ys: str  # expert outputs    [P, H]  (weighted)
+    module: fx.GraphModule = field(repr=False)
+
+
+@dataclass
+class StagedProgram:
+    graph_module: fx.GraphModule  # the whole split program, runnable in one process
+    stages: list[AttentionStage]
+    boundaries: list[ExpertBoundary]
+    inputs: list[str]
+    outputs: list[str]
+
+    def describe(self) -> str:
+        lines = []
+        for s, stage in enumerate(self.stages):
+            lines.append(f"attention stage {s}: inputs {stage.inputs} -> outputs {stage.outputs}")
+            if s < len(self.boundaries):
+                b = self.boundaries[s]
+                lines.append(f"  boundary {b.index} ({b.experts_fqn}): send {b.xs}, {b.ids}, {b.ws} -> receive {b.ys}")
+        return "\n".join(lines)
+
+
+def _partition_ids(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    part: dict[fx.Node, int] = {}
+    j = 0
+    for node in gm.graph.nodes:
+        boundary = node.meta.get("fxdisag_boundary")
+        if boundary is not None:
+            if boundary != j:
+                raise ValueError(f"experts nodes out of order: expected boundary {j}, found {boundary} at {node.name}")
+            part[node] = 2 * j + 1
+            j += 1
+        else:
+            part[node] = 2 * j
+    return part
+
+
+def _duplicate_shared_getattrs(gm: fx.GraphModule, part: dict[fx.Node, int]) -> None:
+    """A get_attr used by several stages gets one copy per stage (no constants cross stages)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        by_part: dict[int, list[fx.Node]] = {}
+        for user in node.users:
+            by_part.setdefault(part[user], []).append(user)
+        first = True
+        for p, users in sorted(by_part.items()):
+            if first:
+                part[node] = p
+                first = False
+                continue
+            with gm.graph.inserting_before(users[0]):
+                copy = gm.graph.get_attr(node.target)
+            copy.meta.update(node.meta)
+            part[copy] = p
+            for user in users:
+                user.replace_input_with(node, copy)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def split_stages(gm: fx.GraphModule) -> StagedProgram:
+    part = _partition_ids(gm)
+    _duplicate_shared_getattrs(gm, part)
+    num_boundaries = max(part.values()) // 2 + (max(part.values()) % 2 == 1)
+    if num_boundaries == 0:
+        raise ValueError("no experts boundary in the graph: run insert_dispatch first")
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+
+    def callback(node: fx.Node) -> int:
+        return part[by_name[node.name]] if node.name in by_name else 0
+
+    top = split_module(gm, gm, callback, keep_original_order=True, keep_original_node_name=True, tuple_return=True)
+
+    stages: list[AttentionStage] = []
+    boundaries: list[ExpertBoundary] = []
+    inputs = [n.name for n in top.graph.nodes if n.op == "placeholder"]
+    outputs: list[str] = []
+    for node in top.graph.nodes:
+        if node.op == "output":
+            outputs = [a.name for a in fx.node.map_aggregate(node.args[0], lambda x: x) if isinstance(a, fx.Node)] if isinstance(
+                node.args[0], (tuple, list)
+            ) else [node.args[0].name]
+        if node.op != "call_module":
+            continue
+        pid = int(node.target.rsplit("_", 1)[1])
+        sub: fx.GraphModule = top.get_submodule(node.target)
+        arg_names = [a.name for a in node.args]
+        out_node = next(n for n in sub.graph.nodes if n.op == "output")
+        n_out = len(out_node.args[0])
+        out_names = [f"{node.name}_unused_{k}" for k in range(n_out)]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                # Name the top-level value after the node it carries: "rotary_emb", not "getitem_7".
+                carried = out_node.args[0][user.args[1]]
+                if isinstance(carried, fx.Node):
+                    user._rename(carried.name)
+                out_names[user.args[1]] = user.name
+        if pid % 2 == 0:
+            stages.append(AttentionStage(pid // 2, sub, arg_names, out_names))
+        else:
+            call = [n for n in sub.graph.nodes if n.op == "call_module"]
+            if len(call) != 1:
+                raise ValueError(f"boundary submodule {node.target} must hold exactly the experts call, got {len(call)}")
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            pos = {p: i for i, p in enumerate(placeholders)}
+            xs, ids, ws = (arg_names[pos[a]] for a in call[0].args)
+            boundaries.append(
+                ExpertBoundary(pid // 2, call[0].target, xs, ids, ws, out_names[0] if n_out else "", sub)
+            )
+    top.recompile()
+    maybe_dump_graph("split", top)
+    expected = list(range(num_boundaries + 1))
+    if [s.index for s in stages] != expected:
+        raise ValueError(f"split produced attention stages {[s.index for s in stages]}, expected {expected}")
+    return StagedProgram(top, stages, boundaries, inputs, outputs)

@@ -1,0 +1,414 @@
+"""Execute one AF-pipe training step: a rank's action list, forward and backward.
+
+Contract: ``AttentionWorker.step(batch)`` / ``ExpertWorker.step()`` run the rank's
+``Schedule`` actions in order (see ``schedule.py`` for their meaning) and return the
+global loss (identical on every rank). Afterwards every local parameter's ``.grad``
+holds its gradient of that loss:
+
+* attention parameters: all-reduced (sum) over the attention group, each micro-batch's
+  loss weighted by its share of the global batch's label tokens, so the result equals
+  one process computing the mean loss over the whole batch;
+* expert parameters: accumulated on the rank that owns the expert.
+
+Stage bookkeeping (the same as torch.distributed.pipelining's stage backward):
+every floating tensor entering a stage that needs a gradient enters as a fresh leaf;
+``B(s, i)`` calls ``torch.autograd.backward`` on the stage's outputs with the gradients
+that later stages (and the expert ranks) sent back, then hands the leaves' ``.grad``
+upstream. Nothing crosses ranks except the boundary rows of ``insert_dispatch``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fxdisag.passes.split_stages import StagedProgram
+from fxdisag.runtime.p2p import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
+from fxdisag.runtime.schedule import Action, ActionKind, Schedule
+
+__all__ = ["AttentionWorker", "ExpertWorker", "StepTrace", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+_CHANNEL = {"D": 0, "C": 1, "GC": 2, "GD": 3}
+
+
+def _tag(channel: str, layer: int, microbatch: int) -> int:
+    # Distinct per message (gloo matches on tags; NCCL ignores them and relies on FIFO order).
+    return ((_CHANNEL[channel] * 256 + layer) * 4096 + microbatch) * 2
+
+
+@dataclass
+class StepTrace:
+    """Wall-clock spans of one step: (rank, action string, kind, start, end), seconds."""
+
+    spans: list[tuple[int, str, str, float, float]] = field(default_factory=list)
+
+
+class _Worker:
+    def __init__(self, schedule: Schedule, rank: int, device: torch.device, trace: bool):
+        self.schedule = schedule
+        self.rank = rank
+        self.device = device
+        self.mailbox = Mailbox(device)
+        self.actions = schedule.actions[rank]
+        self.trace_enabled = trace
+        self.last_trace = StepTrace()
+        self._t0 = 0.0
+
+    def _run_actions(self) -> None:
+        self.last_trace = StepTrace()
+        self._t0 = time.perf_counter()
+        for index, action in enumerate(self.actions):
+            start = time.perf_counter()
+            try:
+                self.execute(action)
+            except Exception as exc:
+                from fxdisag.runtime.schedule import format_grid
+
+                raise RuntimeError(
+                    f"rank {self.rank} failed at action {index} ({action}): {type(exc).__name__}: {exc}\n"
+                    + format_grid(self.schedule)
+                ) from exc
+            if self.trace_enabled:
+                kind = "compute" if action.kind.is_compute else ("send" if action.kind.is_send else "recv")
+                self.last_trace.spans.append(
+                    (self.rank, str(action), kind, start - self._t0, time.perf_counter() - self._t0)
+                )
+
+    def execute(self, action: Action) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class AttentionWorker(_Worker):
+    """Runs the attention stages of the program for this rank's share of the batch."""
+
+    def __init__(
+        self,
+        program: StagedProgram,
+        schedule: Schedule,
+        rank: int,
+        owner: list[int],
+        device: torch.device,
+        attention_group: dist.ProcessGroup | None,
+        trace: bool = False,
+    ):
+        super().__init__(schedule, rank, device, trace)
+        self.program = program
+        self.owner = torch.tensor(owner, dtype=torch.long)
+        self.expert_ranks = list(schedule.expert_ranks)
+        self.attention_ranks = list(schedule.attention_ranks)
+        self.group = attention_group
+        self.constants = self._constants()
+        seen: dict[int, nn.Parameter] = {}
+        for stage in program.stages:
+            for p in stage.module.parameters():
+                seen.setdefault(id(p), p)
+        self.params = list(seen.values())
+
+    def _constants(self) -> dict[str, object]:
+        top = self.program.graph_module
+        out = {}
+        for node in top.graph.nodes:
+            if node.op == "get_attr":
+                obj = top
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                out[node.name] = obj
+        return out
+
+    # ---- step
+    def step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        m = self.schedule.num_microbatches
+        a = self.attention_ranks.index(self.rank)
+        n_attn = len(self.attention_ranks)
+        labels = batch.get("labels")
+        total_tokens = None
+        if labels is not None:
+            total_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if total_tokens == 0:
+                raise ValueError("labels has no token other than -100: the loss is undefined")
+        shards = {}
+        for name, value in batch.items():
+            if value.shape[0] % (n_attn * m):
+                raise ValueError(
+                    f"{name} has batch size {value.shape[0]}, which the {n_attn} attention rank(s) x "
+                    f"{m} micro-batches cannot split evenly; use a multiple of {n_attn * m}"
+                )
+            per = value.shape[0] // (n_attn * m)
+            shards[name] = [value[(a * m + i) * per : (a * m + i + 1) * per].to(self.device) for i in range(m)]
+        self.env: list[dict[str, object]] = []
+        self.loss_scale: list[float] = []
+        for i in range(m):
+            env = dict(self.constants)
+            for name in self.program.inputs:
+                if name not in shards:
+                    raise ValueError(f"the program expects input {name!r}; got {sorted(shards)}")
+                env[name] = shards[name][i]
+            self.env.append(env)
+            if labels is not None:
+                n = int((shards["labels"][i][:, 1:] != IGNORE_INDEX).sum())
+                self.loss_scale.append(n / total_tokens)
+            else:
+                self.loss_scale.append(1.0 / (m * n_attn))
+        self.leaves: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.outs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.grads: list[dict[str, torch.Tensor]] = [{} for _ in range(m)]
+        self.counts: dict[tuple[int, int], list[int]] = {}
+        self.recvs: dict[tuple[str, int, int], list[Receive]] = {}
+        self.losses: list[torch.Tensor] = []
+        self._run_actions()
+        local = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
+        return local.detach()
+
+    def clear(self) -> None:
+        """Drop the step's activations and buffers (after its backward, or after a no-grad forward)."""
+        for name in ("env", "leaves", "outs", "grads", "recvs", "losses"):
+            self.__dict__.pop(name, None)
+
+    def execute(self, action: Action) -> None:
+        K = ActionKind
+        j, i = action.stage, action.microbatch
+        if action.kind is K.F:
+            self._forward(j, i)
+        elif action.kind is K.SEND_D:
+            self._send_dispatch(j, i)
+        elif action.kind is K.RECV_C:
+            self._post_rows("C", j, i)
+        elif action.kind is K.B:
+            self._backward(j, i)
+        elif action.kind is K.SEND_GC:
+            self._send_rows("GC", j, i, self.grads[i].pop(self.program.boundaries[j].ys))  # set by B(j+1, i)
+        elif action.kind is K.RECV_GD:
+            self._post_rows("GD", j, i)
+        elif action.kind is K.REDUCE:
+            self.mailbox.drain()
+            _all_reduce_grads(self.params, self.group)
+        else:
+            raise RuntimeError(f"attention rank {self.rank} cannot run {action}")
+
+    def _forward(self, s: int, i: int) -> None:
+        stage = self.program.stages[s]
+        env = self.env[i]
+        if s > 0:
+            b = self.program.boundaries[s - 1]
+            parts = self._wait_all(("C", s - 1, i))
+            env[b.ys] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        leaves = {}
+        args = []
+        for name in stage.inputs:
+            value = env[name]
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and (
+                value.requires_grad or name == (self.program.boundaries[s - 1].ys if s > 0 else None)
+            ):
+                value = value.detach().requires_grad_(True)
+                leaves[name] = value
+            args.append(value)
+        outputs = stage.module(*args)
+        outs = {}
+        for name, value in zip(stage.outputs, outputs):
+            env[name] = value
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                outs[name] = value
+        self.leaves[(s, i)] = leaves
+        self.outs[(s, i)] = outs
+        if s == len(self.program.stages) - 1 and self.program.outputs:
+            loss = env[self.program.outputs[0]]
+            self.losses.append(loss.detach() * self.loss_scale[i])
+
+    def _send_dispatch(self, j: int, i: int) -> None:
+        b = self.program.boundaries[j]
+        env = self.env[i]
+        xs, ids, ws = env[b.xs], env[b.ids], env[b.ws]
+        slot = self.owner.to(ids.device)[ids.view(-1)]
+        counts = torch.bincount(slot, minlength=len(self.expert_ranks)).tolist()
+        self.counts[(j, i)] = counts
+        local_ids = self._local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
+        messages, start = [], 0
+        for r, n in zip(self.expert_ranks, counts):
+            sl = slice(start, start + n)
+            messages.append((r, _tag("D", j, i), pack_bytes([xs[sl], ws[sl], local_ids[sl]]), n))
+            start += n
+        self.mailbox.send(messages)
+        self.row_shape = (xs.shape[1], xs.dtype, ws.dtype)
+
+    def _post_rows(self, channel: str, j: int, i: int) -> None:
+        hidden, xdtype, wdtype = self.row_shape
+        receives = []
+        for r, n in zip(self.expert_ranks, self.counts[(j, i)]):
+            layout = [((n, hidden), xdtype)] + ([((n, 1), wdtype)] if channel == "GD" else [])
+            receives.append(Receive(r, _tag(channel, j, i), nbytes=byte_size(layout)))
+            receives[-1].layout = layout  # type: ignore[attr-defined]
+        self.recvs[(channel, j, i)] = receives
+        self.mailbox.post(receives)
+
+    def _wait_all(self, key: tuple[str, int, int]) -> list[torch.Tensor] | list[list[torch.Tensor]]:
+        out = []
+        for r in self.recvs.pop(key):
+            self.mailbox.wait(r)
+            parts = unpack_bytes(r.payload, r.layout)  # type: ignore[attr-defined]
+            out.append(parts[0] if len(parts) == 1 else parts)
+        return out
+
+    def _send_rows(self, channel: str, j: int, i: int, rows: torch.Tensor) -> None:
+        messages, start = [], 0
+        for r, n in zip(self.expert_ranks, self.counts[(j, i)]):
+            messages.append((r, _tag(channel, j, i), pack_bytes([rows[start : start + n]]), None))
+            start += n
+        self.mailbox.send(messages)
+
+    def _backward(self, s: int, i: int) -> None:
+        outs = self.outs.pop((s, i))
+        leaves = self.leaves.pop((s, i))
+        grads = self.grads[i]
+        tensors, seeds = [], []
+        last = s == len(self.program.stages) - 1
+        if s < len(self.program.boundaries):
+            b = self.program.boundaries[s]
+            parts = self._wait_all(("GD", s, i))
+            gx = torch.cat([p[0] for p in parts])
+            gw = torch.cat([p[1] for p in parts])
+            grads[b.xs] = gx
+            grads[b.ws] = gw
+        for name, value in outs.items():
+            if last and name == self.program.outputs[0]:
+                tensors.append(value)
+                seeds.append(torch.full_like(value, self.loss_scale[i]))
+            elif name in grads:
+                tensors.append(value)
+                seeds.append(grads.pop(name))
+        if tensors:
+            torch.autograd.backward(tensors, seeds)
+        for name, leaf in leaves.items():
+            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            grads[name] = grads[name] + g if name in grads else g
+        for name in list(self.env[i]):
+            if name in outs:
+                del self.env[i][name]
+
+    @property
+    def _local_ids(self) -> torch.Tensor:
+        cached = getattr(self, "_local_ids_cache", None)
+        if cached is None:
+            local = torch.zeros_like(self.owner)
+            for slot in range(len(self.expert_ranks)):
+                mine = (self.owner == slot).nonzero().view(-1)
+                local[mine] = torch.arange(mine.numel())
+            self._local_ids_cache = cached = local
+        return cached
+
+
+class ExpertWorker(_Worker):
+    """Runs the local experts of every MoE layer on the rows the attention ranks send."""
+
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        schedule: Schedule,
+        rank: int,
+        hidden_size: int,
+        dtypes: tuple[torch.dtype, torch.dtype],
+        device: torch.device,
+        trace: bool = False,
+    ):
+        super().__init__(schedule, rank, device, trace)
+        self.experts = experts
+        self.attention_ranks = list(schedule.attention_ranks)
+        self.hidden = hidden_size
+        self.xdtype, self.wdtype = dtypes
+        seen: dict[int, nn.Parameter] = {}
+        for mod in experts:
+            for p in mod.parameters():
+                seen.setdefault(id(p), p)
+        self.params = list(seen.values())
+
+    def step(self) -> torch.Tensor:
+        self.recvs: dict[tuple[str, int, int], list[Receive]] = {}
+        self.saved: dict[tuple[int, int], tuple] = {}
+        self.counts: dict[tuple[int, int], list[int]] = {}
+        self.results: dict[tuple[int, int], torch.Tensor] = {}
+        self._run_actions()
+        return torch.zeros(())
+
+    def _dispatch_layout(self, n: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [((n, self.hidden), self.xdtype), ((n, 1), self.wdtype), ((n, 1), torch.int64)]
+
+
+    def execute(self, action: Action) -> None:
+        K = ActionKind
+        j, i = action.stage, action.microbatch
+        if action.kind is K.RECV_D:
+            rs = [
+                Receive(a, _tag("D", j, i), size_of=lambda n: byte_size(self._dispatch_layout(n)))
+                for a in self.attention_ranks
+            ]
+            self.recvs[("D", j, i)] = rs
+            self.mailbox.post(rs)
+        elif action.kind is K.EF:
+            xs, ws, ids, counts = [], [], [], []
+            for r in self.recvs.pop(("D", j, i)):
+                self.mailbox.wait(r)
+                n = r.header_value  # the row count
+                x, w, e = unpack_bytes(r.payload, self._dispatch_layout(n))
+                xs.append(x)
+                ws.append(w)
+                ids.append(e)
+                counts.append(n)
+            x = torch.cat(xs).requires_grad_(True)
+            w = torch.cat(ws).requires_grad_(True)
+            e = torch.cat(ids)
+            y = self.experts[j](x, e, w)
+            self.saved[(j, i)] = (x, w, y)
+            self.counts[(j, i)] = counts
+            self.results[(j, i)] = y.detach()
+        elif action.kind is K.SEND_C:
+            self._send(("C", j, i), [self.results.pop((j, i))])
+        elif action.kind is K.RECV_GC:
+            rs = []
+            for a, n in zip(self.attention_ranks, self.counts[(j, i)]):
+                rs.append(Receive(a, _tag("GC", j, i), nbytes=byte_size([((n, self.hidden), self.xdtype)])))
+            self.recvs[("GC", j, i)] = rs
+            self.mailbox.post(rs)
+        elif action.kind is K.EB:
+            parts = []
+            for r, n in zip(self.recvs.pop(("GC", j, i)), self.counts[(j, i)]):
+                self.mailbox.wait(r)
+                parts.append(unpack_bytes(r.payload, [((n, self.hidden), self.xdtype)])[0])
+            x, w, y = self.saved.pop((j, i))
+            torch.autograd.backward([y], [torch.cat(parts)])
+            self.results[(j, i)] = (x.grad, w.grad)
+        elif action.kind is K.SEND_GD:
+            gx, gw = self.results.pop((j, i))
+            self._send(("GD", j, i), [gx, gw])
+        elif action.kind is K.REDUCE:
+            self.mailbox.drain()
+        else:
+            raise RuntimeError(f"expert rank {self.rank} cannot run {action}")
+
+    def _send(self, key: tuple[str, int, int], tensors: list[torch.Tensor]) -> None:
+        channel, j, i = key
+        messages, start = [], 0
+        for a, n in zip(self.attention_ranks, self.counts[(j, i)]):
+            messages.append((a, _tag(channel, j, i), pack_bytes([t[start : start + n] for t in tensors]), None))
+            start += n
+        self.mailbox.send(messages)
+
+
+def _all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    # Every rank must reduce the same list: a parameter unused on one rank gets zeros.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)

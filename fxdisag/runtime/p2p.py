@@ -1,0 +1,195 @@
+"""Point-to-point messages of the AF-pipe: rows with a size header, FIFO per peer.
+
+Contract:
+
+* all traffic is ``torch.distributed`` async point-to-point (``batch_isend_irecv``):
+  gloo on CPU, NCCL on GPU; no other transport;
+* a message is one flat ``uint8`` buffer holding several tensors back to back
+  (:func:`pack_bytes` / :func:`unpack_bytes`), so one exchange costs one message per peer
+  whatever the number of tensors; when the receiver cannot know the row count (the
+  forward dispatch) a one-element int64 header precedes it;
+* receives from one peer are *posted* in the order the caller asks for them, and a
+  two-part receive (header, then payload) holds back later receives from the same peer
+  until its payload is posted. With NCCL, messages between a pair match in FIFO order,
+  so this keeps the runtime correct there; with gloo it is harmless;
+* sends are fire-and-forget until :meth:`Mailbox.drain`, which waits for all of them
+  (their buffers are kept alive until then).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Mailbox", "Receive", "pack_bytes", "unpack_bytes", "byte_size"]
+
+
+_ALIGN = 8  # every part starts 8-byte aligned, so it can be viewed as int64/float64
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def byte_size(shapes_dtypes: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of the message :func:`pack_bytes` makes of tensors with these shapes/dtypes."""
+    return sum(_padded(_nbytes(shape, dtype)) for shape, dtype in shapes_dtypes)
+
+
+def pack_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    parts = []
+    for t in tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        pad = _padded(raw.numel()) - raw.numel()
+        if pad:
+            parts.append(raw.new_zeros(pad))
+    if not parts:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+
+def unpack_bytes(buf: torch.Tensor, layout: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape, dtype in layout:
+        n = _nbytes(shape, dtype)
+        out.append(buf[offset : offset + n].view(dtype).view(shape))
+        offset += _padded(n)
+    if offset != buf.numel():
+        raise RuntimeError(f"message of {buf.numel()} bytes does not match the expected layout ({offset} bytes)")
+    return out
+
+
+@dataclass
+class Receive:
+    """A receive from one peer; ``value`` once done.
+
+    ``size_of(header_value)`` turns a received header into the payload's byte count;
+    ``size_of`` None means the byte count ``nbytes`` is known up front.
+    """
+
+    peer: int
+    tag: int
+    nbytes: int = 0
+    size_of: Callable[[int], int] | None = None
+    header: torch.Tensor | None = None
+    header_value: int | None = None
+    payload: torch.Tensor | None = None
+    work: list = field(default_factory=list)
+    stage: str = "new"  # new -> header -> payload -> done
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+
+class Mailbox:
+    """Posts receives in per-peer FIFO order and sends asynchronously."""
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None):
+        self.device = device
+        self.group = group
+        self._queues: dict[int, deque[Receive]] = {}
+        self._sends: list[tuple[list, list[torch.Tensor]]] = []
+        self.bytes_sent = 0
+
+    # ---- receives
+    def post(self, receives: Sequence[Receive]) -> None:
+        """Queue receives; post every one that is now at the head of its peer's queue."""
+        ops = []
+        for r in receives:
+            q = self._queues.setdefault(r.peer, deque())
+            q.append(r)
+            if len(q) == 1:
+                ops += self._start(r)
+        self._launch(ops)
+
+    def wait(self, receive: Receive) -> None:
+        """Block until ``receive`` has its payload (earlier receives from that peer finish first)."""
+        q = self._queues[receive.peer]
+        while not receive.done:
+            head = q[0]
+            for w in head.work:
+                w.wait()
+            ops = self._advance(head)
+            if head.done:
+                q.popleft()
+                if q:
+                    ops += self._start(q[0])
+            self._launch(ops)
+
+    def _start(self, r: Receive) -> list[dist.P2POp]:
+        if r.size_of is not None:
+            r.header = torch.empty(1, dtype=torch.int64, device=self.device)
+            r.stage = "header"
+            return [self._op(dist.irecv, r.header, r.peer, r.tag, r)]
+        r.payload = torch.empty(r.nbytes, dtype=torch.uint8, device=self.device)
+        r.stage = "payload"
+        return [self._op(dist.irecv, r.payload, r.peer, r.tag, r)]
+
+    def _advance(self, r: Receive) -> list[dist.P2POp]:
+        r.work = []
+        if r.stage == "header":
+            r.header_value = int(r.header.item())
+            r.nbytes = r.size_of(r.header_value)
+            r.payload = torch.empty(r.nbytes, dtype=torch.uint8, device=self.device)
+            r.stage = "payload"
+            return [self._op(dist.irecv, r.payload, r.peer, r.tag + 1, r)]
+        r.stage = "done"
+        return []
+
+    def _op(self, fn, tensor: torch.Tensor, peer: int, tag: int, owner: Receive | None) -> dist.P2POp:
+        op = dist.P2POp(fn, tensor, peer, self.group, tag)
+        op._fxdisag_owner = owner  # type: ignore[attr-defined]
+        return op
+
+    def _launch(self, ops: list[dist.P2POp]) -> None:
+        # Empty messages are still sent: matching stays static (every peer gets one).
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        for op, w in zip(ops, works):
+            owner = op._fxdisag_owner  # type: ignore[attr-defined]
+            if owner is not None:
+                owner.work.append(w)
+
+    # ---- sends
+    def send(self, messages: Sequence[tuple[int, int, torch.Tensor, int | None]]) -> None:
+        """``(peer, tag, payload_uint8, header)`` for each peer, posted together.
+
+        ``header`` (e.g. a row count) is sent first when not None; the receiver's
+        ``size_of(header)`` turns it into the payload's byte count.
+        """
+        ops, keep = [], []
+        for peer, tag, payload, header_value in messages:
+            payload = payload.to(self.device)
+            if header_value is not None:
+                header = torch.tensor([header_value], dtype=torch.int64, device=self.device)
+                ops.append(dist.P2POp(dist.isend, header, peer, self.group, tag))
+                keep.append(header)
+                tag += 1
+            ops.append(dist.P2POp(dist.isend, payload, peer, self.group, tag))
+            keep.append(payload)
+            self.bytes_sent += payload.numel()
+        if ops:
+            self._sends.append((dist.batch_isend_irecv(ops), keep))
+
+    def drain(self) -> None:
+        for works, _ in self._sends:
+            for w in works:
+                w.wait()
+        self._sends.clear()
+        pending = {p: len(q) for p, q in self._queues.items() if q}
+        if pending:
+            raise RuntimeError(f"receives still pending at the end of the step: {pending} (peer: count)")
