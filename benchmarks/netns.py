@@ -132,6 +132,21 @@ def cleanup_stale() -> list[str]:
     return deleted
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20,
+               "g": 1 << 30, "gb": 1 << 30, "kbit": 128, "mbit": 1 << 17, "gbit": 1 << 27}  # fmt: skip
+# tbf passes no packet larger than its bucket: a burst below one full frame
+# (1500 B MTU + Ethernet header) stalls the link forever.
+_MIN_BURST_BYTES = 1600
+
+
+def parse_size(text: str) -> int:
+    """A tc size ("128kb", "1mb", "64kbit"; k = 1024, as in tc) in bytes."""
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", text.strip().lower())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"netns: size {text!r}: expected a number with a tc unit, e.g. '128kb'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
 def _tbf(ns: str, dev: str, rate: str, burst: str, latency: str) -> None:
     _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
           "tbf", "rate", rate, "burst", burst, "latency", latency])  # fmt: skip
@@ -174,8 +189,8 @@ def create_topology(
                     _tbf(ns, NIC, rate, burst, tbf_latency)  # the rank's egress
                     _tbf(topo.switch, port, rate, burst, tbf_latency)  # its ingress
                 except subprocess.CalledProcessError as e:
-                    raise NetnsUnavailable(
-                        f"tc tbf failed ({e.stderr.strip()}) for rate={rate!r} "
+                    raise ValueError(
+                        f"netns: tc tbf failed ({e.stderr.strip()}) for rate={rate!r} "
                         f"burst={burst!r} latency={tbf_latency!r}; check the values "
                         "(tc units, e.g. 1gbit, 128kb, 100ms) and that sch_tbf is available."
                     ) from e
@@ -261,10 +276,15 @@ def run_in_namespaces(
             "netns: FXDISAG_THROTTLE is set, which would throttle a second time inside "
             "the shaped namespaces; unset it (use netns.py OR the in-process throttle)."
         )
+    if rate != "unlimited" and parse_size(burst) < _MIN_BURST_BYTES:
+        raise ValueError(
+            f"netns: --burst {burst!r} is below one frame ({_MIN_BURST_BYTES} B); tbf "
+            "would pass nothing. Use e.g. 128kb."
+        )
     argv = _command(cmd)
     for name in cleanup_stale():
         print(f"netns: deleted stale namespace {name} (its launcher is gone)", file=sys.stderr)
-    old_handlers = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old_handlers = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     topo: Topology | None = None
     procs: list[subprocess.Popen] = []
     try:
@@ -346,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except NetnsUnavailable as e:
         print(f"netns: {e}\n{_fallback_hint(args.nproc, args.rate)}", file=sys.stderr)
         return EXIT_NO_NETNS
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     except (_Terminated, KeyboardInterrupt):
         print("netns: interrupted; namespaces deleted", file=sys.stderr)
         return 130

@@ -1,5 +1,48 @@
-"""fxdisag: attention/expert disaggregation for MoE training, as an FX graph transformation."""
+"""fxdisag: attention/expert disaggregation (AF-Pipe) for MoE training, as an FX graph transformation.
+
+The data path, each step one public function with a plain data object in and out::
+
+    captured = fxdisag.capture(model, example_inputs)             # region-tagged FX graph
+    prof     = fxdisag.profile(captured, batch_size, seq_len)      # FLOPs and bytes per region
+    plan     = fxdisag.plan(prof, cluster, global_batch)           # ranks, placement, micro-batches
+    dmodel   = fxdisag.disaggregate(model, example_inputs, plan)   # this rank's part, trainable
+"""
+
 from fxdisag.capture import CapturedModel, CaptureError, RegionTag, capture
 from fxdisag.layout import LayoutError, ModelLayout, MoELayer, find_layout
 
-__all__ = ["CapturedModel", "CaptureError", "LayoutError", "ModelLayout", "MoELayer", "RegionTag", "capture", "find_layout"]
+__all__ = [
+    "CapturedModel",
+    "CaptureError",
+    "ClusterSpec",
+    "DisaggregatedModel",
+    "LayoutError",
+    "ModelLayout",
+    "MoELayer",
+    "Plan",
+    "RegionTag",
+    "capture",
+    "disaggregate",
+    "find_layout",
+    "plan",
+    "profile",
+]
+
+_LAZY = {
+    "disaggregate": ("fxdisag.api", "disaggregate"),
+    "DisaggregatedModel": ("fxdisag.api", "DisaggregatedModel"),
+    "Plan": ("fxdisag.partitioner.plan", "Plan"),
+    "plan": ("fxdisag.partitioner.search", "plan"),
+    "profile": ("fxdisag.partitioner.profile", "profile"),
+    "ClusterSpec": ("fxdisag.partitioner.cluster", "ClusterSpec"),
+}
+
+
+def __getattr__(name: str):
+    # The runtime and planner import torch.distributed and sympy: load them on first use.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'fxdisag' has no attribute {name!r}")

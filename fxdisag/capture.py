@@ -202,6 +202,7 @@ class _MoETracer(fx.Tracer):
         self._concrete: dict[fx.Node, Any] = {}
         self._fake_mode = None
         self.specialized: list[str] = []
+        self.record_stack_traces = True  # errors quote the line that broke
 
     # ---- leaves and attribute paths
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -284,10 +285,24 @@ def _untraced():
 
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
+    where = "the model's top-level forward"
     if stack:
         fqn, cls = list(stack.values())[-1]
-        return f"module {fqn!r} ({getattr(cls, '__name__', cls)})"
-    return "the model's top-level forward"
+        fqn = fqn[len("model.") :] if fqn.startswith("model.") else fqn  # the tracing wrapper's prefix
+        where = f"module {fqn!r} ({getattr(cls, '__name__', cls)})"
+    source = _source_line(node)
+    return f"{where}{' at ' + source if source else ''}"
+
+
+def _source_line(node: fx.Node) -> str:
+    """``file:line: code`` of the user frame that created ``node`` (FX records the stack)."""
+    trace = (node.stack_trace or "").strip().splitlines()
+    for i in range(len(trace) - 1, -1, -1):
+        line = trace[i].strip()
+        if line.startswith("File ") and "/torch/" not in line and "/fxdisag/" not in line:
+            code = trace[i + 1].strip() if i + 1 < len(trace) else ""
+            return f"{line[5:]}: {code}"
+    return ""
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:

@@ -60,14 +60,14 @@ def _shape_of(node: fx.Node) -> str:
     if val is None:
         return ""
     if isinstance(val, torch.Tensor) or hasattr(val, "shape"):
-        return "x".join(str(d) for d in val.shape)
+        return "x".join(str(d) for d in val.shape) or "scalar"
     if isinstance(val, (tuple, list)):
         return "(" + ", ".join(_shape_of_value(v) for v in val) + ")"
     return ""
 
 
 def _shape_of_value(v) -> str:
-    return "x".join(str(d) for d in v.shape) if hasattr(v, "shape") else type(v).__name__
+    return ("x".join(str(d) for d in v.shape) or "scalar") if hasattr(v, "shape") else type(v).__name__
 
 
 def region_table(captured) -> str:
@@ -88,16 +88,16 @@ def region_table(captured) -> str:
         shape = _shape_of(node)
         if shape and node.op != "get_attr":
             row["shape"] = shape  # the region's last value: what it hands on
-    header = f"{'region':<20}{'nodes':>7}{'params':>14}{'bytes':>12}  example output"
+    header = f"{'region':<20}{'nodes':>7}{'params':>18}{'bytes':>12}  example output"
     lines = [header, "-" * len(header)]
     for tag, row in rows.items():
         lines.append(
-            f"{tag:<20}{row['nodes']:>7}{row['params']:>14,}{_human(row['bytes']):>12}  {row['shape']}".rstrip()
+            f"{tag:<20}{row['nodes']:>7}{row['params']:>18,}{_human(row['bytes']):>12}  {row['shape']}".rstrip()
         )
     total_p = sum(r["params"] for r in rows.values())
     total_b = sum(r["bytes"] for r in rows.values())
     lines.append("-" * len(header))
-    lines.append(f"{'total':<20}{sum(r['nodes'] for r in rows.values()):>7}{total_p:>14,}{_human(total_b):>12}")
+    lines.append(f"{'total':<20}{sum(r['nodes'] for r in rows.values()):>7}{total_p:>18,}{_human(total_b):>12}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
                     + 2 (g-1) lat_link + 2 (k-1) lat_nic      (g devices per node, k nodes)
     MEMORY          M = P (w + g) + P o / s + A                   params P, bytes/param of weights
                     w, grads g, optimizer o (sharded s ways), activations A
+    ACTIVATIONS     A = n keep + transient                        n sequences / rows in flight
 
 The three step-time models built from them (functions :func:`afpipe_times` and
 :func:`ep_times`):
@@ -46,6 +47,13 @@ The three step-time models built from them (functions :func:`afpipe_times` and
   (dispatch + combine) are the two resources: PIPELINE_TIME with m = 2,
   t_b = max(t_a/2 + t_e/2, t_d' + t_c'), where t_d', t_c' move half the bytes but
   pay the full latency; gradient all-reduce hidden behind backward (o = 1).
+
+Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
+recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
+layer) or each routed row's input (experts: H per row), and re-runs the forward of that
+layer during backward (backward = 3 x forward for those regions instead of 2 x; the
+recomputed unit's full activations are a transient). Nothing is re-sent over the network:
+the expert side keeps its received rows.
 
 Assumptions, stated once: uniform routing (every expert gets the same share of rows);
 dispatch sends top_k rows per token (no per-device de-duplication); backward FLOPs and
@@ -72,6 +80,7 @@ __all__ = [
     "STEP_TIME",
     "ALLREDUCE_TIME",
     "MEMORY",
+    "ACTIVATIONS",
     "FORMULAS",
 ]
 
@@ -172,8 +181,17 @@ MEMORY = Formula(
     "optimizer state each (sharded over `shard` replicas), plus activations kept for backward",
 )
 
+_n, _keep, _transient = _s("n keep transient")
+ACTIVATIONS = Formula(
+    "ACTIVATIONS",
+    _n * _keep + _transient,
+    "activation bytes: n units (sequences or expert rows) in flight keep `keep` bytes each; with "
+    "recomputation, the one unit being recomputed needs `transient` more",
+)
+
 FORMULAS: dict[str, Formula] = {
-    f.name: f for f in (REGION_TIME, TRANSFER_TIME, PIPELINE_TIME, PHASE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY)
+    f.name: f
+    for f in (REGION_TIME, TRANSFER_TIME, PIPELINE_TIME, PHASE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
 }
 
 
@@ -247,6 +265,7 @@ class RegionCost:
     bwd_flops: float
     io_bytes: float
     weight_bytes: float
+    layered: bool = True  # inside a decoder layer (recomputed under activation checkpointing)
 
 
 @dataclass
@@ -267,6 +286,10 @@ class Workload:
     post: list[RegionCost]
     attention_params: int  # everything but the routed experts (lives on attention devices)
     attention_saved_bytes: float  # per sequence, all attention-side regions
+    attention_saved_unlayered: float  # per sequence, regions outside decoder layers (embed, head, loss)
+    attention_saved_layer_max: float  # per sequence, the largest decoder layer's attention-side activations
+    num_decoder_layers: int
+    layer_input_bytes: float  # per sequence: one decoder layer's input (S x H x dtype)
     num_experts: int
     top_k: int
     params_per_expert: float
@@ -274,6 +297,7 @@ class Workload:
     expert_flops_per_row: float
     expert_io_per_row: float
     expert_saved_per_row: float
+    expert_input_per_row: float  # H x dtype: what a recomputing expert device keeps per row
     dispatch_per_token: float
     combine_per_token: float
     combine_grad_per_token: float
@@ -295,15 +319,22 @@ class Workload:
         layers: list[list[RegionCost]] = [[] for _ in moe_layers]
         params = 0
         saved = 0.0
+        unlayered = 0.0
+        per_layer: dict[int, float] = {}
         total_flops = 0.0
         for r in profile.regions:
             f, b = r.fwd_flops.at(seq_len), r.bwd_flops.at(seq_len)
             total_flops += f + b
             if r.kind == "experts":
                 continue
-            cost = RegionCost(f, b, r.io_bytes.at(seq_len), float(r.weight_bytes))
+            cost = RegionCost(f, b, r.io_bytes.at(seq_len), float(r.weight_bytes), r.layer is not None)
             params += r.params
-            saved += r.saved_bytes.at(seq_len)
+            kept = r.saved_bytes.at(seq_len)
+            saved += kept
+            if r.layer is None:
+                unlayered += kept
+            else:
+                per_layer[r.layer] = per_layer.get(r.layer, 0.0) + kept
             if r.layer is None:
                 (pre if r.kind == "embed" else post).append(cost)
             elif r.layer < first:
@@ -328,6 +359,10 @@ class Workload:
             post=post,
             attention_params=params,
             attention_saved_bytes=saved,
+            attention_saved_unlayered=unlayered,
+            attention_saved_layer_max=max(per_layer.values(), default=0.0),
+            num_decoder_layers=profile.num_layers,
+            layer_input_bytes=seq_len * profile.hidden_size * profile.dtype_bytes,
             num_experts=profile.moe[0].num_experts,
             top_k=profile.moe[0].top_k,
             params_per_expert=mean("params_per_expert"),
@@ -335,6 +370,7 @@ class Workload:
             expert_flops_per_row=mean("fwd_flops_per_row"),
             expert_io_per_row=mean("io_bytes_per_row"),
             expert_saved_per_row=mean("saved_bytes_per_row"),
+            expert_input_per_row=float(profile.hidden_size * profile.dtype_bytes),
             dispatch_per_token=mean("dispatch_bytes_per_token"),
             combine_per_token=mean("combine_bytes_per_token"),
             combine_grad_per_token=mean("combine_grad_bytes_per_token"),
@@ -348,29 +384,42 @@ class Workload:
 
 @dataclass(frozen=True)
 class NodeShare:
-    """What one node holds of an AF-pipe layout (identical nodes are folded into one)."""
+    """What one node holds of an AF-pipe layout (identical nodes are folded into one).
+
+    Shares are of the rows produced by the node's *routing domain* (the nodes whose
+    attention ranks route to the same set of expert replicas)."""
 
     attention: int  # attention devices on the node
+    domain_attention: int  # attention devices in the node's routing domain
     experts: int  # expert devices on the node
-    row_share: float  # fraction of all routed rows processed on this node
-    max_device_share: float  # largest fraction of all rows on one expert device of the node
+    row_share: float  # fraction of the domain's routed rows processed on this node
+    max_device_share: float  # largest fraction of the domain's rows on one expert device of the node
     nics_attention: float  # NICs the attention devices use (a shared single NIC counts 1/2)
     nics_experts: float
 
 
 @dataclass
 class GroupLayout:
-    """Where the two groups sit: ranks, expert replicas, per-node shares and NIC split."""
+    """Where the two groups sit: ranks, expert replicas, routing domains, per-node shares
+    and NIC split.
+
+    Routing domains: the nodes are cut into domains of ``domain_nodes`` consecutive
+    nodes; every domain holding attention ranks holds a replica of every expert, and its
+    attention ranks send rows only to replicas in the domain (rows of an expert split
+    evenly over the domain's replicas). One domain = the whole cluster."""
 
     attention_ranks: list[int]
     expert_ranks: list[int]
-    placement: list[list[int]]  # expert id -> expert ranks holding it
+    placement: list[list[int]]  # expert id -> expert ranks holding it (all domains)
+    domain_nodes: int
     nodes: list[NodeShare]  # one per node of the cluster, in node order
-    device_share: dict[int, float]  # expert rank -> fraction of all rows it processes
+    device_load: dict[int, float]  # expert rank -> rows per micro-batch, in attention devices' worth of tokens
 
     @property
-    def max_share(self) -> float:
-        return max(self.device_share.values())
+    def max_load(self) -> float:
+        """Routed rows on the busiest expert device per micro-batch, per (token x top_k) of one
+        attention device: rows = tokens_per_attention_device x top_k x max_load."""
+        return max(self.device_load.values())
 
     @property
     def experts_per_device(self) -> int:
@@ -380,6 +429,15 @@ class GroupLayout:
                 held[r] = held.get(r, 0) + 1
         return max(held.values())
 
+    def domains(self, devices_per_node: int) -> list[list[int]]:
+        """Ranks (attention and expert) of each routing domain."""
+        per = self.domain_nodes * devices_per_node
+        ranks = sorted(self.attention_ranks + self.expert_ranks)
+        out: dict[int, list[int]] = {}
+        for r in ranks:
+            out.setdefault(r // per, []).append(r)
+        return list(out.values())
+
     @classmethod
     def build(
         cls,
@@ -387,6 +445,8 @@ class GroupLayout:
         attention_ranks: list[int],
         expert_ranks: list[int],
         placement: list[list[int]],
+        *,
+        domain_nodes: int | None = None,
         nic_split: list[float] | None = None,
         transfer_bytes: tuple[float, float, float, float] | None = None,
     ) -> "GroupLayout":
@@ -394,55 +454,71 @@ class GroupLayout:
         its experts). None chooses, per node, the split that minimises the node's slowest
         transfer of ``transfer_bytes`` = per-token (dispatch, combine, combine-grad,
         dispatch-grad) bytes (evaluated with TRANSFER_TIME)."""
-        share: dict[int, float] = {r: 0.0 for r in expert_ranks}
+        dpn, N = cluster.devices_per_node, cluster.num_nodes
+        d = domain_nodes or N
+        if N % d:
+            raise ValueError(f"domain_nodes={d} does not divide the {N} nodes")
+        per_domain = d * dpn
         E = len(placement)
-        for ranks in placement:
+        attn_set = set(attention_ranks)
+        domain_attention: dict[int, int] = {}
+        for r in attention_ranks:
+            domain_attention[r // per_domain] = domain_attention.get(r // per_domain, 0) + 1
+        share: dict[int, float] = {r: 0.0 for r in expert_ranks}
+        for e, ranks in enumerate(placement):
             if not ranks:
-                raise ValueError("expert placement leaves an expert on no rank")
+                raise ValueError(f"expert placement leaves expert {e} on no rank")
+            by_domain: dict[int, list[int]] = {}
             for r in ranks:
                 if r not in share:
                     raise ValueError(f"expert placement names rank {r}, which is not an expert rank")
-                share[r] += 1.0 / (E * len(ranks))
-        dpn = cluster.devices_per_node
-        A = len(attention_ranks)
-        attn_set = set(attention_ranks)
+                by_domain.setdefault(r // per_domain, []).append(r)
+            for D in domain_attention:
+                if D not in by_domain:
+                    raise ValueError(f"routing domain {D} (nodes {D * d}..{D * d + d - 1}) has attention ranks but "
+                                     f"no replica of expert {e}")
+            for rs in by_domain.values():
+                for r in rs:
+                    share[r] += 1.0 / (E * len(rs))
+        load = {r: share[r] * domain_attention.get(r // per_domain, 0) for r in expert_ranks}
         nodes: list[NodeShare] = []
         chosen: dict[tuple, float] = {}
-        for n in range(cluster.num_nodes):
+        NIC = cluster.nics_per_node
+        for n in range(N):
             ranks = range(n * dpn, (n + 1) * dpn)
             a = sum(1 for r in ranks if r in attn_set)
+            a_dom = domain_attention.get(n // d, 0)
             exp = [r for r in ranks if r in share]
-            rows = sum(share[r] for r in exp)
-            top = max((share[r] for r in exp), default=0.0)
-            N = cluster.nics_per_node
+            rows = sum(share[r] for r in exp) if a_dom else 0.0
+            top = max((share[r] for r in exp), default=0.0) if a_dom else 0.0
             if a and exp:
-                if N == 1:
+                if NIC == 1:
                     na = 0.5
                 elif nic_split is not None:
                     na = float(nic_split[n])
                 else:
-                    key = (a, len(exp), rows, top)
+                    key = (a, a_dom, len(exp), rows, top)
                     if key not in chosen:
-                        chosen[key] = _best_nic_split(cluster, A, a, rows, top, transfer_bytes)
+                        chosen[key] = _best_nic_split(cluster, a, a_dom, rows, top, transfer_bytes)
                     na = chosen[key]
-                ne = N - na if N > 1 else 0.5
+                ne = NIC - na if NIC > 1 else 0.5
             else:
-                na, ne = (float(N), 0.0) if a else (0.0, float(N) if exp else 0.0)
-            nodes.append(NodeShare(a, len(exp), rows, top, na, ne))
-        return cls(list(attention_ranks), list(expert_ranks), placement, nodes, share)
+                na, ne = (float(NIC), 0.0) if a else (0.0, float(NIC) if exp else 0.0)
+            nodes.append(NodeShare(a, a_dom, len(exp), rows, top, na, ne))
+        return cls(list(attention_ranks), list(expert_ranks), placement, d, nodes, load)
 
     def nic_split(self) -> list[tuple[float, float]]:
         return [(n.nics_attention, n.nics_experts) for n in self.nodes]
 
 
-def _best_nic_split(cluster, A: int, a: int, rows: float, top: float, transfer_bytes) -> float:
+def _best_nic_split(cluster, a: int, a_dom: int, rows: float, top: float, transfer_bytes) -> float:
     if transfer_bytes is None:
         raise ValueError("GroupLayout.build needs nic_split or transfer_bytes to choose the NIC split")
     best, best_t = 1.0, math.inf
     for na in range(1, cluster.nics_per_node):
-        node = NodeShare(a, 1, rows, top, float(na), float(cluster.nics_per_node - na))
+        node = NodeShare(a, a_dom, 1, rows, top, float(na), float(cluster.nics_per_node - na))
         t = max(
-            _node_transfer(cluster, A, node, b, toward_experts=(i % 2 == 0), latency=0.0)
+            _node_transfer(cluster, node, b, toward_experts=(i % 2 == 0), latency=0.0)
             for i, b in enumerate(transfer_bytes)
         )
         if t < best_t - 1e-15:
@@ -450,16 +526,16 @@ def _best_nic_split(cluster, A: int, a: int, rows: float, top: float, transfer_b
     return best
 
 
-def _node_transfer(cluster, A: int, node: NodeShare, per_device: float, *, toward_experts: bool,
+def _node_transfer(cluster, node: NodeShare, per_device: float, *, toward_experts: bool,
                    latency: float | None = None, recorder=None, label=None) -> float:
     """One node's time for a transfer where every attention device exchanges ``per_device``
-    bytes with the expert group (spread by row share)."""
+    bytes with the expert replicas of its routing domain (spread by row share)."""
     a, rows, top = node.attention, node.row_share, node.max_device_share
     attn_nic = a * per_device * (1.0 - rows)  # leaves/enters the node at its attention devices
-    exp_nic = (A - a) * per_device * rows  # enters/leaves the node at its expert devices
+    exp_nic = (node.domain_attention - a) * per_device * rows  # enters/leaves at its expert devices
     attn_link = per_device * rows if a else 0.0  # one attention device <-> local experts
     exp_link = a * per_device * top  # local attention devices <-> the busiest local expert
-    cross = attn_nic > 0 or exp_nic > 0
+    cross = attn_nic > 1e-9 * per_device or exp_nic > 1e-9 * per_device
     if latency is None:
         latency = cluster.inter_node_latency if cross else (cluster.intra_node_latency if attn_link or exp_link else 0.0)
     n_a = node.nics_attention or 1.0
@@ -476,17 +552,15 @@ def _node_transfer(cluster, A: int, node: NodeShare, per_device: float, *, towar
 def afpipe_transfer(cluster, layout: GroupLayout, per_device: float, *, toward_experts: bool,
                     recorder=None, label: str = "transfer") -> float:
     """Time of one micro-batch's transfer between the groups: the slowest node."""
-    A = len(layout.attention_ranks)
     worst, worst_node = -1.0, None
     seen: dict[NodeShare, float] = {}
     for node in layout.nodes:
         if node not in seen:
-            seen[node] = _node_transfer(cluster, A, node, per_device, toward_experts=toward_experts)
+            seen[node] = _node_transfer(cluster, node, per_device, toward_experts=toward_experts)
         if seen[node] > worst:
             worst, worst_node = seen[node], node
     if recorder is not None:  # record the formula on the node that sets the time
-        _node_transfer(cluster, A, worst_node, per_device, toward_experts=toward_experts, recorder=recorder,
-                       label=label)
+        _node_transfer(cluster, worst_node, per_device, toward_experts=toward_experts, recorder=recorder, label=label)
     return worst
 
 
@@ -501,26 +575,30 @@ def group_span(ranks: list[int], devices_per_node: int) -> tuple[int, int]:
 # ====================================================================== step times
 
 
-def _stage_time(cluster, dtype: str, regions: list[RegionCost], seqs: float, backward: bool) -> float:
+def _stage_time(cluster, dtype: str, regions: list[RegionCost], seqs: float, backward: bool,
+                recompute: bool = False) -> float:
     peak, bw = cluster.peak(dtype), cluster.memory_bandwidth
     total = 0.0
     for r in regions:
         flops = seqs * (r.bwd_flops if backward else r.fwd_flops)
         # backward reads the weights and writes their gradients; activations: read + grad written
         moved = (2.0 if backward else 1.0) * (r.weight_bytes + seqs * r.io_bytes)
+        if backward and recompute and r.layered:
+            flops += seqs * r.fwd_flops
+            moved += r.weight_bytes + seqs * r.io_bytes
         total += REGION_TIME(F=flops, peak=peak, B=moved, mem_bw=bw)
     return total
 
 
-def attention_times(work: Workload, cluster, seqs: float, recorder=None) -> dict[str, float]:
+def attention_times(work: Workload, cluster, seqs: float, recorder=None, recompute: bool = False) -> dict[str, float]:
     """Attention-side compute per micro-batch of ``seqs`` sequences: pre, one MoE layer's
-    stage (mean over layers) and post, forward and backward."""
+    stage (mean over layers) and post, forward and backward (+ recomputation)."""
     out = {}
     for bwd in (False, True):
         sfx = "b" if bwd else "f"
-        out[f"pre_{sfx}"] = _stage_time(cluster, work.dtype, work.pre, seqs, bwd)
-        out[f"post_{sfx}"] = _stage_time(cluster, work.dtype, work.post, seqs, bwd)
-        per_layer = [_stage_time(cluster, work.dtype, regs, seqs, bwd) for regs in work.layers]
+        out[f"pre_{sfx}"] = _stage_time(cluster, work.dtype, work.pre, seqs, bwd, recompute)
+        out[f"post_{sfx}"] = _stage_time(cluster, work.dtype, work.post, seqs, bwd, recompute)
+        per_layer = [_stage_time(cluster, work.dtype, regs, seqs, bwd, recompute) for regs in work.layers]
         out[f"attn_{sfx}"] = sum(per_layer) / len(per_layer)
     if recorder is not None:  # record one representative region evaluation per stage kind
         for name, regs in (("pre", work.pre), ("attention stage", work.layers[0]), ("post", work.post)):
@@ -533,8 +611,8 @@ def attention_times(work: Workload, cluster, seqs: float, recorder=None) -> dict
 
 
 def expert_time(work: Workload, cluster, rows: float, experts_held: int, backward: bool, recorder=None,
-                label: str = "experts") -> float:
-    k = 2.0 if backward else 1.0
+                label: str = "experts", recompute: bool = False) -> float:
+    k = (3.0 if recompute else 2.0) if backward else 1.0
     return REGION_TIME(
         recorder, label,
         F=k * rows * work.expert_flops_per_row,
@@ -544,38 +622,56 @@ def expert_time(work: Workload, cluster, rows: float, experts_held: int, backwar
     )
 
 
-def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int, m: int, rounds: int,
-                 recorder=None, attn: dict | None = None) -> dict[str, float]:
-    """Predicted AF-pipe step (seconds) and its parts, per the module docstring."""
-    S, L = work.seq_len, work.num_moe_layers
-    A = len(layout.attention_ranks)
-    attn = attn or attention_times(work, cluster, seqs_per_mb, recorder)
+def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
+                       attn: dict | None = None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+    """Per-micro-batch stage times of AF-pipe: attention side (pre, per layer, post), the
+    busiest expert device, and the four transfers (slowest node), forward and backward.
+    ``recompute`` = (attention side recomputes, experts recompute)."""
+    S = work.seq_len
+    t = dict(attn or attention_times(work, cluster, seqs_per_mb, recorder, recompute[0]))
     tokens = seqs_per_mb * S  # per attention device per micro-batch
-    rows = A * tokens * work.top_k * layout.max_share  # on the busiest expert device
+    rows = tokens * work.top_k * layout.max_load  # on the busiest expert device
     held = layout.experts_per_device
-    t = dict(attn)
     t["expert_f"] = expert_time(work, cluster, rows, held, False, recorder, "experts fwd, busiest device")
-    t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device")
+    t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device",
+                                recompute[1])
     for key, per_token, toward in (("dispatch", work.dispatch_per_token, True),
                                    ("combine", work.combine_per_token, False),
                                    ("combine_grad", work.combine_grad_per_token, True),
                                    ("dispatch_grad", work.dispatch_grad_per_token, False)):
         t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
                                  label=f"{key} per micro-batch (slowest node)")
+    return t
+
+
+def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, sync: float,
+                recorder=None) -> dict[str, float]:
+    """AF-pipe step time from stage times (module docstring), with utilisation per group."""
+    L = work.num_moe_layers
+    t = dict(stages)
     fwd_stages = (t["attn_f"], t["dispatch"], t["expert_f"], t["combine"])
     bwd_stages = (t["attn_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
-    for phase, stages in (("fwd", fwd_stages), ("bwd", bwd_stages)):
+    for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
         sfx = phase[0]
-        t[f"pipe_{sfx}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(stages), R=sum(stages))
+        t[f"pipe_{sfx}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(st), R=sum(st))
         t[f"T_{phase}"] = PHASE_TIME(recorder, f"round {phase}", m=m, t_pre=t[f"pre_{sfx}"], t_post=t[f"post_{sfx}"],
                                      T_pipe=t[f"pipe_{sfx}"])
-    t["sync"] = afpipe_sync(work, cluster, layout, recorder)
-    t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=t["sync"], o=1)
+    t["sync"] = sync
+    t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
     busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
     busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"])
-    t["util_attention"] = busy_a / t["step"]
-    t["util_experts"] = busy_e / t["step"]
+    t["util_attention"] = busy_a / t["step"] if t["step"] > 0 else 0.0
+    t["util_experts"] = busy_e / t["step"] if t["step"] > 0 else 0.0
+    # ideal: every stage perfectly overlapped, only the busiest resource counts
+    t["bubble"] = 1.0 - max(busy_a, busy_e) / t["step"] if t["step"] > 0 else 0.0
     return t
+
+
+def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int, m: int, rounds: int,
+                 recorder=None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+    """Predicted AF-pipe step (seconds) and its parts."""
+    stages = afpipe_stage_times(work, cluster, layout, seqs_per_mb, recorder, recompute=recompute)
+    return afpipe_step(work, stages, m, rounds, afpipe_sync(work, cluster, layout, recorder), recorder)
 
 
 def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
@@ -647,19 +743,20 @@ def ep_sync(work: Workload, cluster, ep: int, recorder=None) -> float:
     return t
 
 
-def ep_times(work: Workload, cluster, ep: int, seqs: int, rounds: int, recorder=None) -> dict[str, float]:
+def ep_times(work: Workload, cluster, ep: int, seqs: int, rounds: int, recorder=None,
+             recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
     """EP baseline step, without and with the two-half-batch overlap (module docstring)."""
     S, L, K = work.seq_len, work.num_moe_layers, work.top_k
     held = work.num_experts // ep
     out: dict[str, float] = {"sync": ep_sync(work, cluster, ep, recorder)}
     for variant, halves in (("no_overlap", 1), ("overlap", 2)):
-        rec = recorder if variant == "overlap" or recorder is None else recorder
+        rec = recorder
         part = seqs / halves
-        attn = attention_times(work, cluster, part)
+        attn = attention_times(work, cluster, part, recompute=recompute[0])
         tokens = part * S
         tag = f"EP {variant.replace('_', ' ')}"
         ef = expert_time(work, cluster, tokens * K, held, False, rec, f"{tag}: experts fwd")
-        eb = expert_time(work, cluster, tokens * K, held, True, rec, f"{tag}: experts bwd")
+        eb = expert_time(work, cluster, tokens * K, held, True, rec, f"{tag}: experts bwd", recompute[1])
         d = ep_transfer(cluster, ep, tokens * work.dispatch_per_token, rec, f"{tag}: dispatch all-to-all")
         c = ep_transfer(cluster, ep, tokens * work.combine_per_token, rec, f"{tag}: combine all-to-all")
         gc = ep_transfer(cluster, ep, tokens * work.combine_grad_per_token)
@@ -690,30 +787,54 @@ def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
     return float(dtype_bytes), float(dtype_bytes), optimizer_bytes_per_param(optimizer, dtype_bytes)
 
 
+def _attention_activations(work: Workload, seqs_in_flight: float, seqs_per_unit: float, recompute: bool,
+                           recorder=None, label: str = "activations") -> float:
+    if recompute:
+        keep = work.num_decoder_layers * work.layer_input_bytes + work.attention_saved_unlayered
+        transient = seqs_per_unit * work.attention_saved_layer_max
+    else:
+        keep, transient = work.attention_saved_bytes, 0.0
+    return ACTIVATIONS(recorder, label, n=seqs_in_flight, keep=keep, transient=transient)
+
+
+def _expert_activations(work: Workload, rows_in_flight: float, rows_per_unit: float, recompute: bool,
+                        recorder=None, label: str = "activations") -> float:
+    if recompute:
+        keep, transient = work.expert_input_per_row, rows_per_unit * work.expert_saved_per_row
+    else:
+        keep, transient = work.expert_saved_per_row, 0.0
+    return ACTIVATIONS(recorder, label, n=rows_in_flight, keep=keep, transient=transient)
+
+
 def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int, optimizer: str,
-                  shard_optimizer: bool, recorder=None) -> dict[str, float]:
+                  shard_optimizer: bool, recorder=None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
     A = len(layout.attention_ranks)
     S, L = work.seq_len, work.num_moe_layers
+    act_a = _attention_activations(work, m * seqs_per_mb, seqs_per_mb, recompute[0], recorder,
+                                   "activations per attention device")
     attention = MEMORY(recorder, "memory per attention device", P=work.attention_params, w=w, grad=g, opt=o,
-                       shard=A if shard_optimizer else 1, act=m * seqs_per_mb * work.attention_saved_bytes)
-    rows = A * seqs_per_mb * S * work.top_k * layout.max_share
+                       shard=A if shard_optimizer else 1, act=act_a)
+    rows = seqs_per_mb * S * work.top_k * layout.max_load  # per micro-batch and layer, busiest device
+    act_e = _expert_activations(work, m * L * rows, rows, recompute[1], recorder, "activations per expert device")
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
     held = layout.experts_per_device
     replicas = min(len(r) for r in layout.placement)
     experts = MEMORY(recorder, "memory per expert device", P=held * work.params_per_expert * L, w=w, grad=g, opt=o,
-                     shard=replicas if shard_optimizer else 1, act=m * L * rows * work.expert_saved_per_row)
+                     shard=replicas if shard_optimizer else 1, act=act_e)
     return {"attention": attention, "experts": experts}
 
 
 def ep_memory(work: Workload, cluster, ep: int, seqs: int, optimizer: str, shard_optimizer: bool,
-              recorder=None) -> float:
+              recorder=None, recompute: tuple[bool, bool] = (False, False)) -> float:
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
     W = cluster.world_size
     S, L = work.seq_len, work.num_moe_layers
+    act_a = _attention_activations(work, seqs, seqs, recompute[0], recorder, "EP activations: attention part")
     attention = MEMORY(recorder, "EP memory: attention part", P=work.attention_params, w=w, grad=g, opt=o,
-                       shard=W if shard_optimizer else 1, act=seqs * work.attention_saved_bytes)
+                       shard=W if shard_optimizer else 1, act=act_a)
+    rows = seqs * S * work.top_k
+    act_e = _expert_activations(work, L * rows, rows, recompute[1], recorder, "EP activations: experts part")
     experts = MEMORY(recorder, "EP memory: experts part", P=work.num_experts // ep * work.params_per_expert * L,
-                     w=w, grad=g, opt=o, shard=W // ep if shard_optimizer else 1,
-                     act=seqs * S * work.top_k * L * work.expert_saved_per_row)
+                     w=w, grad=g, opt=o, shard=W // ep if shard_optimizer else 1, act=act_e)
     return attention + experts

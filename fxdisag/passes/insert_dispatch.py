@@ -90,6 +90,7 @@ def insert_dispatch(gm: fx.GraphModule, layout: ModelLayout, owner: Sequence[int
             ys = graph.create_node("call_module", node.target, (xs, ids, ws), name=f"ys_{j}")
             ys.meta.update(node.meta)
             ys.meta["fxdisag_boundary"] = j
+            ys.meta["fxdisag_experts_fqn"] = node.target
         with graph.inserting_after(ys):
             out = graph.create_node("call_function", dispatch.combine, (ys, inv, moe.top_k), name=f"combined_{j}")
             out.meta["fxdisag_region"] = RegionTag("combine", moe.layer, moe.block)

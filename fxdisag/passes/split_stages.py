@@ -159,7 +159,13 @@ def split_stages(gm: fx.GraphModule) -> StagedProgram:
             pos = {p: i for i, p in enumerate(placeholders)}
             xs, ids, ws = (arg_names[pos[a]] for a in call[0].args)
             boundaries.append(
-                ExpertBoundary(pid // 2, call[0].target, xs, ids, ws, out_names[0] if n_out else "", sub)
+                ExpertBoundary(
+                    pid // 2,
+                    call[0].meta.get("fxdisag_experts_fqn", call[0].target),
+                    xs, ids, ws,
+                    out_names[0] if n_out else "",
+                    sub,
+                )
             )
     top.recompile()
     maybe_dump_graph("split", top)

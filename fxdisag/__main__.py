@@ -1,0 +1,5 @@
+import sys
+
+from fxdisag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,22 @@
+"""Profile -> plan stage of fxdisag: per-region costs, cluster specs, the roofline cost
+model and the placement search. See each module's docstring for its contract."""
+
+from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
+from fxdisag.partitioner.plan import Plan, contiguous_placement
+from fxdisag.partitioner.profile import ModelProfile, MoELayerProfile, ProfileError, RegionProfile, SeqCost, profile
+from fxdisag.partitioner.search import PlanError, plan
+
+__all__ = [
+    "ClusterSpec",
+    "PRESETS",
+    "ModelProfile",
+    "MoELayerProfile",
+    "RegionProfile",
+    "SeqCost",
+    "Plan",
+    "PlanError",
+    "ProfileError",
+    "contiguous_placement",
+    "plan",
+    "profile",
+]

@@ -1,0 +1,253 @@
+"""Plan: which ranks run attention, which run which experts, and how many micro-batches.
+
+Contract
+--------
+A :class:`Plan` is plain data (it round-trips through ``to_json``/``from_json``) with at
+least the fields of docs/CONTRACTS.md:
+
+* ``attention_ranks`` / ``expert_ranks`` -- disjoint lists of global ranks;
+* ``expert_placement[e]`` -- the expert ranks holding a replica of expert ``e`` (the same
+  for every MoE layer);
+* ``routing_domains`` -- groups of ranks; an attention rank sends its rows only to the
+  replicas in its own domain: ``expert_owner(rank)[e]`` is the expert rank that attention
+  rank ``rank`` sends expert ``e``'s rows to (its domain's replicas of ``e``, taken in
+  turn by the domain's attention ranks, so each replica gets an even share);
+* ``num_microbatches`` m, ``microbatch_size`` (sequences per micro-batch per attention
+  rank) and ``grad_accumulation`` (rounds of m micro-batches per optimizer step);
+
+and, when made by the search (``fxdisag.partitioner.plan``), the predicted times
+(AF-pipe step, EP baseline step without and with overlap, speedups), per-group
+utilisation, memory per device and the formula evaluations behind them
+(``explain()``). ``Plan.manual`` builds one by hand, with no predictions.
+``schedule()`` gives the runtime's action lists (``af_pipe_schedule``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from fxdisag.partitioner.roofline import explain as _explain
+
+__all__ = ["Plan", "contiguous_placement"]
+
+
+def _even_blocks(total: int, parts: int) -> list[range]:
+    """``total`` items in ``parts`` contiguous blocks whose sizes differ by at most one."""
+    base, extra = divmod(total, parts)
+    blocks, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        blocks.append(range(start, start + size))
+        start += size
+    return blocks
+
+
+def contiguous_placement(num_experts: int, expert_ranks: list[int]) -> list[list[int]]:
+    """Experts over expert ranks in contiguous blocks, as evenly as possible.
+
+    F <= E: rank j holds a contiguous block of experts (block sizes differ by <= 1).
+    F > E: expert e is replicated on a contiguous block of ranks (sizes differ by <= 1).
+    """
+    F = len(expert_ranks)
+    if num_experts < 1 or F < 1:
+        raise ValueError(f"need >= 1 expert and >= 1 expert rank, got {num_experts} experts, {F} ranks")
+    placement: list[list[int]] = [[] for _ in range(num_experts)]
+    if F <= num_experts:
+        for j, block in enumerate(_even_blocks(num_experts, F)):
+            for e in block:
+                placement[e].append(expert_ranks[j])
+    else:
+        for e, block in enumerate(_even_blocks(F, num_experts)):
+            placement[e] = [expert_ranks[j] for j in block]
+    return placement
+
+
+@dataclass
+class Plan:
+    attention_ranks: list[int]
+    expert_ranks: list[int]
+    expert_placement: list[list[int]]
+    num_microbatches: int
+    microbatch_size: int = 1
+    grad_accumulation: int = 1
+    num_moe_layers: int | None = None
+    routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
+    nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
+    model: str = ""
+    cluster: str = ""
+    seq_len: int | None = None
+    global_batch: int | None = None
+    optimizer: str = "adam"
+    recompute: dict[str, bool] = field(default_factory=dict)  # activation recomputation per group
+    step_time: float | None = None  # predicted AF-pipe step (s)
+    ep_step_time: float | None = None  # EP baseline, no overlap
+    ep_step_time_overlap: float | None = None  # EP baseline, two-half-batch overlap
+    utilisation: dict[str, float] = field(default_factory=dict)
+    memory_per_device: dict[str, float] = field(default_factory=dict)  # bytes; plus "capacity"
+    ep_baseline: dict = field(default_factory=dict)  # the baseline's configuration
+    breakdown: dict[str, float] = field(default_factory=dict)  # stage times etc. (s)
+    evaluations: list[dict] = field(default_factory=list)  # for explain()
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.attention_ranks) & set(self.expert_ranks))
+        if both:
+            raise ValueError(f"Plan: attention_ranks and expert_ranks overlap on {both}; they must be disjoint")
+        if not self.attention_ranks or not self.expert_ranks:
+            raise ValueError("Plan: needs at least one attention rank and one expert rank")
+        experts = set(self.expert_ranks)
+        for e, ranks in enumerate(self.expert_placement):
+            if not ranks or not set(ranks) <= experts:
+                raise ValueError(f"Plan: expert {e} is placed on {ranks}; it needs >= 1 rank, all expert ranks")
+        if self.num_microbatches < 1 or self.microbatch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError("Plan: num_microbatches, microbatch_size and grad_accumulation must be >= 1")
+        self.nic_split = [tuple(x) for x in self.nic_split]
+
+    # ------------------------------------------------------------------ derived numbers
+    @property
+    def speedup(self) -> float | None:
+        """EP baseline (with overlap) step / AF-pipe step."""
+        if self.step_time and self.ep_step_time_overlap:
+            return self.ep_step_time_overlap / self.step_time
+        return None
+
+    @property
+    def speedup_no_overlap(self) -> float | None:
+        if self.step_time and self.ep_step_time:
+            return self.ep_step_time / self.step_time
+        return None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_placement)
+
+    def expert_owner(self, attention_rank: int) -> tuple[int, ...]:
+        """For each expert, the expert rank that ``attention_rank`` sends its rows to."""
+        if attention_rank not in self.attention_ranks:
+            raise ValueError(f"rank {attention_rank} is not an attention rank of this plan")
+        domain = next((set(d) for d in self.routing_domains if attention_rank in d), None)
+        if domain is None:
+            domain = set(self.attention_ranks) | set(self.expert_ranks)
+        peers = [r for r in self.attention_ranks if r in domain]
+        turn = peers.index(attention_rank)
+        owners = []
+        for e, ranks in enumerate(self.expert_placement):
+            local = [r for r in ranks if r in domain]
+            if not local:
+                raise ValueError(f"expert {e} has no replica in the routing domain of rank {attention_rank}")
+            owners.append(local[turn % len(local)])
+        return tuple(owners)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def manual(cls, num_attention: int, num_expert: int, num_experts: int, num_microbatches: int, *,
+               num_moe_layers: int | None = None, microbatch_size: int = 1) -> "Plan":
+        """Ranks 0..num_attention-1 run attention, the next num_expert ranks run experts,
+        experts in contiguous blocks (:func:`contiguous_placement`). No predictions."""
+        for name, value in (("num_attention", num_attention), ("num_expert", num_expert),
+                            ("num_experts", num_experts), ("num_microbatches", num_microbatches)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Plan.manual: {name} must be an int >= 1, got {value!r}")
+        attention = list(range(num_attention))
+        experts = list(range(num_attention, num_attention + num_expert))
+        return cls(attention, experts, contiguous_placement(num_experts, experts), num_microbatches,
+                   microbatch_size=microbatch_size, num_moe_layers=num_moe_layers, notes=["manual plan"])
+
+    # ------------------------------------------------------------------ runtime
+    def schedule(self, num_moe_layers: int | None = None):
+        """The AF-pipe action lists for this plan (``fxdisag.runtime.schedule.af_pipe_schedule``)."""
+        from fxdisag.runtime.schedule import af_pipe_schedule
+
+        layers = num_moe_layers if num_moe_layers is not None else self.num_moe_layers
+        if layers is None:
+            raise ValueError("Plan.schedule: the plan does not know the number of MoE layers; pass num_moe_layers")
+        return af_pipe_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches)
+
+    # ------------------------------------------------------------------ printing
+    def explain(self) -> str:
+        """Every formula used, with the values and results that gave this plan's numbers."""
+        if not self.evaluations:
+            return "manual plan: no predictions (make one with fxdisag.partitioner.plan to get them)"
+        return _explain(self.evaluations)
+
+    def __str__(self) -> str:
+        lines = []
+        head = f"Plan for {self.model or '?'} on {self.cluster or '?'}"
+        if self.seq_len:
+            head += f", seq_len {self.seq_len}, global batch {self.global_batch}"
+        lines.append(head)
+        lines.append(f"  attention ranks ({len(self.attention_ranks)}): {_ranges(self.attention_ranks)}")
+        lines.append(f"  expert ranks    ({len(self.expert_ranks)}): {_ranges(self.expert_ranks)}")
+        held: dict[int, int] = {}
+        for ranks in self.expert_placement:
+            for r in ranks:
+                held[r] = held.get(r, 0) + 1
+        replicas = sorted({len(r) for r in self.expert_placement})
+        lines.append(
+            f"  experts: {self.num_experts}, {min(held.values())}-{max(held.values())} per expert rank, "
+            f"{'/'.join(map(str, replicas))} replica(s) each"
+        )
+        if len(self.routing_domains) > 1:
+            lines.append(f"  routing domains: {len(self.routing_domains)} of {len(self.routing_domains[0])} ranks "
+                         "(attention ranks route to the expert replicas of their own domain)")
+        lines.append(
+            f"  micro-batches: {self.num_microbatches} x {self.microbatch_size} sequence(s) per attention rank, "
+            f"{self.grad_accumulation} accumulation round(s)"
+        )
+        if any(self.recompute.values()):
+            lines.append("  activation recomputation: " + ", ".join(k for k, v in self.recompute.items() if v))
+        if self.nic_split:
+            splits = sorted({s for s in self.nic_split})
+            lines.append("  NICs per node (attention:experts): " + ", ".join(f"{a:g}:{e:g}" for a, e in splits))
+        if self.step_time is not None:
+            lines.append("")
+            lines.append(f"  {'':<30} {'step (s)':>10} {'speedup':>8}")
+            lines.append(f"  {'AF-pipe (this plan)':<30} {self.step_time:>10.4g} {'1.00':>8}")
+            for label, value in (("EP baseline, with overlap", self.ep_step_time_overlap),
+                                 ("EP baseline, no overlap", self.ep_step_time)):
+                if value is None:
+                    lines.append(f"  {label:<30} {'n/a':>10} {'':>8}")
+                else:
+                    lines.append(f"  {label:<30} {value:>10.4g} {value / self.step_time:>8.2f}")
+            if self.ep_baseline:
+                lines.append(f"  EP baseline config: {self.ep_baseline.get('description', '')}")
+        if self.utilisation:
+            lines.append("")
+            lines.append("  utilisation: " + ", ".join(f"{k} {v:.1%}" for k, v in self.utilisation.items()))
+        if self.memory_per_device:
+            cap = self.memory_per_device.get("capacity")
+            parts = [f"{k} {v / 1e9:.2f} GB" for k, v in self.memory_per_device.items() if k != "capacity"]
+            lines.append("  memory per device: " + ", ".join(parts) + (f" (limit {cap / 1e9:.2f} GB)" if cap else ""))
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(dataclasses.asdict(self), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"Plan.from_json: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0,1,2,5,6] -> '0-2,5-6'."""
+    if not ranks:
+        return ""
+    out, start, prev = [], ranks[0], ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ",".join(out)
