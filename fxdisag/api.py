@@ -22,6 +22,7 @@ The forward call runs the schedule's forward actions; ``loss.backward()`` runs t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,12 +33,12 @@ import torch.distributed as dist
 from torch import nn
 
 from fxdisag.capture import CapturedModel, capture
-from fxdisag.dump import maybe_dump_graph
+from fxdisag.dump import maybe_dump_graph, maybe_dump_text
 from fxdisag.passes.insert_dispatch import insert_dispatch
 from fxdisag.passes.split_stages import StagedProgram, split_stages
 from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
 from fxdisag.runtime.experts import local_experts
-from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, validate
+from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, format_grid, validate
 
 __all__ = ["DisaggregatedModel", "DisaggregatedOutput", "disaggregate"]
 
@@ -146,6 +147,8 @@ class DisaggregatedModel(nn.Module):
         self._pending_backward = False
         if self.role == "A":
             self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
+            for stage in program.stages:
+                maybe_dump_graph(f"attention_stage{stage.index}", stage.module)
             self.worker = AttentionWorker(program, schedule, self.rank, owner, device, attention_group, trace)
         else:
             slot = list(schedule.expert_ranks).index(self.rank)
@@ -155,6 +158,8 @@ class DisaggregatedModel(nn.Module):
                 [local_experts(model.get_submodule(m.experts), mine) for m in self.layout.moe]
             ).to(device)
             self.expert_ids = mine
+            for b in program.boundaries:
+                maybe_dump_graph(f"expert_boundary{b.index}", b.module)
             first = model.get_submodule(self.layout.moe[0].experts)
             dtype = next(first.parameters()).dtype
             self.worker = ExpertWorker(
@@ -237,6 +242,32 @@ class DisaggregatedModel(nn.Module):
         order = [n for n, _ in self._model.named_parameters()]
         return {n: full.get(n) for n in order}
 
+    # ---- timeline
+    def step_spans(self) -> list:
+        """The last step's spans of every rank, seconds from the step's first span (collective).
+
+        Needs ``disaggregate(..., trace=True)``.
+        """
+        if not self.worker.trace_enabled:
+            raise RuntimeError("no timeline recorded: build the model with fxdisag.disaggregate(..., trace=True)")
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.worker.spans)
+        spans = [s for rank_spans in gathered for s in rank_spans]
+        t0 = min((s.start for s in spans), default=0.0)
+        return [dataclasses.replace(s, start=s.start - t0, end=s.end - t0) for s in spans]
+
+    def write_timeline(self, trace_json: str | None = None, png: str | None = None) -> list:
+        """Write the last step as a Chrome trace and/or a PNG Gantt chart (collective; rank 0 writes)."""
+        from fxdisag.runtime.timeline import chrome_trace, gantt_png
+
+        spans = self.step_spans()
+        if self.rank == 0:
+            if trace_json:
+                chrome_trace(spans, trace_json)
+            if png:
+                gantt_png(spans, png, title=f"fxdisag AF-pipe step ({len(self.schedule.ranks)} ranks)")
+        return spans
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return self._consolidate(grads=False)
 
@@ -285,6 +316,6 @@ def disaggregate(
     validate(schedule)
     # new_group is collective: every rank creates every group, in the same order.
     attention_group = dist.new_group(sorted(plan.attention_ranks))
-    for stage in program.stages:
-        maybe_dump_graph(f"stage{stage.index}", stage.module)
+    maybe_dump_text("schedule", format_grid(schedule))
+    maybe_dump_text("plan", str(plan))
     return DisaggregatedModel(captured, program, schedule, plan, owner, device, attention_group, trace)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-__all__ = ["DUMP_ENV", "maybe_dump_graph", "region_table", "tagged_code", "write_svg"]
+__all__ = ["DUMP_ENV", "maybe_dump_graph", "maybe_dump_text", "region_table", "tagged_code", "write_svg"]
 
 DUMP_ENV = "FXDISAG_DUMP_DIR"
 _counter = itertools.count()
@@ -130,6 +130,21 @@ def maybe_dump_graph(name: str, gm: fx.GraphModule) -> Path | None:
     (out / f"{stem}.txt").write_text(tagged_code(gm) + "\n")
     (out / f"{stem}.py").write_text(gm.code)
     return out / f"{stem}.txt"
+
+
+def maybe_dump_text(name: str, text: str) -> Path | None:
+    """Write ``text`` (a schedule grid, a plan) under $FXDISAG_DUMP_DIR when it is set."""
+    root = os.environ.get(DUMP_ENV)
+    if not root:
+        return None
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{next(_counter):03d}_{name}"
+    if "RANK" in os.environ:
+        stem = f"rank{os.environ['RANK']}_{stem}"
+    path = out / f"{stem}.txt"
+    path.write_text(text + "\n")
+    return path
 
 
 def write_svg(gm: fx.GraphModule, path: str | os.PathLike) -> None:

@@ -98,3 +98,37 @@ def test_training_matches_eager(family, n_attn, n_exp, m):
         assert r["losses"] == r0["losses"]
     worst = max(r0["param_err"], key=r0["param_err"].get)
     assert r0["param_err"][worst] <= 1e-4, (worst, r0["param_err"][worst])
+
+
+def _traced_step(rank: int, world: int, out_dir: str) -> dict:
+    import json
+    import os
+
+    import fxdisag
+    from fxdisag.models import example_batch, tiny_model
+    from fxdisag.partitioner.plan import Plan
+
+    model = tiny_model("qwen3_moe")
+    batch = example_batch(model, 4, 8)
+    plan = Plan.manual(num_attention=1, num_expert=1, num_experts=8, num_microbatches=2)
+    dmodel = fxdisag.disaggregate(model, batch, plan, trace=True)
+    dmodel(**batch).loss.backward()
+    trace = os.path.join(out_dir, "step.json")
+    spans = dmodel.write_timeline(trace_json=trace)
+    computed = {(s.rank, str(s.action)) for s in spans if s.kind == "compute"}
+    expected = {(r, str(a)) for r, acts in dmodel.schedule.actions.items() for a in acts if a.kind.is_compute}
+    events = json.load(open(trace))["traceEvents"] if rank == 0 else []
+    return {"missing": sorted(expected - computed), "events": len(events), "dumps": sorted(os.listdir(out_dir))}
+
+
+@pytest.mark.dist
+def test_timeline_and_per_rank_dumps(tmp_path):
+    results = run_distributed(_traced_step, 2, str(tmp_path), timeout=120, env={"FXDISAG_DUMP_DIR": str(tmp_path)})
+    assert results[0]["missing"] == [] and results[1]["missing"] == []
+    assert results[0]["events"] > 0
+    dumps = results[0]["dumps"]
+    for name in ("rank0_000_captured.txt", "rank0_003_schedule.txt"):
+        assert name in dumps
+    assert any(f.startswith("rank0_") and "attention_stage2" in f for f in dumps)
+    assert any(f.startswith("rank1_") and "expert_boundary1" in f for f in dumps)
+    assert not any(f.startswith("rank1_") and "attention_stage" in f for f in dumps)

@@ -274,6 +274,18 @@ def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
     with LinkThrottle(20e6, latency_s=1e-3):  # installed: dist.isend is throttled
         assert dist.isend.__module__ == "fxdisag.runtime.throttle"
         assert dist.batch_isend_irecv.__module__ == "fxdisag.runtime.throttle"
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = torch.full((2,), float(rank))
+            y = torch.empty(2)
+            dist.all_to_all_single(y, x)
+            dist.all_to_all_single(y, x)
+        assert y.tolist() == [0.0, 1.0]  # still the real collective
+        assert [str(w.message).split(" is ")[0] for w in caught] == [
+            "torch.distributed.all_to_all_single"  # once, not per call
+        ]
         half = nmsg // 2
         if rank == 0:
             msgs = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]

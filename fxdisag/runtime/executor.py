@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,8 +29,9 @@ from torch import nn
 from fxdisag.passes.split_stages import StagedProgram
 from fxdisag.runtime.p2p import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
 from fxdisag.runtime.schedule import Action, ActionKind, Schedule
+from fxdisag.runtime.timeline import Span
 
-__all__ = ["AttentionWorker", "ExpertWorker", "StepTrace", "IGNORE_INDEX"]
+__all__ = ["AttentionWorker", "ExpertWorker", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 _CHANNEL = {"D": 0, "C": 1, "GC": 2, "GD": 3}
@@ -42,13 +42,6 @@ def _tag(channel: str, layer: int, microbatch: int) -> int:
     return ((_CHANNEL[channel] * 256 + layer) * 4096 + microbatch) * 2
 
 
-@dataclass
-class StepTrace:
-    """Wall-clock spans of one step: (rank, action string, kind, start, end), seconds."""
-
-    spans: list[tuple[int, str, str, float, float]] = field(default_factory=list)
-
-
 class _Worker:
     def __init__(self, schedule: Schedule, rank: int, device: torch.device, trace: bool):
         self.schedule = schedule
@@ -57,14 +50,12 @@ class _Worker:
         self.mailbox = Mailbox(device)
         self.actions = schedule.actions[rank]
         self.trace_enabled = trace
-        self.last_trace = StepTrace()
-        self._t0 = 0.0
+        self.spans: list[Span] = []  # wall-clock (time.time()) spans of the current step
 
     def _run_actions(self) -> None:
-        self.last_trace = StepTrace()
-        self._t0 = time.perf_counter()
         for index, action in enumerate(self.actions):
-            start = time.perf_counter()
+            start = time.time()
+            waited = self.mailbox.wait_seconds
             try:
                 self.execute(action)
             except Exception as exc:
@@ -75,10 +66,19 @@ class _Worker:
                     + format_grid(self.schedule)
                 ) from exc
             if self.trace_enabled:
-                kind = "compute" if action.kind.is_compute else ("send" if action.kind.is_send else "recv")
-                self.last_trace.spans.append(
-                    (self.rank, str(action), kind, start - self._t0, time.perf_counter() - self._t0)
-                )
+                self._record(action, start, time.time(), self.mailbox.wait_seconds - waited)
+
+    def _record(self, action: Action, start: float, end: float, waited: float) -> None:
+        kind = action.kind
+        if kind.is_compute:
+            if waited > 0:
+                self.spans.append(Span(self.rank, action, start, start + waited, "recv-wait"))
+            self.spans.append(Span(self.rank, action, min(start + waited, end), end, "compute"))
+        elif kind.is_send:
+            # The post, not the transfer: gloo moves the bytes in the background.
+            self.spans.append(Span(self.rank, action, start, end, "send"))
+        elif kind is ActionKind.REDUCE:
+            self.spans.append(Span(self.rank, action, start, end, "reduce"))
 
     def execute(self, action: Action) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -161,6 +161,7 @@ class AttentionWorker(_Worker):
         self.counts: dict[tuple[int, int], list[int]] = {}
         self.recvs: dict[tuple[str, int, int], list[Receive]] = {}
         self.losses: list[torch.Tensor] = []
+        self.spans = []
         self._run_actions()
         local = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
         return local.detach()
@@ -331,6 +332,7 @@ class ExpertWorker(_Worker):
         self.saved: dict[tuple[int, int], tuple] = {}
         self.counts: dict[tuple[int, int], list[int]] = {}
         self.results: dict[tuple[int, int], torch.Tensor] = {}
+        self.spans = []
         self._run_actions()
         return torch.zeros(())
 

@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class Mailbox:
         self._queues: dict[int, deque[Receive]] = {}
         self._sends: list[tuple[list, list[torch.Tensor]]] = []
         self.bytes_sent = 0
+        self.wait_seconds = 0.0  # time blocked in wait(): the timeline's recv-wait
 
     # ---- receives
     def post(self, receives: Sequence[Receive]) -> None:
@@ -118,6 +120,7 @@ class Mailbox:
     def wait(self, receive: Receive) -> None:
         """Block until ``receive`` has its payload (earlier receives from that peer finish first)."""
         q = self._queues[receive.peer]
+        t0 = time.perf_counter()
         while not receive.done:
             head = q[0]
             for w in head.work:
@@ -128,6 +131,7 @@ class Mailbox:
                 if q:
                     ops += self._start(q[0])
             self._launch(ops)
+        self.wait_seconds += time.perf_counter() - t0
 
     def _start(self, r: Receive) -> list[dist.P2POp]:
         if r.size_of is not None:

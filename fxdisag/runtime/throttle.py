@@ -27,8 +27,15 @@ Contract:
   were posted, whatever their sizes, so gloo's (source, tag) matching holds.
 - Receives are never delayed. Receiver-side (incast) contention is not
   modelled: two ranks sending to a third at once each get the full rate.
-  Collectives (``all_to_all_single``, ``all_reduce``, ...) are not throttled.
+  Collectives (``all_to_all_single``, ``all_reduce``, ...) are not throttled;
+  while installed, ``all_to_all_single`` and ``all_to_all`` warn once
+  (RuntimeWarning), since a step timed with them would be silently optimistic.
   Sends to self are not throttled.
+- Fidelity (benchmarks/bench_links.py): a message is delivered when its real
+  loopback send completes, i.e. emulated arrival + loopback copy time (a few
+  ms for 8 MiB), so large bidirectional exchanges reach ~0.85-0.95 of the rate.
+  gloo's half-duplex penalty when an isend is posted before the matching
+  irecv is not reproduced (the real send is always issued late).
 - ``install()`` (or ``with throttle:``) routes ``torch.distributed.isend`` and
   the sends of ``torch.distributed.batch_isend_irecv`` through the throttle in
   this process, so code that calls them through the module (``dist.isend``)
@@ -56,6 +63,7 @@ import queue
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -345,6 +353,10 @@ class LinkThrottle:
             # P2POp(op, ...) checks `op in [c10d.isend, c10d.irecv]`; accept
             # both the throttled entry point and an isend captured earlier.
             (c10d, "_check_op"): _check_op_accepting_both,
+            (dist, "all_to_all_single"): _warn_unthrottled(c10d.all_to_all_single),
+            (c10d, "all_to_all_single"): _warn_unthrottled(c10d.all_to_all_single),
+            (dist, "all_to_all"): _warn_unthrottled(c10d.all_to_all),
+            (c10d, "all_to_all"): _warn_unthrottled(c10d.all_to_all),
         }
         for (mod, name), new in targets.items():
             self._saved[(mod, name)] = getattr(mod, name)
@@ -398,6 +410,27 @@ def _check_op_accepting_both(op: Any) -> None:
     if op is _throttled_isend_entry or op is _real_isend_at_import:
         return
     _real_check_op(op)
+
+
+def _warn_unthrottled(real: Callable[..., Any]) -> Callable[..., Any]:
+    warned = False
+
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        nonlocal warned
+        if not warned:
+            warned = True
+            warnings.warn(
+                f"torch.distributed.{real.__name__} is not paced by the installed "
+                f"{_installed!r}: its transfers run at loopback speed. Post irecvs and "
+                "isends instead (they are paced), or use benchmarks/netns.py.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return real(*args, **kwargs)
+
+    entry.__name__ = real.__name__
+    entry.__doc__ = real.__doc__
+    return entry
 
 
 def installed() -> LinkThrottle | None:
