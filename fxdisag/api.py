@@ -177,6 +177,7 @@ class DisaggregatedModel(nn.Module):
             raise ValueError("fxdisag trains with a loss: pass labels=... (input_ids are fine as labels for an LM)")
         w = self.worker
         w.actions = self.schedule.actions[self.rank][: self._split]
+        w.action_offset = 0
         if self.role == "A":
             local = w.step(batch)
         else:
@@ -194,6 +195,7 @@ class DisaggregatedModel(nn.Module):
     def _run_backward(self, grad_scale: float) -> None:
         w = self.worker
         w.actions = self.schedule.actions[self.rank][self._split :]
+        w.action_offset = self._split
         if self.role == "A":
             w.loss_scale = [s * grad_scale for s in w.loss_scale]
         w._run_actions()

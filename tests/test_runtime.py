@@ -132,3 +132,30 @@ def test_timeline_and_per_rank_dumps(tmp_path):
     assert any(f.startswith("rank0_") and "attention_stage2" in f for f in dumps)
     assert any(f.startswith("rank1_") and "expert_boundary1" in f for f in dumps)
     assert not any(f.startswith("rank1_") and "attention_stage" in f for f in dumps)
+
+
+def _failing_expert(rank: int, world: int) -> None:
+    import fxdisag
+    from fxdisag.models import example_batch, tiny_model
+    from fxdisag.partitioner.plan import Plan
+
+    model = tiny_model("mixtral")
+    batch = example_batch(model, 2, 8)
+    dmodel = fxdisag.disaggregate(model, batch, Plan.manual(1, 1, 4, 2))
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise ValueError("injected expert failure")
+
+        dmodel.local_experts[1].forward = broken
+    dmodel(**batch).loss.backward()
+
+
+@pytest.mark.dist
+def test_a_failing_action_is_reported_with_the_marked_grid():
+    from distributed import DistributedTestError
+
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_failing_expert, 2, timeout=60)
+    text = str(info.value)
+    assert "rank 1 failed at action" in text and "(EF1.0)" in text and "injected expert failure" in text
+    assert "!!EF1.0" in text

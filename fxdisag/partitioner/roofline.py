@@ -14,12 +14,16 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
     TRANSFER_TIME   t = max(nic_out / (n_out bw_nic), nic_in / (n_in bw_nic),
                             link_out / bw_link, link_in / bw_link) + latency
                     (one node; the slowest node sets the time; NVLink and NIC run in parallel)
+    ATTENTION_STAGE t_a = t_attn + (t_pre + t_post) / L
+                    the work outside the MoE layers (embedding, leading dense layers, final
+                    norm, head, loss) runs on the attention group; spreading it over the L
+                    laps is exact when attention is the bottleneck (it adds m (t_pre + t_post)
+                    per phase) and when the round trip is (it adds t_pre + t_post once)
     PIPELINE_TIME   T = (L - 1) max(m t_b, R) + (m - 1) t_b + R
                     L laps (MoE layers) of m micro-batches around a cycle of stages whose
                     round trip is R = sum of stage times and whose busiest resource needs
                     t_b per micro-batch: steady state max(m t_b, R) per lap, then the last
                     lap drains.
-    PHASE_TIME      T = m (t_pre + t_post) + T_pipe               a forward or backward phase
     STEP_TIME       T = r (T_fwd + T_bwd) + max(0, t_sync - o T_bwd)
                     r gradient-accumulation rounds; the gradient all-reduce hides behind
                     the last backward when o = 1, is fully exposed when o = 0
@@ -34,10 +38,9 @@ The three step-time models built from them (functions :func:`afpipe_times` and
 
 * **AF-pipe**: attention group and expert group are the two compute resources, the
   dispatch and combine directions the two network resources; stages per MoE layer
-  t_a (attention side), t_d (dispatch), t_e (experts), t_c (combine), so
-  t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c. Embedding, dense layers
-  before the first MoE layer (``pre``) and final norm/head/loss (``post``) run on the
-  attention group outside the pipeline (no overlap assumed: an upper bound).
+  t_a (attention side, ATTENTION_STAGE), t_d (dispatch), t_e (experts), t_c (combine),
+  so t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c; backward likewise with
+  the gradient transfers.
 * **EP, no overlap**: every device does attention (data parallel) then experts; per
   layer attention, all-to-all dispatch, experts, all-to-all combine run one after the
   other (PIPELINE_TIME with m = 1, t_b = R), gradient all-reduce exposed (o = 0).
@@ -76,7 +79,7 @@ __all__ = [
     "REGION_TIME",
     "TRANSFER_TIME",
     "PIPELINE_TIME",
-    "PHASE_TIME",
+    "ATTENTION_STAGE",
     "STEP_TIME",
     "ALLREDUCE_TIME",
     "MEMORY",
@@ -147,12 +150,12 @@ PIPELINE_TIME = Formula(
     "per micro-batch",
 )
 
-_tpre, _tpost, _tpipe = _s("t_pre t_post T_pipe")
-PHASE_TIME = Formula(
-    "PHASE_TIME",
-    _m * (_tpre + _tpost) + _tpipe,
-    "forward or backward of one round: pre (embedding, leading dense layers) and post (norm, head, "
-    "loss) of every micro-batch, plus the MoE pipeline",
+_tattn, _tpre, _tpost = _s("t_attn t_pre t_post")
+ATTENTION_STAGE = Formula(
+    "ATTENTION_STAGE",
+    _tattn + (_tpre + _tpost) / _L,
+    "attention-side stage of one MoE layer, with the pre (embedding, leading dense layers) and post "
+    "(final norm, head, loss) work spread evenly over the L laps",
 )
 
 _r, _Tf, _Tb, _tsync, _o = _s("r T_fwd T_bwd t_sync o")
@@ -191,7 +194,7 @@ ACTIVATIONS = Formula(
 
 FORMULAS: dict[str, Formula] = {
     f.name: f
-    for f in (REGION_TIME, TRANSFER_TIME, PIPELINE_TIME, PHASE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
+    for f in (REGION_TIME, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
 }
 
 
@@ -499,7 +502,7 @@ class GroupLayout:
                 else:
                     key = (a, a_dom, len(exp), rows, top)
                     if key not in chosen:
-                        chosen[key] = _best_nic_split(cluster, a, a_dom, rows, top, transfer_bytes)
+                        chosen[key] = _best_nic_split(cluster, a, len(exp), a_dom, rows, top, transfer_bytes)
                     na = chosen[key]
                 ne = NIC - na if NIC > 1 else 0.5
             else:
@@ -511,18 +514,22 @@ class GroupLayout:
         return [(n.nics_attention, n.nics_experts) for n in self.nodes]
 
 
-def _best_nic_split(cluster, a: int, a_dom: int, rows: float, top: float, transfer_bytes) -> float:
+def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float, transfer_bytes) -> float:
+    """NICs for the attention devices of a node: the split with the fastest slowest transfer;
+    ties (e.g. no cross-node traffic) go to the split closest to the device ratio a : f."""
     if transfer_bytes is None:
         raise ValueError("GroupLayout.build needs nic_split or transfer_bytes to choose the NIC split")
-    best, best_t = 1.0, math.inf
-    for na in range(1, cluster.nics_per_node):
-        node = NodeShare(a, a_dom, 1, rows, top, float(na), float(cluster.nics_per_node - na))
+    N = cluster.nics_per_node
+    best, best_key = 1.0, (math.inf, math.inf)
+    for na in range(1, N):
+        node = NodeShare(a, a_dom, f, rows, top, float(na), float(N - na))
         t = max(
             _node_transfer(cluster, node, b, toward_experts=(i % 2 == 0), latency=0.0)
             for i, b in enumerate(transfer_bytes)
         )
-        if t < best_t - 1e-15:
-            best, best_t = float(na), t
+        key = (round(t, 15), abs(na - N * a / (a + f)))
+        if key < best_key:
+            best, best_key = float(na), key
     return best
 
 
@@ -649,13 +656,14 @@ def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, s
     """AF-pipe step time from stage times (module docstring), with utilisation per group."""
     L = work.num_moe_layers
     t = dict(stages)
-    fwd_stages = (t["attn_f"], t["dispatch"], t["expert_f"], t["combine"])
-    bwd_stages = (t["attn_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
+    for sfx in ("f", "b"):
+        t[f"stage_{sfx}"] = ATTENTION_STAGE(recorder, f"attention stage, {'fwd' if sfx == 'f' else 'bwd'}",
+                                            t_attn=t[f"attn_{sfx}"], t_pre=t[f"pre_{sfx}"],
+                                            t_post=t[f"post_{sfx}"], L=L)
+    fwd_stages = (t["stage_f"], t["dispatch"], t["expert_f"], t["combine"])
+    bwd_stages = (t["stage_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
     for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
-        sfx = phase[0]
-        t[f"pipe_{sfx}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(st), R=sum(st))
-        t[f"T_{phase}"] = PHASE_TIME(recorder, f"round {phase}", m=m, t_pre=t[f"pre_{sfx}"], t_post=t[f"post_{sfx}"],
-                                     T_pipe=t[f"pipe_{sfx}"])
+        t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(st), R=sum(st))
     t["sync"] = sync
     t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
     busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
@@ -766,10 +774,10 @@ def ep_times(work: Workload, cluster, ep: int, seqs: int, rounds: int, recorder=
             ("fwd", (attn["attn_f"], d, ef, c), attn["pre_f"], attn["post_f"]),
             ("bwd", (attn["attn_b"], gc, eb, gd), attn["pre_b"], attn["post_b"]),
         ):
+            ta = ATTENTION_STAGE(rec, f"{tag}: attention stage {phase}", t_attn=ta, t_pre=pre, t_post=post, L=L)
             R = ta + t1 + te + t2
             tb = R if halves == 1 else max(ta + te, t1 + t2)
-            pipe = PIPELINE_TIME(rec, f"{tag}: layers {phase}", L=L, m=halves, t_b=tb, R=R)
-            phases[phase] = PHASE_TIME(rec, f"{tag}: micro-step {phase}", m=halves, t_pre=pre, t_post=post, T_pipe=pipe)
+            phases[phase] = PIPELINE_TIME(rec, f"{tag}: micro-step {phase}", L=L, m=halves, t_b=tb, R=R)
         out[f"step_{variant}"] = STEP_TIME(rec, f"{tag}: step", r=rounds, T_fwd=phases["fwd"], T_bwd=phases["bwd"],
                                            t_sync=out["sync"], o=0 if halves == 1 else 1)
         if halves == 1:

@@ -49,6 +49,7 @@ class _Worker:
         self.device = device
         self.mailbox = Mailbox(device)
         self.actions = schedule.actions[rank]
+        self.action_offset = 0  # index of self.actions[0] in the rank's full list
         self.trace_enabled = trace
         self.spans: list[Span] = []  # wall-clock (time.time()) spans of the current step
 
@@ -59,11 +60,13 @@ class _Worker:
             try:
                 self.execute(action)
             except Exception as exc:
-                from fxdisag.runtime.schedule import format_grid
+                from fxdisag.runtime.schedule import format_grid, grid_step
 
+                step = grid_step(self.schedule, self.rank, self.action_offset + index)
+                mark = (step, self.rank) if step is not None else None
                 raise RuntimeError(
-                    f"rank {self.rank} failed at action {index} ({action}): {type(exc).__name__}: {exc}\n"
-                    + format_grid(self.schedule)
+                    f"rank {self.rank} failed at action {self.action_offset + index} ({action}), grid step {step} "
+                    f"(marked !!): {type(exc).__name__}: {exc}\n" + format_grid(self.schedule, mark=mark)
                 ) from exc
             if self.trace_enabled:
                 self._record(action, start, time.time(), self.mailbox.wait_seconds - waited)

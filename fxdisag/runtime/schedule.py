@@ -411,6 +411,11 @@ def _unit_run(schedule: Schedule) -> _UnitRun:
     return _UnitRun(cells, step_of, t, blocked, sent)
 
 
+def grid_step(schedule: Schedule, rank: int, index: int) -> int | None:
+    """The grid row (unit-time step) in which ``schedule.actions[rank][index]`` runs."""
+    return _unit_run(schedule).step_of.get((rank, index))
+
+
 def format_grid(schedule: Schedule, mark: tuple[int, int] | None = None) -> str:
     """Step x rank grid of the unit-time execution; ``mark=(step, rank)`` flags a cell ``!!``.
 
