@@ -51,10 +51,8 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel  # noqa: E402
 
 from corpus import VOCAB_SIZE, load_stdlib_corpus, sample_batch  # noqa: E402
-from fxdisag.api import DisaggregatedModel, disaggregate  # noqa: E402
-from fxdisag.layout import find_layout  # noqa: E402
+from fxdisag import DisaggregatedModel, Plan, disaggregate, find_layout  # noqa: E402
 from fxdisag.models import TINY_FAMILIES, tiny_config  # noqa: E402
-from fxdisag.partitioner.plan import Plan  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5  # absolute, on the mean cross-entropy
 GRAD_TOLERANCE = 1e-4  # relative, per parameter, max-norm
@@ -102,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches for the held-out loss")
     p.add_argument("--plot", metavar="FILE.png", help="save the loss curve as a PNG (needs matplotlib)")
     p.add_argument("--trace", metavar="FILE.json",
-                   help="record the last step's per-rank action spans and write them as a Chrome trace")
+                   help="record per-rank timelines; write the last training step as a Chrome trace "
+                        "(and FILE.png, a Gantt chart, when matplotlib is installed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic progress lines")
     args = p.parse_args(argv)
     if args.family.strip().lower().replace("-", "_") not in TINY_FAMILIES:
@@ -292,53 +291,17 @@ def heldout_loss(dmodel: DisaggregatedModel, batches: list[torch.Tensor]) -> flo
 # --------------------------------------------------------------------------- trace
 
 
-def traced_step(dmodel: DisaggregatedModel, batch: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """One forward+backward whose executed actions come back as ``timeline.Span`` s of this rank.
-
-    The runtime records each half of the step (forward, backward) relative to its own
-    start; both halves are placed on one clock whose zero is the exit of a barrier, so
-    the ranks line up to within the barrier's skew (~0.1 ms on loopback). Compute spans
-    include any wait for their input; receive posts (instant) are not drawn.
-    """
-    from fxdisag.runtime.schedule import ActionKind
-    from fxdisag.runtime.timeline import Span
-
-    rank = dist.get_rank()
-    by_name = {str(a): a for a in dmodel.schedule.actions[rank]}
-    dist.barrier()
-    zero = time.perf_counter()
-    halves = []
-    t = time.perf_counter() - zero
-    out = dmodel(input_ids=batch, labels=batch)
-    halves.append((t, list(dmodel.worker.last_trace.spans)))
-    t = time.perf_counter() - zero
-    out.loss.backward()
-    halves.append((t, list(dmodel.worker.last_trace.spans)))
-    spans = []
-    for offset, recorded in halves:
-        for _, name, kind, start, end in recorded:
-            action = by_name[name]
-            if action.kind is ActionKind.REDUCE:
-                kind = "reduce"
-            elif kind not in ("compute", "send"):
-                continue
-            spans.append(Span(rank, action, offset + start, offset + end, kind))
-    return out.loss, spans
-
-
-def write_trace(spans: list, path: str) -> list[str]:
-    """Chrome trace JSON at ``path`` and, with matplotlib, a Gantt PNG beside it; returns what was written."""
-    from fxdisag.runtime.timeline import chrome_trace, gantt_png
-
-    chrome_trace(spans, path)
-    written = [path]
-    png = str(Path(path).with_suffix(".png"))
+def write_trace(dmodel: DisaggregatedModel, path: str) -> list[str]:
+    """The last step's timeline as Chrome trace JSON at ``path`` and, with matplotlib, a Gantt PNG
+    beside it (collective: rank 0 writes). Returns the lines to report."""
     try:
-        gantt_png(spans, png, title="fxdisag demo: last training step")
-        written.append(png)
-    except ImportError as e:
-        written.append(f"(no Gantt chart: {e})")
-    return written
+        import matplotlib  # noqa: F401
+
+        png = str(Path(path).with_suffix(".png"))
+    except ImportError:
+        png = None
+    dmodel.write_timeline(trace_json=path, png=png)
+    return [path, png or "(no Gantt PNG: matplotlib is not installed)"]
 
 
 # --------------------------------------------------------------------------- output
@@ -362,7 +325,7 @@ def ascii_plot(values: list[float], width: int = 60, height: int = 10) -> str:
         lines.append(label + "|" + "".join(row))
     lines.append(" " * 9 + "+" + "-" * width)
     left, right = "step 1", f"step {len(values)}"
-    lines.append(" " * 10 + left + right.rjust(max(width - len(left), len(right) + 1)))
+    lines.append(" " * 10 + left + " " * max(width - len(left) - len(right), 1) + right)
     return "\n".join(lines)
 
 
@@ -416,19 +379,31 @@ class Progress:
 # --------------------------------------------------------------------------- main
 
 
-def _init_distributed() -> None:
+def _init_distributed() -> bool:
+    """Join the torchrun job (gloo); returns whether this call created the process group."""
+    if dist.is_initialized():  # a caller (e.g. a test harness) set it up
+        return False
     if "RANK" not in os.environ:
         raise SystemExit("examples/train.py runs on several ranks: launch it with "
                          "`torchrun --nproc-per-node 2 examples/train.py`")
     dist.init_process_group("gloo")
-    if dist.get_world_size() < 2:
-        raise SystemExit("fxdisag needs >= 2 ranks (one attention, one expert): torchrun --nproc-per-node 2 ...")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _init_distributed()
+    owns_group = _init_distributed()
+    try:
+        return _run(args)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world < 2:
+        raise SystemExit("fxdisag needs >= 2 ranks (one attention, one expert): torchrun --nproc-per-node 2 ...")
     say = print if rank == 0 else (lambda *a, **k: None)
 
     corpus = load_stdlib_corpus(max_bytes=int(args.corpus_mb * 1e6))
@@ -437,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     model = build_model(config, args.seed)
     num_experts = find_layout(model).moe[0].num_experts
-    plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
-                     batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}")
+    try:
+        plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
+                         batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}")
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
 
     say(f"corpus: {corpus.describe()}")
     say(f"model: {type(model).__name__}, {args.num_layers} layers, hidden {args.hidden_size}, "
@@ -462,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     parity = parity_check(dmodel, config, args.seed, parity_batch)
     say(str(parity), flush=True)
     if not parity.ok:
-        dist.destroy_process_group()
         return 1
 
     before = heldout_loss(dmodel, eval_set)
@@ -473,15 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     losses: list[float] = []
     step_times: list[float] = []
     tokens = args.batch_size * args.seq_len
-    spans: list = []
     for step in range(1, args.steps + 1):
         x = sample_batch(corpus.train, args.batch_size, args.seq_len, batches)
         start = time.perf_counter()
-        if args.trace and step == args.steps:
-            loss, spans = traced_step(dmodel, x)
-        else:
-            loss = dmodel(input_ids=x, labels=x).loss
-            loss.backward()
+        loss = dmodel(input_ids=x, labels=x).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
         step_times.append(time.perf_counter() - start)
@@ -491,13 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(step, losses[-1], tokens / step_times[-1], step_times[-1])
     progress.close()
 
+    if args.trace:  # before any other forward: the runtime keeps the spans of the latest step only
+        say("timeline of the last step: " + ", ".join(write_trace(dmodel, args.trace)))
     after = heldout_loss(dmodel, eval_set)
-    if args.trace:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, spans)
-        if rank == 0:
-            written = write_trace([s for rank_spans in gathered for s in rank_spans], args.trace)
-            say("trace of the last step: " + ", ".join(written))
 
     timed = step_times[1:] or step_times  # step 1 pays one-off warm-up (allocations, first messages)
     median = statistics.median(timed)
@@ -514,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
         save_plot(losses, (before, after), args.plot,
                   f"{args.family}, {world} ranks: {len(plan.attention_ranks)} attention + {len(plan.expert_ranks)} expert")
         say(f"loss curve saved to {args.plot}")
-    dist.destroy_process_group()
     return 0
 
 

@@ -36,6 +36,7 @@ from fxdisag.capture import CapturedModel, capture
 from fxdisag.dump import maybe_dump_graph, maybe_dump_text
 from fxdisag.passes.insert_dispatch import insert_dispatch
 from fxdisag.passes.split_stages import StagedProgram, split_stages
+from fxdisag.runtime.ep import EPPlan, EPWorker, ep_schedule
 from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
 from fxdisag.runtime.experts import local_experts
 from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, format_grid, validate
@@ -131,6 +132,7 @@ class DisaggregatedModel(nn.Module):
         device: torch.device,
         attention_group,
         trace: bool,
+        mode: str = "afpipe",
     ):
         super().__init__()
         self.plan = plan
@@ -139,18 +141,22 @@ class DisaggregatedModel(nn.Module):
         self.program = program
         self.rank = dist.get_rank()
         self.device = device
-        self.role = schedule.role(self.rank)
+        self.mode = mode
+        self.role = "EP" if mode == "ep" else schedule.role(self.rank)
         self.__dict__["_model"] = captured.model
         self._anchor = torch.zeros((), requires_grad=True)
         actions = schedule.actions[self.rank]
         self._split = next((k for k, a in enumerate(actions) if a.kind in _BACKWARD_KINDS), len(actions))
         self._pending_backward = False
-        if self.role == "A":
+        self.has_attention = self.role in ("A", "EP")
+        self.has_experts = self.role in ("E", "EP")
+        attention = experts = None
+        if self.has_attention:
             self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
             for stage in program.stages:
                 maybe_dump_graph(f"attention_stage{stage.index}", stage.module)
-            self.worker = AttentionWorker(program, schedule, self.rank, owner, device, attention_group, trace)
-        else:
+            attention = AttentionWorker(program, schedule, self.rank, owner, device, attention_group, trace)
+        if self.has_experts:
             slot = list(schedule.expert_ranks).index(self.rank)
             mine = [e for e, s in enumerate(owner) if s == slot]
             model = captured.model
@@ -162,9 +168,10 @@ class DisaggregatedModel(nn.Module):
                 maybe_dump_graph(f"expert_boundary{b.index}", b.module)
             first = model.get_submodule(self.layout.moe[0].experts)
             dtype = next(first.parameters()).dtype
-            self.worker = ExpertWorker(
+            experts = ExpertWorker(
                 list(self.local_experts), schedule, self.rank, self.layout.hidden_size, (dtype, dtype), device, trace
             )
+        self.worker = EPWorker(attention, experts) if self.role == "EP" else (attention or experts)
 
     # ---- training step
     def forward(self, **batch: torch.Tensor) -> DisaggregatedOutput:
@@ -178,7 +185,7 @@ class DisaggregatedModel(nn.Module):
         w = self.worker
         w.actions = self.schedule.actions[self.rank][: self._split]
         w.action_offset = 0
-        if self.role == "A":
+        if self.has_attention:
             local = w.step(batch)
         else:
             w.step()
@@ -196,31 +203,29 @@ class DisaggregatedModel(nn.Module):
         w = self.worker
         w.actions = self.schedule.actions[self.rank][self._split :]
         w.action_offset = self._split
-        if self.role == "A":
+        if self.has_attention:
             w.loss_scale = [s * grad_scale for s in w.loss_scale]
         w._run_actions()
         self._pending_backward = False
-        if self.role == "A":
+        if self.has_attention:
             w.clear()
 
     def _finish_without_backward(self) -> None:
         self.worker.mailbox.drain()
-        if self.role == "A":
+        if self.has_attention:
             self.worker.clear()
 
     # ---- checkpoints
     def _owned(self, grads: bool) -> dict[str, tuple[tuple[int, ...] | None, torch.Tensor]]:
         owned: dict[str, tuple[tuple[int, ...] | None, torch.Tensor]] = {}
         experts = {m.experts for m in self.layout.moe}
-        if self.role == "A":
-            if self.rank != self.schedule.attention_ranks[0]:
-                return owned
+        if self.has_attention and self.rank == self.schedule.attention_ranks[0]:
             for name, p in self._model.named_parameters():
                 if name.rsplit(".", 1)[0] in experts:
                     continue
                 t = p.grad if grads else p.detach()
                 owned[name] = (None, None if t is None else t.detach().cpu())
-        else:
+        if self.has_experts:
             for m, mod in zip(self.layout.moe, self.local_experts):
                 for pname, p in mod.named_parameters(recurse=False):
                     t = p.grad if grads else p.detach()
@@ -277,6 +282,10 @@ class DisaggregatedModel(nn.Module):
         return self._consolidate(grads=True)
 
 
+def _list_actions(schedule: Schedule) -> str:
+    return "\n".join(f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in schedule.actions.items())
+
+
 def disaggregate(
     model: nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
@@ -285,19 +294,28 @@ def disaggregate(
     *,
     sync_params: bool = True,
     trace: bool = False,
+    mode: str = "afpipe",
 ) -> DisaggregatedModel:
     """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
 
     ``sync_params`` broadcasts every parameter from rank 0 first (as DDP does), so ranks
     that built the model with different random seeds still train the same model.
+
+    ``mode="ep"`` builds the expert-parallel baseline instead (``fxdisag.runtime.ep``):
+    every rank runs attention on its share of the batch and ``E/W`` experts, with
+    all-to-all dispatch and combine; ``plan`` then only gives ``num_microbatches``.
     """
+    if mode not in ("afpipe", "ep"):
+        raise ValueError(f"mode must be 'afpipe' or 'ep', got {mode!r}")
     _init_distributed()
     device = _device()
     captured = capture(model, example_inputs)
     plan = _resolve_plan(plan, captured, example_inputs, cluster)
     world = dist.get_world_size()
-    ranks = sorted(list(plan.attention_ranks) + list(plan.expert_ranks))
-    if ranks != list(range(world)):
+    if mode == "ep":
+        plan = EPPlan(world, captured.layout.moe[0].num_experts, plan.num_microbatches)
+    ranks = sorted(set(plan.attention_ranks) | set(plan.expert_ranks))
+    if mode == "afpipe" and sorted(list(plan.attention_ranks) + list(plan.expert_ranks)) != list(range(world)):
         raise ValueError(
             f"plan uses ranks {ranks} but the world has {world} ranks: attention_ranks + expert_ranks must "
             f"cover 0..{world - 1} exactly once"
@@ -314,10 +332,13 @@ def disaggregate(
     owner = _owner_slots(plan, num_experts.pop())
     gm = insert_dispatch(captured.graph_module, captured.layout, owner, len(plan.expert_ranks))
     program = split_stages(gm)
-    schedule = af_pipe_schedule(plan.attention_ranks, plan.expert_ranks, len(program.boundaries), plan.num_microbatches)
-    validate(schedule)
+    if mode == "ep":
+        schedule = ep_schedule(range(world), len(program.boundaries), plan.num_microbatches)
+    else:
+        schedule = af_pipe_schedule(plan.attention_ranks, plan.expert_ranks, len(program.boundaries), plan.num_microbatches)
+        validate(schedule)
     # new_group is collective: every rank creates every group, in the same order.
     attention_group = dist.new_group(sorted(plan.attention_ranks))
-    maybe_dump_text("schedule", format_grid(schedule))
+    maybe_dump_text("schedule", format_grid(schedule) if mode == "afpipe" else _list_actions(schedule))
     maybe_dump_text("plan", str(plan))
-    return DisaggregatedModel(captured, program, schedule, plan, owner, device, attention_group, trace)
+    return DisaggregatedModel(captured, program, schedule, plan, owner, device, attention_group, trace, mode)

@@ -33,17 +33,21 @@ CASES = [
 ]
 
 
-def _train(rank: int, world: int, family: str, n_attn: int, m: int) -> dict:
+def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe") -> dict:
     import fxdisag
     from fxdisag.models import example_batch, tiny_model
     from fxdisag.partitioner.plan import Plan
+    from fxdisag.runtime.ep import EPPlan
 
     model = tiny_model(family, seed=0)
     reference = copy.deepcopy(model)
     batches = [example_batch(model, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
-    plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=m)
-    dmodel = fxdisag.disaggregate(model, batches[0], plan)
+    if mode == "ep":
+        plan = EPPlan(world, num_experts, m)
+    else:
+        plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=m)
+    dmodel = fxdisag.disaggregate(model, batches[0], plan, mode=mode)
     opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
     losses, grads0 = [], None
     for step, batch in enumerate(batches):
@@ -86,7 +90,19 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int) -> dict:
 @pytest.mark.dist
 @pytest.mark.parametrize("family, n_attn, n_exp, m", CASES, ids=[f"{c[0]}-{c[1]}a{c[2]}e-m{c[3]}" for c in CASES])
 def test_training_matches_eager(family, n_attn, n_exp, m):
-    results = run_distributed(_train, n_attn + n_exp, family, n_attn, m, timeout=240)
+    _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, timeout=240))
+
+
+EP_CASES = [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 1), ("gpt_oss", 2, 4)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, world, m", EP_CASES, ids=[f"{c[0]}-ep{c[1]}-m{c[2]}" for c in EP_CASES])
+def test_expert_parallel_baseline_matches_eager(family, world, m):
+    _check_against_eager(run_distributed(_train, world, family, world, m, "ep", timeout=240))
+
+
+def _check_against_eager(results: list[dict]) -> None:
     r0 = results[0]
     assert r0["names"] == r0["ref_names"]
     assert abs(r0["losses"][0] - r0["ref_losses"][0]) <= 1e-5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _children_pids() -> set[int]:
+def _children_pids() -> set[tuple[int, str]]:
     me = os.getpid()
     pids = set()
     for d in os.listdir("/proc"):
@@ -73,7 +74,11 @@ def _children_pids() -> set[int]:
             except (FileNotFoundError, ProcessLookupError):
                 continue
             if int(fields[1]) == me and fields[0] != "Z":
-                pids.add(int(d))
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                # multiprocessing's resource tracker is long-lived by design
+                if "resource_tracker" not in cmd:
+                    pids.add((int(d), cmd[:200]))
     return pids
 
 
@@ -225,45 +230,50 @@ def test_throttle_throughput_matches_rate() -> None:
     assert out[1] == pytest.approx(expected, rel=0.15), (out[1], expected)
 
 
-def _model_body(rank: int, world_size: int, egress: str) -> dict:
-    """Rank 0 posts, at one instant, 1000 B to rank 1, 2000 B to rank 2 and
-    500 B to rank 1 on a 1 MB/s NIC with 20 ms latency; returns the emulated
-    arrival times relative to the first post and the measured receive times."""
+def _model_body(rank: int, world_size: int) -> dict:
+    """For each egress mode, rank 0 posts, at one instant, 1000 B to rank 1,
+    2000 B to rank 2 and 500 B to rank 1 on a 1 MB/s NIC with 20 ms latency;
+    returns the emulated arrival times relative to the first post and the
+    measured receive times."""
     from fxdisag.runtime.throttle import LinkThrottle
 
     _warm_up(rank, world_size)
-    throttle = LinkThrottle(1e6, latency_s=0.02, egress=egress)  # type: ignore[arg-type]
     sizes = [(1, 1000), (2, 2000), (1, 500)]
-    dist.barrier()
-    t0 = time.monotonic()
-    if rank == 0:
-        works = [throttle.isend(torch.ones(nb // 4), d) for d, nb in sizes]
-        arrivals = [w.arrival - t0 for w in works]
-        for w in works:
-            w.wait()
-        throttle.close()
-        return {"arrivals": arrivals}
-    bufs = [torch.zeros(nb // 4) for d, nb in sizes if d == rank]
-    done = []
-    for b in bufs:
-        dist.irecv(b, 0).wait()
-        done.append(time.monotonic() - t0)
-        assert b.sum().item() == b.numel()
-    return {"received": done}
+    out: dict = {}
+    for egress in ("shared", "per_link"):
+        throttle = LinkThrottle(1e6, latency_s=0.02, egress=egress)  # type: ignore[arg-type]
+        dist.barrier()
+        t0 = time.monotonic()
+        if rank == 0:
+            works = [throttle.isend(torch.ones(nb // 4), d) for d, nb in sizes]
+            out[egress] = [w.arrival - t0 for w in works]
+            for w in works:
+                w.wait()
+            throttle.close()
+            continue
+        done = []
+        for d, nb in sizes:
+            if d == rank:
+                b = torch.zeros(nb // 4)
+                dist.irecv(b, 0).wait()
+                done.append(time.monotonic() - t0)
+                assert b.sum().item() == b.numel()
+        out[egress] = done
+    return out
 
 
 def test_throttle_clock_model_shared_and_per_link() -> None:
-    shared = run_distributed(_model_body, 3, "shared", timeout=60)
+    out = run_distributed(_model_body, 3, timeout=60)
     # shared NIC at 1e6 B/s: transmissions end at 1, 3, 3.5 ms; +20 ms latency
-    assert shared[0]["arrivals"] == pytest.approx([0.021, 0.023, 0.0235], abs=1e-3)
-    per_link = run_distributed(_model_body, 3, "per_link", timeout=60)
+    assert out[0]["shared"] == pytest.approx([0.021, 0.023, 0.0235], abs=1e-3)
     # a clock per destination: rank 1 gets 1000 then 500 B (1, 1.5 ms), rank 2 2000 B (2 ms)
-    assert per_link[0]["arrivals"] == pytest.approx([0.021, 0.022, 0.0215], abs=1e-3)
-    for out in (shared, per_link):
-        arrivals = out[0]["arrivals"]
-        received = [out[1]["received"][0], out[2]["received"][0], out[1]["received"][1]]
+    assert out[0]["per_link"] == pytest.approx([0.021, 0.022, 0.0215], abs=1e-3)
+    for egress in ("shared", "per_link"):
+        arrivals = out[0][egress]
+        received = [out[1][egress][0], out[2][egress][0], out[1][egress][1]]
         for a, r in zip(arrivals, received):
-            assert a - 1e-3 <= r <= a + 0.015, (arrivals, received)
+            # never early; late only by scheduling noise (the machine is shared)
+            assert a - 1e-3 <= r <= a + 0.05, (egress, arrivals, received)
 
 
 def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
@@ -274,8 +284,7 @@ def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
     with LinkThrottle(20e6, latency_s=1e-3):  # installed: dist.isend is throttled
         assert dist.isend.__module__ == "fxdisag.runtime.throttle"
         assert dist.batch_isend_irecv.__module__ == "fxdisag.runtime.throttle"
-        import warnings
-
+        assert dist.send.__module__ == "fxdisag.runtime.throttle"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             x = torch.full((2,), float(rank))
@@ -289,7 +298,9 @@ def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
         half = nmsg // 2
         if rank == 0:
             msgs = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
-            works = [dist.isend(m, 1, tag=i % 3) for i, m in enumerate(msgs[:half])]
+            for i in range(10):  # blocking sends are paced too
+                dist.send(msgs[i], 1, tag=i % 3)
+            works = [dist.isend(m, 1, tag=i % 3) for i, m in enumerate(msgs[:half]) if i >= 10]
             ops = [dist.P2POp(dist.isend, m, 1, tag=(half + i) % 3) for i, m in enumerate(msgs[half:])]
             works += dist.batch_isend_irecv(ops)
             for w in works:
@@ -313,7 +324,7 @@ def test_throttle_preserves_order_and_patches_dist() -> None:
     *means, whole, elapsed, nbytes = out[1]
     assert means == [float(i) for i in range(200)]
     assert whole == 1.0  # every message arrived whole, not mixed with another
-    # both the dist.isend half and the batch_isend_irecv half were paced
+    # the dist.send, dist.isend and batch_isend_irecv parts were all paced
     assert elapsed >= 0.95 * nbytes / 20e6, (elapsed, nbytes)
     assert dist.isend is real and th.installed() is None  # the parent was never patched
 

@@ -106,13 +106,10 @@ class Formula:
         return sp.lambdify(syms, self.expr, modules=[{"Max": max, "Min": min}, "math"])
 
     def __call__(self, recorder: "Recorder | None" = None, label: str | None = None, **values: float) -> float:
-        missing = set(self.symbols) - set(values)
-        extra = set(values) - set(self.symbols)
-        if missing or extra:
-            raise TypeError(
-                f"formula {self.name}({', '.join(self.symbols)}): missing {sorted(missing)}, unexpected {sorted(extra)}"
-            )
-        result = float(self._fn(*(values[n] for n in self.symbols)))
+        try:
+            result = float(self._fn(**values))
+        except TypeError as exc:
+            raise TypeError(f"formula {self.name}({', '.join(self.symbols)}) called with {sorted(values)}: {exc}") from exc
         if recorder is not None:
             recorder.record(label or self.name, self, values, result)
         return result
@@ -418,19 +415,27 @@ class GroupLayout:
     nodes: list[NodeShare]  # one per node of the cluster, in node order
     device_load: dict[int, float]  # expert rank -> rows per micro-batch, in attention devices' worth of tokens
 
-    @property
+    @cached_property
     def max_load(self) -> float:
         """Routed rows on the busiest expert device per micro-batch, per (token x top_k) of one
         attention device: rows = tokens_per_attention_device x top_k x max_load."""
         return max(self.device_load.values())
 
-    @property
+    @cached_property
     def experts_per_device(self) -> int:
         held: dict[int, int] = {}
         for ranks in self.placement:
             for r in ranks:
                 held[r] = held.get(r, 0) + 1
         return max(held.values())
+
+    @cached_property
+    def distinct_nodes(self) -> list["NodeShare"]:
+        return list(dict.fromkeys(self.nodes))
+
+    @cached_property
+    def min_replicas(self) -> int:
+        return min(len(r) for r in self.placement)
 
     def domains(self, devices_per_node: int) -> list[list[int]]:
         """Ranks (attention and expert) of each routing domain."""
@@ -452,11 +457,15 @@ class GroupLayout:
         domain_nodes: int | None = None,
         nic_split: list[float] | None = None,
         transfer_bytes: tuple[float, float, float, float] | None = None,
+        sync_bytes: tuple[float, float] | None = None,
     ) -> "GroupLayout":
         """``nic_split[n]``: NICs of node n given to its attention devices (the rest go to
         its experts). None chooses, per node, the split that minimises the node's slowest
         transfer of ``transfer_bytes`` = per-token (dispatch, combine, combine-grad,
-        dispatch-grad) bytes (evaluated with TRANSFER_TIME)."""
+        dispatch-grad) bytes (evaluated with TRANSFER_TIME); ties (no cross-node traffic)
+        go to the split closest to the node's share of gradient all-reduce bytes,
+        ``sync_bytes`` = (per attention device, per expert of all layers), or to the
+        device ratio without it."""
         dpn, N = cluster.devices_per_node, cluster.num_nodes
         d = domain_nodes or N
         if N % d:
@@ -484,6 +493,10 @@ class GroupLayout:
                 for r in rs:
                     share[r] += 1.0 / (E * len(rs))
         load = {r: share[r] * domain_attention.get(r // per_domain, 0) for r in expert_ranks}
+        held: dict[int, int] = {}
+        for ranks in placement:
+            for r in ranks:
+                held[r] = held.get(r, 0) + 1
         nodes: list[NodeShare] = []
         chosen: dict[tuple, float] = {}
         NIC = cluster.nics_per_node
@@ -500,9 +513,15 @@ class GroupLayout:
                 elif nic_split is not None:
                     na = float(nic_split[n])
                 else:
-                    key = (a, a_dom, len(exp), rows, top)
+                    if sync_bytes is None:
+                        weight = a / (a + len(exp))
+                    else:
+                        wa = a * sync_bytes[0]
+                        we = sum(held[r] for r in exp) * sync_bytes[1]
+                        weight = wa / (wa + we) if wa + we > 0 else a / (a + len(exp))
+                    key = (a, a_dom, len(exp), rows, top, weight)
                     if key not in chosen:
-                        chosen[key] = _best_nic_split(cluster, a, len(exp), a_dom, rows, top, transfer_bytes)
+                        chosen[key] = _best_nic_split(cluster, a, len(exp), a_dom, rows, top, transfer_bytes, weight)
                     na = chosen[key]
                 ne = NIC - na if NIC > 1 else 0.5
             else:
@@ -514,9 +533,10 @@ class GroupLayout:
         return [(n.nics_attention, n.nics_experts) for n in self.nodes]
 
 
-def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float, transfer_bytes) -> float:
+def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float, transfer_bytes,
+                    weight: float) -> float:
     """NICs for the attention devices of a node: the split with the fastest slowest transfer;
-    ties (e.g. no cross-node traffic) go to the split closest to the device ratio a : f."""
+    ties (e.g. no cross-node traffic) go to the split closest to ``weight`` x NICs."""
     if transfer_bytes is None:
         raise ValueError("GroupLayout.build needs nic_split or transfer_bytes to choose the NIC split")
     N = cluster.nics_per_node
@@ -527,7 +547,7 @@ def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float
             _node_transfer(cluster, node, b, toward_experts=(i % 2 == 0), latency=0.0)
             for i, b in enumerate(transfer_bytes)
         )
-        key = (round(t, 15), abs(na - N * a / (a + f)))
+        key = (round(t, 15), abs(na - N * weight))
         if key < best_key:
             best, best_key = float(na), key
     return best
@@ -560,12 +580,10 @@ def afpipe_transfer(cluster, layout: GroupLayout, per_device: float, *, toward_e
                     recorder=None, label: str = "transfer") -> float:
     """Time of one micro-batch's transfer between the groups: the slowest node."""
     worst, worst_node = -1.0, None
-    seen: dict[NodeShare, float] = {}
-    for node in layout.nodes:
-        if node not in seen:
-            seen[node] = _node_transfer(cluster, node, per_device, toward_experts=toward_experts)
-        if seen[node] > worst:
-            worst, worst_node = seen[node], node
+    for node in layout.distinct_nodes:
+        t = _node_transfer(cluster, node, per_device, toward_experts=toward_experts)
+        if t > worst:
+            worst, worst_node = t, node
     if recorder is not None:  # record the formula on the node that sets the time
         _node_transfer(cluster, worst_node, per_device, toward_experts=toward_experts, recorder=recorder, label=label)
     return worst
@@ -683,8 +701,13 @@ def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int,
 
 
 def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
-    """Gradient all-reduce: attention parameters over the attention group, replicated experts
-    over their replicas (the two groups use their own NIC shares, in parallel)."""
+    """Gradient all-reduce time: the slower of the two groups' (:func:`afpipe_sync_parts`)."""
+    return max(afpipe_sync_parts(work, cluster, layout, recorder))
+
+
+def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=None) -> tuple[float, float]:
+    """(attention, experts) gradient all-reduce: attention parameters over the attention
+    group, replicated experts over their replicas (each group on its own NIC share)."""
     dpn = cluster.devices_per_node
     nodes = layout.nodes
     g, k = group_span(layout.attention_ranks, dpn)
@@ -696,7 +719,7 @@ def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> 
     )
     replicated = [ranks for ranks in layout.placement if len(ranks) > 1]
     if not replicated:
-        return t_attn
+        return t_attn, 0.0
     widest = max(replicated, key=lambda rs: group_span(rs, dpn)[::-1])
     g, k = group_span(widest, dpn)
     nics = min(n.nics_experts * g / n.experts for n in nodes if n.experts)
@@ -706,7 +729,7 @@ def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> 
         * work.dtype_bytes, g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth,
         bw_nic=cluster.nic_bandwidth, lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
     )
-    return max(t_attn, t_exp)
+    return t_attn, t_exp
 
 
 def ep_transfer(cluster, ep: int, per_device: float, recorder=None, label: str = "all-to-all") -> float:
@@ -827,7 +850,7 @@ def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int,
     act_e = _expert_activations(work, m * L * rows, rows, recompute[1], recorder, "activations per expert device")
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
     held = layout.experts_per_device
-    replicas = min(len(r) for r in layout.placement)
+    replicas = layout.min_replicas
     experts = MEMORY(recorder, "memory per expert device", P=held * work.params_per_expert * L, w=w, grad=g, opt=o,
                      shard=replicas if shard_optimizer else 1, act=act_e)
     return {"attention": attention, "experts": experts}

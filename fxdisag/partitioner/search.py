@@ -47,6 +47,7 @@ from fxdisag.partitioner.roofline import (
     afpipe_stage_times,
     afpipe_step,
     afpipe_sync,
+    afpipe_sync_parts,
     attention_times,
     ep_memory,
     ep_times,
@@ -153,6 +154,11 @@ def _domain_options(work: Workload, cluster, attention, experts, optimizer, shar
     return out
 
 
+def _sync_bytes(work: Workload) -> tuple[float, float]:
+    return (work.attention_params * work.dtype_bytes,
+            work.params_per_expert * work.num_moe_layers * work.dtype_bytes)
+
+
 def _transfer_bytes(work: Workload) -> tuple[float, float, float, float]:
     return (work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token, work.dispatch_grad_per_token)
 
@@ -227,7 +233,7 @@ def plan(
         for d, c in _domain_options(work, cluster, attention, experts, optimizer, shard_optimizer, cap):
             placement = domain_placement(E, experts, cluster, d, c)
             layout = GroupLayout.build(cluster, attention, experts, placement, domain_nodes=d,
-                                       transfer_bytes=_transfer_bytes(work))
+                                       transfer_bytes=_transfer_bytes(work), sync_bytes=_sync_bytes(work))
             sync = None
             seq_options = [microbatch_size] if microbatch_size else _divisors(s_dev)
             for b in seq_options:
@@ -310,6 +316,11 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: _Candi
         utilisation["MFU EP overlap"] = model_flops / (ep_ov * peak_total)
     memory["capacity"] = cap
     breakdown = {k: v for k, v in times.items() if isinstance(v, float)}
+    breakdown["sync_attention"], breakdown["sync_experts"] = afpipe_sync_parts(work, cluster, layout)
+    tokens = best.seqs * work.seq_len
+    for key, per_token in zip(("dispatch", "combine", "combine_grad", "dispatch_grad"), _transfer_bytes(work)):
+        breakdown[f"{key}_bytes"] = tokens * per_token  # per attention device per micro-batch
+    breakdown["link_latency"] = cluster.inter_node_latency if layout.domain_nodes > 1 else cluster.intra_node_latency
     return Plan(
         attention_ranks=layout.attention_ranks,
         expert_ranks=layout.expert_ranks,

@@ -62,11 +62,14 @@ class _Worker:
             except Exception as exc:
                 from fxdisag.runtime.schedule import format_grid, grid_step
 
+                where = f"rank {self.rank} failed at action {self.action_offset + index} ({action})"
+                if set(self.schedule.attention_ranks) & set(self.schedule.expert_ranks):  # EP: no A/E grid
+                    raise RuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
                 step = grid_step(self.schedule, self.rank, self.action_offset + index)
                 mark = (step, self.rank) if step is not None else None
                 raise RuntimeError(
-                    f"rank {self.rank} failed at action {self.action_offset + index} ({action}), grid step {step} "
-                    f"(marked !!): {type(exc).__name__}: {exc}\n" + format_grid(self.schedule, mark=mark)
+                    f"{where}, grid step {step} (marked !!): {type(exc).__name__}: {exc}\n"
+                    + format_grid(self.schedule, mark=mark)
                 ) from exc
             if self.trace_enabled:
                 self._record(action, start, time.time(), self.mailbox.wait_seconds - waited)

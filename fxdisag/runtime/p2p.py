@@ -13,7 +13,9 @@ Contract:
   until its payload is posted. With NCCL, messages between a pair match in FIFO order,
   so this keeps the runtime correct there; with gloo it is harmless;
 * sends are fire-and-forget until :meth:`Mailbox.drain`, which waits for all of them
-  (their buffers are kept alive until then).
+  (their buffers are kept alive until then);
+* a message to the rank itself (expert parallelism keeps some rows local) never touches
+  the network: it is handed over in memory, matched by tag.
 """
 
 from __future__ import annotations
@@ -105,12 +107,16 @@ class Mailbox:
         self._sends: list[tuple[list, list[torch.Tensor]]] = []
         self.bytes_sent = 0
         self.wait_seconds = 0.0  # time blocked in wait(): the timeline's recv-wait
+        self.rank = dist.get_rank() if dist.is_initialized() else -1
+        self._local: dict[int, tuple[int | None, torch.Tensor]] = {}  # tag -> (header, payload) sent to self
 
     # ---- receives
     def post(self, receives: Sequence[Receive]) -> None:
         """Queue receives; post every one that is now at the head of its peer's queue."""
         ops = []
         for r in receives:
+            if r.peer == self.rank:
+                continue  # filled from self._local in wait()
             q = self._queues.setdefault(r.peer, deque())
             q.append(r)
             if len(q) == 1:
@@ -119,6 +125,13 @@ class Mailbox:
 
     def wait(self, receive: Receive) -> None:
         """Block until ``receive`` has its payload (earlier receives from that peer finish first)."""
+        if receive.peer == self.rank:
+            if receive.tag not in self._local:
+                raise RuntimeError(f"rank {self.rank} waits for a message to itself (tag {receive.tag}) never sent")
+            receive.header_value, receive.payload = self._local.pop(receive.tag)
+            receive.nbytes = receive.payload.numel()
+            receive.stage = "done"
+            return
         q = self._queues[receive.peer]
         t0 = time.perf_counter()
         while not receive.done:
@@ -178,6 +191,9 @@ class Mailbox:
         ops, keep = [], []
         for peer, tag, payload, header_value in messages:
             payload = payload.to(self.device)
+            if peer == self.rank:
+                self._local[tag] = (header_value, payload)
+                continue
             if header_value is not None:
                 header = torch.tensor([header_value], dtype=torch.int64, device=self.device)
                 ops.append(dist.P2POp(dist.isend, header, peer, self.group, tag))
@@ -195,5 +211,7 @@ class Mailbox:
                 w.wait()
         self._sends.clear()
         pending = {p: len(q) for p, q in self._queues.items() if q}
+        if self._local:
+            pending[self.rank] = len(self._local)
         if pending:
             raise RuntimeError(f"receives still pending at the end of the step: {pending} (peer: count)")

@@ -36,9 +36,9 @@ Contract:
   ms for 8 MiB), so large bidirectional exchanges reach ~0.85-0.95 of the rate.
   gloo's half-duplex penalty when an isend is posted before the matching
   irecv is not reproduced (the real send is always issued late).
-- ``install()`` (or ``with throttle:``) routes ``torch.distributed.isend`` and
-  the sends of ``torch.distributed.batch_isend_irecv`` through the throttle in
-  this process, so code that calls them through the module (``dist.isend``)
+- ``install()`` (or ``with throttle:``) routes ``torch.distributed.isend``,
+  the sends of ``torch.distributed.batch_isend_irecv`` and the blocking
+  ``torch.distributed.send`` through the throttle in this process, so code that calls them through the module (``dist.isend``)
   needs no change. ``from torch.distributed import isend`` done before
   ``install()`` keeps the unthrottled function.
 
@@ -190,6 +190,7 @@ _installed: "LinkThrottle | None" = None
 # The unpatched functions, captured at import (before any install()), so that
 # a throttle never ends up calling a patched entry point.
 _real_isend_at_import = c10d.isend
+_real_send_at_import = c10d.send
 _real_check_op = c10d._check_op
 
 
@@ -259,21 +260,25 @@ class LinkThrottle:
 
         with self._lock:
             link = self._link(global_dst)
-            now = time.monotonic()
-            if self.egress == "shared":
-                depart = max(now, self._nic_free_at)
-                self._nic_free_at = depart + nbytes / self.bandwidth
-                done = self._nic_free_at
-            else:
-                depart = max(now, link.free_at)
-                link.free_at = depart + nbytes / self.bandwidth
-                done = link.free_at
-            work = ThrottledWork(done + self.latency)
-            link.stats.messages += 1
-            link.stats.bytes += nbytes
+            work = ThrottledWork(self._reserve(link, nbytes, time.monotonic()))
             # enqueue under the lock: post order == FIFO order per link
             link.fifo.put(_Message(tensor, work.arrival, send, work))
         return work
+
+    def _reserve(self, link: _Link, nbytes: int, now: float) -> float:
+        """Advance the virtual clock for one message posted at ``now``;
+        returns its arrival time. Caller holds the lock."""
+        if self.egress == "shared":
+            depart = max(now, self._nic_free_at)
+            self._nic_free_at = depart + nbytes / self.bandwidth
+            done = self._nic_free_at
+        else:
+            depart = max(now, link.free_at)
+            link.free_at = depart + nbytes / self.bandwidth
+            done = link.free_at
+        link.stats.messages += 1
+        link.stats.bytes += nbytes
+        return done + self.latency
 
     def _link(self, dst: int) -> _Link:
         link = self._links.get(dst)
@@ -340,6 +345,8 @@ class LinkThrottle:
         """Route ``torch.distributed.isend`` and ``batch_isend_irecv`` through
         this throttle in this process until ``uninstall()``."""
         global _installed
+        if self._closed:
+            raise RuntimeError("LinkThrottle.install: the throttle was closed; create a new one")
         if _installed is not None:
             raise RuntimeError(
                 f"LinkThrottle.install: {_installed!r} is already installed in this "
@@ -348,6 +355,8 @@ class LinkThrottle:
         targets = {
             (dist, "isend"): _throttled_isend_entry,
             (c10d, "isend"): _throttled_isend_entry,
+            (dist, "send"): _throttled_send_entry,
+            (c10d, "send"): _throttled_send_entry,
             (dist, "batch_isend_irecv"): _throttled_batch_entry,
             (c10d, "batch_isend_irecv"): _throttled_batch_entry,
             # P2POp(op, ...) checks `op in [c10d.isend, c10d.irecv]`; accept
@@ -397,6 +406,25 @@ def _throttled_isend_entry(
 
 
 _throttled_isend_entry.__name__ = "isend"  # P2POp.__repr__ looks for "send" in the name
+
+
+def _throttled_send_entry(
+    tensor: torch.Tensor,
+    dst: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    tag: int = 0,
+    group_dst: int | None = None,
+) -> None:
+    """Stands in for the blocking ``torch.distributed.send`` while installed."""
+    if _installed is None:
+        return _real_send_at_import(tensor, dst=dst, group=group, tag=tag, group_dst=group_dst)
+    work = _installed.isend(tensor, dst=dst, group=group, tag=tag, group_dst=group_dst)
+    if work is not None:
+        work.wait()
+    return None
+
+
+_throttled_send_entry.__name__ = "send"
 
 
 def _throttled_batch_entry(p2p_op_list: list[dist.P2POp]) -> list[Any]:
