@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     rows = []
     unavailable: dict[str, str] = {}
-    print(f"bench_links: {time.strftime('%Y-%m-%d %H:%M')}, host cores={os.cpu_count()}", flush=True)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"bench_links: {time.strftime('%Y-%m-%d %H:%M')}, cores={os.cpu_count()}, load average {load}", flush=True)
     for world in [int(w) for w in args.ranks.split(",")]:
         mib = args.mb if args.mb is not None else (8.0 if world == 2 else 4.0)
         for rate in args.rates.split(","):

@@ -22,9 +22,9 @@ What it guarantees
 
 Pseudo-code::
 
-    model = build_model(family, seed)                    # identical on every rank
+    model = build_model(config, seed)                     # identical on every rank
     dmodel = disaggregate(model, batch0, plan=make_plan(...))
-    parity_check(dmodel, build_model(family, seed), parity_batch)    # exit 1 on mismatch
+    parity_check(dmodel, config, seed, parity_batch)      # rank 0 rebuilds the model eagerly; exit 1 on mismatch
     for step in range(steps):
         x = sample_batch(train, B, T, generator)          # same x on every rank
         dmodel(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()

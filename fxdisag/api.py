@@ -61,8 +61,16 @@ class DisaggregatedOutput:
 
 
 def _init_distributed() -> None:
-    if dist.is_initialized():
-        return
+    from fxdisag.runtime import throttle
+
+    if not dist.is_initialized():
+        _init_process_group()
+    # FXDISAG_THROTTLE=1gbit emulates a slow network in-process (benchmarks without netns).
+    if not throttle.installed():
+        throttle.install_from_env()
+
+
+def _init_process_group() -> None:
     if "RANK" not in os.environ:
         raise RuntimeError(
             "fxdisag.disaggregate needs torch.distributed: launch with torchrun "

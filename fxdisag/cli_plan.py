@@ -144,7 +144,8 @@ def _reduced_groups(result, devices_per_node: int) -> tuple[int, int]:
 def simulate_plan(result):
     """Simulate one accumulation round of ``result`` (a searched Plan) on its reduced domain.
 
-    Returns (SimResult with the all-reduce, step-time estimate for all rounds, (A', F'))."""
+    Returns (SimResult with the all-reduce, SimResult without it, step-time estimate for
+    all rounds, (A', F'))."""
     from fxdisag.runtime.schedule import ActionKind, af_pipe_schedule
     from fxdisag.runtime.simulate import LinkModel, simulate
 
@@ -202,21 +203,22 @@ def simulate_plan(result):
     with_reduce = simulate(schedule, compute_time(True), message_bytes, link)
     without = simulate(schedule, compute_time(False), message_bytes, link, check=False)
     step = (result.grad_accumulation - 1) * without.step_time + with_reduce.step_time
-    return with_reduce, step, (a, f)
+    return with_reduce, without, step, (a, f)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
     result, _, _ = plan_from_args(args)
-    sim, step, (a, f) = simulate_plan(result)
+    sim, round_only, step, (a, f) = simulate_plan(result)
     print(result)
     print()
     print(f"simulated: one routing domain reduced to {a} attention : {f} expert rank(s), "
           f"{result.num_microbatches} micro-batch(es), {result.num_moe_layers} MoE layers")
     print(f"  one round (incl. gradient all-reduce, not overlapped): {sim.step_time:.4g} s")
     print(f"  step ({result.grad_accumulation} round(s)): simulated {step:.4g} s, roofline {result.step_time:.4g} s")
-    print(f"  bubble: attention {sim.bubble_fraction['attention']:.1%}, experts {sim.bubble_fraction['expert']:.1%}")
-    exposed_a = [sim.exposed_comm[r] for r in sim.attention_ranks]
-    exposed_e = [sim.exposed_comm[r] for r in sim.expert_ranks]
+    print(f"  bubble (round without the all-reduce): attention {round_only.bubble_fraction['attention']:.1%}, "
+          f"experts {round_only.bubble_fraction['expert']:.1%}")
+    exposed_a = [round_only.exposed_comm[r] for r in round_only.attention_ranks]
+    exposed_e = [round_only.exposed_comm[r] for r in round_only.expert_ranks]
     print(f"  exposed communication per round: attention {sum(exposed_a) / len(exposed_a):.4g} s, "
           f"experts {sum(exposed_e) / len(exposed_e):.4g} s")
     if args.trace:

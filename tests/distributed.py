@@ -16,7 +16,7 @@ Contract of ``run_distributed(fn, world_size, *args, timeout=120.0, env=None)``:
   period for the other ranks' errors (a peer's failure usually shows up as a
   secondary gloo error on the others), kills the rest and raises
   ``DistributedTestError`` quoting the traceback of every failed rank, the
-  first one to fail first;
+  likely root cause first (errors saying a peer went away are listed last);
 - no orphans: children are killed on every exit path of the parent (including
   KeyboardInterrupt), are daemonic, and on Linux also ask the kernel to kill
   them if the parent dies (PR_SET_PDEATHSIG).
@@ -43,6 +43,7 @@ Usage in a test::
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
@@ -53,8 +54,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
-
-import multiprocessing as mp
 
 # A failing rank usually takes its peers down with secondary errors within a
 # second or so; wait this long to collect them before killing the survivors.

@@ -28,6 +28,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from fxdisag.partitioner.roofline import expert_owners
 from fxdisag.partitioner.roofline import explain as _explain
 
 __all__ = ["Plan", "contiguous_placement"]
@@ -127,18 +128,8 @@ class Plan:
         """For each expert, the expert rank that ``attention_rank`` sends its rows to."""
         if attention_rank not in self.attention_ranks:
             raise ValueError(f"rank {attention_rank} is not an attention rank of this plan")
-        domain = next((set(d) for d in self.routing_domains if attention_rank in d), None)
-        if domain is None:
-            domain = set(self.attention_ranks) | set(self.expert_ranks)
-        peers = [r for r in self.attention_ranks if r in domain]
-        turn = peers.index(attention_rank)
-        owners = []
-        for e, ranks in enumerate(self.expert_placement):
-            local = [r for r in ranks if r in domain]
-            if not local:
-                raise ValueError(f"expert {e} has no replica in the routing domain of rank {attention_rank}")
-            owners.append(local[turn % len(local)])
-        return tuple(owners)
+        domains = self.routing_domains or [sorted(self.attention_ranks + self.expert_ranks)]
+        return expert_owners(self.attention_ranks, self.expert_placement, domains)[attention_rank]
 
     # ------------------------------------------------------------------ constructors
     @classmethod

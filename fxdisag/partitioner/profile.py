@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["SeqCost", "RegionProfile", "MoELayerProfile", "ModelProfile", "profile", "ProfileError"]
+__all__ = ["SeqCost", "RegionProfile", "MoELayerProfile", "ModelProfile", "profile", "synthetic_profile", "ProfileError"]
 
 
 class ProfileError(RuntimeError):
@@ -515,3 +515,56 @@ def profile(
         moe=moe_profiles,
         profile_seconds=time.perf_counter() - t0,
     )
+
+
+def synthetic_profile(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_experts: int,
+    top_k: int,
+    params_per_expert: int,
+    attention_flops_per_token: float,
+    attention_flops_per_token2: float = 0.0,
+    attention_params_per_layer: int = 0,
+    attention_saved_per_token: float = 0.0,
+    expert_saved_per_row: float = 0.0,
+    head_flops_per_token: float = 0.0,
+    head_params: int = 0,
+    dtype_bytes: int = 2,
+    seq_len: int = 1024,
+    name: str = "synthetic",
+) -> ModelProfile:
+    """A hand-made profile of a homogeneous MoE model (every layer: attention + routed experts),
+    for what-if planning and tests. Costs per sequence: attention ``attention_flops_per_token *
+    S + attention_flops_per_token2 * S^2`` per layer, experts ``top_k * 2 * params_per_expert``
+    FLOPs per token per layer, an optional head; backward = 2 x forward; no memory traffic
+    beyond the weights."""
+    dtype = {2: "bfloat16", 4: "float32"}[dtype_bytes]
+    regions: list[RegionProfile] = []
+    moe: list[MoELayerProfile] = []
+    for layer in range(num_layers):
+        attn = SeqCost(attention_flops_per_token, attention_flops_per_token2)
+        regions.append(RegionProfile("attn", layer, attention_params_per_layer, attention_params_per_layer * dtype_bytes,
+                                     attn, attn.scale(2.0), SeqCost(attention_saved_per_token), SeqCost()))
+        fwd = SeqCost(2.0 * params_per_expert * top_k)
+        regions.append(RegionProfile("experts", layer, num_experts * params_per_expert,
+                                     num_experts * params_per_expert * dtype_bytes, fwd, fwd.scale(2.0),
+                                     SeqCost(expert_saved_per_row * top_k), SeqCost()))
+        moe.append(MoELayerProfile(
+            layer=layer, num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
+            params_per_expert=params_per_expert, expert_weight_bytes=params_per_expert * dtype_bytes,
+            fwd_flops_per_row=2.0 * params_per_expert, saved_bytes_per_row=expert_saved_per_row,
+            io_bytes_per_row=0.0,
+            dispatch_bytes_per_token=top_k * (hidden_size * dtype_bytes + 4 + dtype_bytes),
+            combine_bytes_per_token=top_k * hidden_size * dtype_bytes,
+            combine_grad_bytes_per_token=top_k * hidden_size * dtype_bytes,
+            dispatch_grad_bytes_per_token=top_k * (hidden_size * dtype_bytes + dtype_bytes),
+        ))
+    if head_flops_per_token or head_params:
+        head = SeqCost(head_flops_per_token)
+        regions.append(RegionProfile("head", None, head_params, head_params * dtype_bytes, head, head.scale(2.0),
+                                     SeqCost(), SeqCost()))
+    return ModelProfile(model=name, dtype=dtype, dtype_bytes=dtype_bytes, hidden_size=hidden_size,
+                        num_layers=num_layers, seq_len=seq_len, batch_size=1, fused_attention=True,
+                        regions=regions, moe=moe)

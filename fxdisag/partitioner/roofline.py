@@ -398,22 +398,75 @@ class NodeShare:
     nics_experts: float
 
 
+STRATEGIES = ("pairs", "replicas")
+
+
+def domain_owners(strategy: str, num_experts: int, attention: list[int], experts: list[int]) -> dict[int, tuple[int, ...]]:
+    """Routing inside one domain: attention rank -> the expert rank it sends each expert's rows to.
+
+    ``"pairs"``: the (t, e) pairs (t-th attention rank, expert e) go round-robin over the
+    expert ranks: owner = experts[(t * E + e) mod F]. Every expert rank gets the rows of
+    floor or ceil(A * E / F) pairs (balanced load), and holds the experts of its pairs.
+    ``"replicas"``: expert rank j holds experts (j * c + s) mod E for s < c = ceil(E / F)
+    (fewest experts per rank); the t-th attention rank uses replica t mod q of an expert's
+    q replicas.
+    """
+    E, F = num_experts, len(experts)
+    if strategy == "pairs":
+        return {a: tuple(experts[(t * E + e) % F] for e in range(E)) for t, a in enumerate(attention)}
+    if strategy == "replicas":
+        c = -(-E // F)
+        replicas: list[list[int]] = [[] for _ in range(E)]
+        for j, r in enumerate(experts):
+            for s_ in range(c):
+                replicas[(j * c + s_) % E].append(r)
+        return {a: tuple(rs[t % len(rs)] for rs in replicas) for t, a in enumerate(attention)}
+    raise ValueError(f"unknown placement strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[list[float], list[int], int]:
+    """Fast path of :func:`domain_owners`: per expert rank (index j) its rows in attention
+    devices' worth and its expert count, and the fewest replicas of an expert in the domain."""
+    g = math.gcd(E, F)
+    if strategy == "pairs":
+        pairs = a * E
+        count = [pairs // F + (1 if j < pairs % F else 0) for j in range(F)]
+        return [c / E for c in count], [min(c, E // g) for c in count], min(a, F // g)
+    c = -(-E // F)
+    slots = [0] * E  # replicas per expert (round-robin over F ranks, c each)
+    for k in range(c * F):
+        slots[k % E] += 1
+    load = [0.0] * F
+    for j in range(F):
+        for s_ in range(c):
+            e = (j * c + s_) % E
+            q = slots[e]
+            # replica index of rank j among e's holders (holders appear in rank order)
+            index = sum(1 for jj in range(j) if any((jj * c + t) % E == e for t in range(c)))
+            load[j] += (a // q + (1 if index < a % q else 0)) / E
+    return load, [c] * F, min(slots)
+
+
 @dataclass
 class GroupLayout:
-    """Where the two groups sit: ranks, expert replicas, routing domains, per-node shares
+    """Where the two groups sit: ranks, routing domains, expert placement, per-node shares
     and NIC split.
 
     Routing domains: the nodes are cut into domains of ``domain_nodes`` consecutive
     nodes; every domain holding attention ranks holds a replica of every expert, and its
-    attention ranks send rows only to replicas in the domain (rows of an expert split
-    evenly over the domain's replicas). One domain = the whole cluster."""
+    attention ranks send rows only to expert ranks of the domain, as
+    :func:`domain_owners` (``strategy``) says."""
 
     attention_ranks: list[int]
     expert_ranks: list[int]
-    placement: list[list[int]]  # expert id -> expert ranks holding it (all domains)
+    num_experts: int
+    strategy: str
     domain_nodes: int
+    devices_per_node: int
     nodes: list[NodeShare]  # one per node of the cluster, in node order
     device_load: dict[int, float]  # expert rank -> rows per micro-batch, in attention devices' worth of tokens
+    experts_held: dict[int, int]  # expert rank -> experts it holds
+    min_replicas: int  # fewest replicas of any expert (all domains)
 
     @cached_property
     def max_load(self) -> float:
@@ -423,28 +476,56 @@ class GroupLayout:
 
     @cached_property
     def experts_per_device(self) -> int:
-        held: dict[int, int] = {}
-        for ranks in self.placement:
-            for r in ranks:
-                held[r] = held.get(r, 0) + 1
-        return max(held.values())
+        return max(self.experts_held.values())
 
     @cached_property
     def distinct_nodes(self) -> list["NodeShare"]:
         return list(dict.fromkeys(self.nodes))
 
-    @cached_property
-    def min_replicas(self) -> int:
-        return min(len(r) for r in self.placement)
-
-    def domains(self, devices_per_node: int) -> list[list[int]]:
+    def domains(self) -> list[list[int]]:
         """Ranks (attention and expert) of each routing domain."""
-        per = self.domain_nodes * devices_per_node
-        ranks = sorted(self.attention_ranks + self.expert_ranks)
+        per = self.domain_nodes * self.devices_per_node
         out: dict[int, list[int]] = {}
-        for r in ranks:
+        for r in sorted(self.attention_ranks + self.expert_ranks):
             out.setdefault(r // per, []).append(r)
         return list(out.values())
+
+    def owners(self) -> dict[int, tuple[int, ...]]:
+        """attention rank -> expert rank per expert (the routing table, all domains)."""
+        out: dict[int, tuple[int, ...]] = {}
+        for domain in self.domains():
+            members = set(domain)
+            attention = [r for r in self.attention_ranks if r in members]
+            experts = [r for r in self.expert_ranks if r in members]
+            if attention:
+                out.update(domain_owners(self.strategy, self.num_experts, attention, experts))
+        return out
+
+    def placement(self) -> list[list[int]]:
+        """expert id -> the expert ranks that receive its rows (sorted)."""
+        holders: list[set[int]] = [set() for _ in range(self.num_experts)]
+        for own in self.owners().values():
+            for e, r in enumerate(own):
+                holders[e].add(r)
+        return [sorted(h) for h in holders]
+
+    def replica_group(self, expert: int = 0) -> list[int]:
+        """Ranks holding ``expert`` (cheap: one expert only)."""
+        return sorted({own[expert] for own in self.owners_of_expert(expert)})
+
+    def owners_of_expert(self, expert: int):
+        for domain in self.domains():
+            members = set(domain)
+            attention = [r for r in self.attention_ranks if r in members]
+            experts = [r for r in self.expert_ranks if r in members]
+            E, F = self.num_experts, len(experts)
+            for t in range(len(attention)):
+                if self.strategy == "pairs":
+                    yield {expert: experts[(t * E + expert) % F]}
+                else:
+                    c = -(-E // F)
+                    holders = [r for j, r in enumerate(experts) if any((j * c + s_) % E == expert for s_ in range(c))]
+                    yield {expert: holders[t % len(holders)]}
 
     @classmethod
     def build(
@@ -452,8 +533,9 @@ class GroupLayout:
         cluster,
         attention_ranks: list[int],
         expert_ranks: list[int],
-        placement: list[list[int]],
+        num_experts: int,
         *,
+        strategy: str = "pairs",
         domain_nodes: int | None = None,
         nic_split: list[float] | None = None,
         transfer_bytes: tuple[float, float, float, float] | None = None,
@@ -466,37 +548,36 @@ class GroupLayout:
         go to the split closest to the node's share of gradient all-reduce bytes,
         ``sync_bytes`` = (per attention device, per expert of all layers), or to the
         device ratio without it."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown placement strategy {strategy!r}; choose from {STRATEGIES}")
         dpn, N = cluster.devices_per_node, cluster.num_nodes
         d = domain_nodes or N
         if N % d:
             raise ValueError(f"domain_nodes={d} does not divide the {N} nodes")
         per_domain = d * dpn
-        E = len(placement)
-        attn_set = set(attention_ranks)
-        domain_attention: dict[int, int] = {}
+        E = num_experts
+        attn_by_domain: dict[int, list[int]] = {}
+        exp_by_domain: dict[int, list[int]] = {}
         for r in attention_ranks:
-            domain_attention[r // per_domain] = domain_attention.get(r // per_domain, 0) + 1
-        share: dict[int, float] = {r: 0.0 for r in expert_ranks}
-        for e, ranks in enumerate(placement):
-            if not ranks:
-                raise ValueError(f"expert placement leaves expert {e} on no rank")
-            by_domain: dict[int, list[int]] = {}
-            for r in ranks:
-                if r not in share:
-                    raise ValueError(f"expert placement names rank {r}, which is not an expert rank")
-                by_domain.setdefault(r // per_domain, []).append(r)
-            for D in domain_attention:
-                if D not in by_domain:
-                    raise ValueError(f"routing domain {D} (nodes {D * d}..{D * d + d - 1}) has attention ranks but "
-                                     f"no replica of expert {e}")
-            for rs in by_domain.values():
-                for r in rs:
-                    share[r] += 1.0 / (E * len(rs))
-        load = {r: share[r] * domain_attention.get(r // per_domain, 0) for r in expert_ranks}
-        held: dict[int, int] = {}
-        for ranks in placement:
-            for r in ranks:
-                held[r] = held.get(r, 0) + 1
+            attn_by_domain.setdefault(r // per_domain, []).append(r)
+        for r in expert_ranks:
+            exp_by_domain.setdefault(r // per_domain, []).append(r)
+        load: dict[int, float] = {r: 0.0 for r in expert_ranks}
+        held: dict[int, int] = {r: 0 for r in expert_ranks}
+        min_replicas = math.inf
+        for D, attention in attn_by_domain.items():
+            experts = exp_by_domain.get(D)
+            if not experts:
+                raise ValueError(f"routing domain {D} (nodes {D * d}..{D * d + d - 1}) has attention ranks but no "
+                                 "expert ranks")
+            loads, counts, replicas = _domain_loads(strategy, E, len(attention), len(experts))
+            for r, x, c in zip(experts, loads, counts):
+                load[r], held[r] = x, c
+            min_replicas = min(min_replicas, replicas)
+        min_replicas = int(min_replicas) * len(attn_by_domain)  # every domain holds each expert
+        domain_attention = {D: len(v) for D, v in attn_by_domain.items()}
+        share = {r: load[r] / max(domain_attention.get(r // per_domain, 0), 1) for r in expert_ranks}
+        attn_set = set(attention_ranks)
         nodes: list[NodeShare] = []
         chosen: dict[tuple, float] = {}
         NIC = cluster.nics_per_node
@@ -527,10 +608,26 @@ class GroupLayout:
             else:
                 na, ne = (float(NIC), 0.0) if a else (0.0, float(NIC) if exp else 0.0)
             nodes.append(NodeShare(a, a_dom, len(exp), rows, top, na, ne))
-        return cls(list(attention_ranks), list(expert_ranks), placement, d, nodes, load)
+        return cls(list(attention_ranks), list(expert_ranks), E, strategy, d, dpn, nodes, load, held, min_replicas)
 
     def nic_split(self) -> list[tuple[float, float]]:
         return [(n.nics_attention, n.nics_experts) for n in self.nodes]
+
+
+def expert_owners(attention_ranks: list[int], placement: list[list[int]], domains: list[list[int]]) -> dict[int, tuple[int, ...]]:
+    """Routing from a placement alone (manual plans): the t-th attention rank of a routing
+    domain uses replica t mod q of the domain's q replicas of each expert."""
+    out: dict[int, tuple[int, ...]] = {}
+    for domain in domains:
+        members = set(domain)
+        peers = [r for r in attention_ranks if r in members]
+        local = [[r for r in ranks if r in members] for ranks in placement]
+        for e, ranks in enumerate(local):
+            if peers and not ranks:
+                raise ValueError(f"expert {e} has no replica in the routing domain of ranks {sorted(members)}")
+        for t, rank in enumerate(peers):
+            out[rank] = tuple(ranks[t % len(ranks)] for ranks in local)
+    return out
 
 
 def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float, transfer_bytes,
@@ -717,11 +814,9 @@ def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=Non
         g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
         lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
     )
-    replicated = [ranks for ranks in layout.placement if len(ranks) > 1]
-    if not replicated:
+    if layout.min_replicas <= 1:
         return t_attn, 0.0
-    widest = max(replicated, key=lambda rs: group_span(rs, dpn)[::-1])
-    g, k = group_span(widest, dpn)
+    g, k = group_span(layout.replica_group(0), dpn)
     nics = min(n.nics_experts * g / n.experts for n in nodes if n.experts)
     held = layout.experts_per_device
     t_exp = ALLREDUCE_TIME(

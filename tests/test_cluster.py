@@ -1,0 +1,84 @@
+"""ClusterSpec: presets carry the datasheet numbers, the string form parses, measure() works."""
+
+import math
+
+import pytest
+import torch.distributed as dist
+
+from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
+from distributed import run_distributed
+
+
+def test_h800_preset_is_the_datasheet():
+    c = ClusterSpec.parse("16x8xh800")
+    assert (c.num_nodes, c.devices_per_node, c.world_size) == (16, 8, 128)
+    assert c.peak("bfloat16") == 989.5e12
+    assert c.peak("bf16") == 989.5e12  # alias
+    assert c.memory_capacity == 80e9
+    assert c.memory_bandwidth == 3.35e12
+    assert c.intra_node_bandwidth == 200e9  # NVLink 400 GB/s bidirectional, per direction
+    assert c.nics_per_node == 8
+    assert c.nic_bandwidth == 400e9 / 8  # 400 Gb/s
+    assert c.node_of(0) == 0 and c.node_of(127) == 15 and c.node_of(8) == 1
+    assert c.describe() == "16x8xh800"
+
+
+def test_other_presets():
+    a100 = ClusterSpec.parse("8x8xa100")
+    assert a100.peak("bfloat16") == 312e12 and a100.nic_bandwidth == 25e9 and a100.memory_bandwidth == 2.039e12
+    h100 = ClusterSpec.parse("2x8xh100")
+    assert h100.intra_node_bandwidth == 450e9
+    mi = ClusterSpec.parse("1x8xmi250x")
+    assert mi.memory_capacity == 64e9 and mi.nics_per_node == 4
+    assert set(PRESETS) == {"h800", "h100", "a100", "mi250x"}
+    # presets are not shared mutable state
+    a100.notes.append("x")
+    assert "x" not in ClusterSpec.parse("8x8xa100").notes
+
+
+@pytest.mark.parametrize("text", ["16x8", "16x8xfoo", "0x8xh800", "axbxh800"])
+def test_bad_strings_are_refused_with_the_presets_named(text):
+    with pytest.raises(ValueError, match="h800"):
+        ClusterSpec.parse(text)
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="float8"):
+        ClusterSpec.parse("1x8xh800").peak("float8")
+
+
+def test_cpu_cluster_and_round_trip():
+    c = ClusterSpec.cpu(4, flops=50e9, bandwidth=0.12e9, latency=1e-4)
+    assert c.world_size == 4 and c.devices_per_node == 1 and c.num_nodes == 4
+    assert c.peak("float32") == 50e9 and c.nic_bandwidth == 0.12e9
+    assert math.isinf(c.memory_capacity)
+    assert ClusterSpec.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        ClusterSpec.cpu(2, flops=1.0, bandwidth=0.0)
+
+
+def test_measure_single_process():
+    c = ClusterSpec.measure(matmul_size=256, repeats=3)
+    assert c.world_size == 1
+    flops = c.peak("float32")
+    assert 1e6 < flops < 1e14  # a CPU core does GFLOP/s, not PFLOP/s
+    assert 1e6 < c.memory_bandwidth < 1e13
+    assert c.memory_capacity > 1e8
+    assert math.isinf(c.nic_bandwidth)
+    assert any("not measured" in n for n in c.notes)
+
+
+def _measure_body(rank, world_size):
+    spec = ClusterSpec.measure(matmul_size=128, message_bytes=1 << 20, repeats=3)
+    return spec.to_dict()
+
+
+@pytest.mark.dist
+def test_measure_two_ranks_agree_and_see_the_link():
+    specs = run_distributed(_measure_body, 2, timeout=90)
+    assert specs[0] == specs[1]  # all-reduced: one spec for the whole world
+    c = ClusterSpec.from_dict(specs[0])
+    assert c.world_size == 2 and c.devices_per_node == 1
+    assert 1e5 < c.nic_bandwidth < 1e12  # loopback gloo: MB/s to GB/s
+    assert 0 < c.inter_node_latency < 0.5
+    assert any("ring point-to-point" in n for n in c.notes)
