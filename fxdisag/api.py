@@ -39,6 +39,7 @@ from fxdisag.passes.split_stages import StagedProgram, split_stages
 from fxdisag.runtime.ep import EPPlan, EPWorker, ep_schedule
 from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
 from fxdisag.runtime.experts import local_experts
+from fxdisag.runtime.routing import Routing
 from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, format_grid, validate
 
 __all__ = ["DisaggregatedModel", "DisaggregatedOutput", "disaggregate"]
@@ -88,23 +89,6 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _owner_slots(plan, num_experts: int) -> list[int]:
-    placement = plan.expert_placement
-    if len(placement) != num_experts:
-        raise ValueError(f"plan places {len(placement)} experts; the model has {num_experts} per MoE layer")
-    slots = []
-    for e, ranks in enumerate(placement):
-        if len(ranks) != 1:
-            raise NotImplementedError(
-                f"plan replicates expert {e} on ranks {list(ranks)}; the runtime runs one copy per expert "
-                "for now. Use at most as many expert ranks as experts."
-            )
-        if ranks[0] not in plan.expert_ranks:
-            raise ValueError(f"plan places expert {e} on rank {ranks[0]}, which is not an expert rank")
-        slots.append(list(plan.expert_ranks).index(ranks[0]))
-    return slots
-
-
 def _resolve_plan(plan, captured: CapturedModel, example_inputs, cluster):
     if not isinstance(plan, str):
         return plan
@@ -136,9 +120,9 @@ class DisaggregatedModel(nn.Module):
         program: StagedProgram,
         schedule: Schedule,
         plan,
-        owner: list[int],
+        routing: Routing,
         device: torch.device,
-        attention_group,
+        groups: dict,
         trace: bool,
         mode: str = "afpipe",
     ):
@@ -163,10 +147,18 @@ class DisaggregatedModel(nn.Module):
             self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
             for stage in program.stages:
                 maybe_dump_graph(f"attention_stage{stage.index}", stage.module)
-            attention = AttentionWorker(program, schedule, self.rank, owner, device, attention_group, trace)
+            attention = AttentionWorker(
+                program,
+                schedule,
+                self.rank,
+                routing.owner_slot(self.rank),
+                routing.local_id(self.rank),
+                device,
+                groups["attention"],
+                trace,
+            )
         if self.has_experts:
-            slot = list(schedule.expert_ranks).index(self.rank)
-            mine = [e for e, s in enumerate(owner) if s == slot]
+            mine = routing.held(self.rank)
             model = captured.model
             self.local_experts = nn.ModuleList(
                 [local_experts(model.get_submodule(m.experts), mine) for m in self.layout.moe]
@@ -176,8 +168,20 @@ class DisaggregatedModel(nn.Module):
                 maybe_dump_graph(f"expert_boundary{b.index}", b.module)
             first = model.get_submodule(self.layout.moe[0].experts)
             dtype = next(first.parameters()).dtype
+            replica_groups = [
+                ([mine.index(e) for e in shared], groups[ranks])
+                for ranks, shared in routing.replica_sets
+                if self.rank in ranks
+            ]
             experts = ExpertWorker(
-                list(self.local_experts), schedule, self.rank, self.layout.hidden_size, (dtype, dtype), device, trace
+                list(self.local_experts),
+                schedule,
+                self.rank,
+                self.layout.hidden_size,
+                (dtype, dtype),
+                device,
+                trace,
+                replica_groups,
             )
         self.worker = EPWorker(attention, experts) if self.role == "EP" else (attention or experts)
 
@@ -213,6 +217,7 @@ class DisaggregatedModel(nn.Module):
         w.action_offset = self._split
         if self.has_attention:
             w.loss_scale = [s * grad_scale for s in w.loss_scale]
+        w.begin_backward()
         w._run_actions()
         self._pending_backward = False
         if self.has_attention:
@@ -337,8 +342,10 @@ def disaggregate(
     num_experts = {m.num_experts for m in captured.layout.moe}
     if len(num_experts) != 1:
         raise NotImplementedError(f"MoE layers with different expert counts {sorted(num_experts)}")
-    owner = _owner_slots(plan, num_experts.pop())
-    gm = insert_dispatch(captured.graph_module, captured.layout, owner, len(plan.expert_ranks))
+    routing = Routing.from_plan(plan, num_experts.pop())
+    # An expert rank never runs pack(); any attention rank's table gives it a valid graph.
+    router = dist.get_rank() if dist.get_rank() in plan.attention_ranks else plan.attention_ranks[0]
+    gm = insert_dispatch(captured.graph_module, captured.layout, routing.owner_slot(router), len(plan.expert_ranks))
     program = split_stages(gm)
     if mode == "ep":
         schedule = ep_schedule(range(world), len(program.boundaries), plan.num_microbatches)
@@ -346,7 +353,9 @@ def disaggregate(
         schedule = af_pipe_schedule(plan.attention_ranks, plan.expert_ranks, len(program.boundaries), plan.num_microbatches)
         validate(schedule)
     # new_group is collective: every rank creates every group, in the same order.
-    attention_group = dist.new_group(sorted(plan.attention_ranks))
+    groups: dict = {"attention": dist.new_group(sorted(plan.attention_ranks))}
+    for ranks, _ in routing.replica_sets:
+        groups[ranks] = dist.new_group(list(ranks))
     maybe_dump_text("schedule", format_grid(schedule) if mode == "afpipe" else _list_actions(schedule))
     maybe_dump_text("plan", str(plan))
-    return DisaggregatedModel(captured, program, schedule, plan, owner, device, attention_group, trace, mode)
+    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, mode)

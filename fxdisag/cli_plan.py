@@ -132,7 +132,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- simulation
 
 
-def _reduced_groups(result, devices_per_node: int) -> tuple[int, int]:
+def _reduced_groups(result) -> tuple[int, int]:
     domains = result.routing_domains or [sorted(result.attention_ranks + result.expert_ranks)]
     first = set(domains[0])
     a = sum(1 for r in result.attention_ranks if r in first)
@@ -152,7 +152,7 @@ def simulate_plan(result):
     t = result.breakdown
     if not t:
         raise ValueError("simulate needs a plan made by the search (it has no predicted stage times)")
-    a, f = _reduced_groups(result, 0)
+    a, f = _reduced_groups(result)
     attention, experts = list(range(a)), list(range(a, a + f))
     J, m = result.num_moe_layers, result.num_microbatches
     lat = t["link_latency"]

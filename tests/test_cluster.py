@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch.distributed as dist
 
 from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
 from distributed import run_distributed

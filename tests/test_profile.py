@@ -51,11 +51,7 @@ def test_weights_and_boundary_bytes_match_hand_counts(p16):
     assert moe.dispatch_bytes(3, 16) == 3 * 16 * K * (H * 2 + 6)
     # SwiGLU expert keeps its input (H), gate/up output (2I), activation and product (I each)
     assert moe.saved_bytes_per_row == (H + 4 * I) * 2
-    assert p16.total_params == sum(p.numel() for p in capture_params(p16))
-
-
-def capture_params(p16):
-    return tiny_model("mixtral").parameters()
+    assert p16.total_params == sum(p.numel() for p in tiny_model("mixtral").parameters())
 
 
 def test_attention_flops_grow_with_seq_len_squared(mixtral, p16):

@@ -3,7 +3,15 @@ model and the placement search. See each module's docstring for its contract."""
 
 from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
 from fxdisag.partitioner.plan import Plan, contiguous_placement
-from fxdisag.partitioner.profile import ModelProfile, MoELayerProfile, ProfileError, RegionProfile, SeqCost, profile
+from fxdisag.partitioner.profile import (
+    ModelProfile,
+    MoELayerProfile,
+    ProfileError,
+    RegionProfile,
+    SeqCost,
+    profile,
+    synthetic_profile,
+)
 from fxdisag.partitioner.search import PlanError, plan
 
 __all__ = [
@@ -19,4 +27,5 @@ __all__ = [
     "contiguous_placement",
     "plan",
     "profile",
+    "synthetic_profile",
 ]

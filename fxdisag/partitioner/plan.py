@@ -8,10 +8,11 @@ least the fields of docs/CONTRACTS.md:
 * ``attention_ranks`` / ``expert_ranks`` -- disjoint lists of global ranks;
 * ``expert_placement[e]`` -- the expert ranks holding a replica of expert ``e`` (the same
   for every MoE layer);
-* ``routing_domains`` -- groups of ranks; an attention rank sends its rows only to the
-  replicas in its own domain: ``expert_owner(rank)[e]`` is the expert rank that attention
-  rank ``rank`` sends expert ``e``'s rows to (its domain's replicas of ``e``, taken in
-  turn by the domain's attention ranks, so each replica gets an even share);
+* ``expert_owner(rank)[e]`` -- the expert rank that attention rank ``rank`` sends expert
+  ``e``'s rows to (the runtime's routing table; one rank per (attention rank, expert)).
+  Searched plans store it (``expert_owners``); otherwise the t-th attention rank of a
+  routing domain (``routing_domains``, default: all ranks) uses replica t mod q of the
+  domain's q replicas of ``e``;
 * ``num_microbatches`` m, ``microbatch_size`` (sequences per micro-batch per attention
   rank) and ``grad_accumulation`` (rounds of m micro-batches per optimizer step);
 
@@ -75,6 +76,7 @@ class Plan:
     grad_accumulation: int = 1
     num_moe_layers: int | None = None
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
+    expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
     model: str = ""
     cluster: str = ""
@@ -128,6 +130,8 @@ class Plan:
         """For each expert, the expert rank that ``attention_rank`` sends its rows to."""
         if attention_rank not in self.attention_ranks:
             raise ValueError(f"rank {attention_rank} is not an attention rank of this plan")
+        if self.expert_owners:
+            return tuple(self.expert_owners[str(attention_rank)])
         domains = self.routing_domains or [sorted(self.attention_ranks + self.expert_ranks)]
         return expert_owners(self.attention_ranks, self.expert_placement, domains)[attention_rank]
 
@@ -190,8 +194,11 @@ class Plan:
         if any(self.recompute.values()):
             lines.append("  activation recomputation: " + ", ".join(k for k, v in self.recompute.items() if v))
         if self.nic_split:
-            splits = sorted({s for s in self.nic_split})
-            lines.append("  NICs per node (attention:experts): " + ", ".join(f"{a:g}:{e:g}" for a, e in splits))
+            counts: dict[tuple, int] = {}
+            for split in self.nic_split:  # node order, equal splits folded
+                counts[split] = counts.get(split, 0) + 1
+            lines.append("  NICs per node (attention:experts): "
+                         + ", ".join(f"{a:g}:{e:g} x{n} node(s)" for (a, e), n in counts.items()))
         if self.step_time is not None:
             lines.append("")
             lines.append(f"  {'':<30} {'step (s)':>10} {'speedup':>8}")

@@ -58,11 +58,15 @@ layer during backward (backward = 3 x forward for those regions instead of 2 x; 
 recomputed unit's full activations are a transient). Nothing is re-sent over the network:
 the expert side keeps its received rows.
 
-Assumptions, stated once: uniform routing (every expert gets the same share of rows);
-dispatch sends top_k rows per token (no per-device de-duplication); backward FLOPs and
-bytes are 2x forward; bytes per region = weights + activations read and written by the
-region's leaf modules (no caching across regions); NIC sharing between devices of a
-node (PXN-style) is free; a NIC shared by both groups of a node counts half for each.
+Assumptions, stated once: uniform routing (every expert gets the same share of a token's
+top_k rows); an attention rank sends all rows of one expert to one expert rank (the
+routing table ``Plan.expert_owner``, which is what the runtime's dispatch supports), so
+replicas balance load only across attention ranks; dispatch sends top_k rows per token
+(no per-device de-duplication); backward FLOPs and bytes are 2x forward; bytes per
+region = weights + activations read and written by the region's leaf modules (no
+caching across regions); NIC sharing between devices of a node (PXN-style) is free; a
+NIC shared by both groups of a node counts half for each; the optimizer update itself
+is not timed.
 """
 
 from __future__ import annotations
@@ -433,18 +437,16 @@ def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[list[float], l
         count = [pairs // F + (1 if j < pairs % F else 0) for j in range(F)]
         return [c / E for c in count], [min(c, E // g) for c in count], min(a, F // g)
     c = -(-E // F)
-    slots = [0] * E  # replicas per expert (round-robin over F ranks, c each)
-    for k in range(c * F):
-        slots[k % E] += 1
-    load = [0.0] * F
+    holders: list[list[int]] = [[] for _ in range(E)]  # expert -> indices j of its holders, in rank order
     for j in range(F):
         for s_ in range(c):
-            e = (j * c + s_) % E
-            q = slots[e]
-            # replica index of rank j among e's holders (holders appear in rank order)
-            index = sum(1 for jj in range(j) if any((jj * c + t) % E == e for t in range(c)))
+            holders[(j * c + s_) % E].append(j)
+    load = [0.0] * F
+    for hs in holders:
+        q = len(hs)
+        for index, j in enumerate(hs):
             load[j] += (a // q + (1 if index < a % q else 0)) / E
-    return load, [c] * F, min(slots)
+    return load, [c] * F, min(len(hs) for hs in holders)
 
 
 @dataclass
@@ -510,22 +512,23 @@ class GroupLayout:
         return [sorted(h) for h in holders]
 
     def replica_group(self, expert: int = 0) -> list[int]:
-        """Ranks holding ``expert`` (cheap: one expert only)."""
-        return sorted({own[expert] for own in self.owners_of_expert(expert)})
-
-    def owners_of_expert(self, expert: int):
+        """Ranks that receive ``expert``'s rows, all domains (cheap: one expert only)."""
+        E = self.num_experts
+        ranks: set[int] = set()
         for domain in self.domains():
             members = set(domain)
-            attention = [r for r in self.attention_ranks if r in members]
+            a = sum(1 for r in self.attention_ranks if r in members)
             experts = [r for r in self.expert_ranks if r in members]
-            E, F = self.num_experts, len(experts)
-            for t in range(len(attention)):
-                if self.strategy == "pairs":
-                    yield {expert: experts[(t * E + expert) % F]}
-                else:
-                    c = -(-E // F)
-                    holders = [r for j, r in enumerate(experts) if any((j * c + s_) % E == expert for s_ in range(c))]
-                    yield {expert: holders[t % len(holders)]}
+            F = len(experts)
+            if not a:
+                continue
+            if self.strategy == "pairs":
+                ranks |= {experts[(t * E + expert) % F] for t in range(a)}
+            else:
+                c = -(-E // F)
+                holders = [r for j, r in enumerate(experts) if any((j * c + s_) % E == expert for s_ in range(c))]
+                ranks |= set(holders[:a])
+        return sorted(ranks)
 
     @classmethod
     def build(

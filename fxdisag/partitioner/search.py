@@ -11,9 +11,10 @@ over
 * routing domains of d consecutive nodes (d divides the node count): each domain holds a
   replica of every expert and its attention ranks route only to those replicas, so a
   small d keeps the traffic inside nodes at the price of more expert replicas;
-* the expert placement inside each domain: c experts per expert device, round-robin
-  (the domain's device j holds experts (j*c + t) mod E, t < c), for c = ceil(E/F_d)
-  (fewest experts per device) and c = E / gcd(E, F_d) (every expert equally replicated);
+* the expert placement and routing inside each domain (roofline.domain_owners): "pairs"
+  (the (attention rank, expert) pairs spread round-robin over the expert ranks: balanced
+  load, more experts per rank) or "replicas" (ceil(E/F) experts per rank round-robin,
+  attention ranks take the replicas in turn: fewest experts per rank);
 * the NIC split of every node holding both groups (GroupLayout.build);
 * micro-batch size b (sequences per attention device) and count m <= max_microbatches,
   with b * m * rounds = ceil(global_batch / A) (the rest is gradient accumulation),
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 from fxdisag.partitioner.plan import Plan
 from fxdisag.partitioner.roofline import (
+    STRATEGIES,
     GroupLayout,
     Recorder,
     Workload,
@@ -54,7 +56,7 @@ from fxdisag.partitioner.roofline import (
     optimizer_bytes_per_param,
 )
 
-__all__ = ["plan", "PlanError", "round_robin_placement", "domain_placement", "attention_layout"]
+__all__ = ["plan", "PlanError", "attention_layout"]
 
 
 class PlanError(ValueError):
@@ -82,35 +84,6 @@ def attention_layout(cluster, num_attention: int) -> tuple[list[int], list[int]]
     return attention, experts
 
 
-def round_robin_placement(num_experts: int, expert_ranks: list[int], per_device: int) -> list[list[int]]:
-    """Device j holds experts (j * per_device + t) mod E for t < per_device."""
-    E = num_experts
-    if per_device * len(expert_ranks) < E or per_device > E:
-        raise ValueError(f"{per_device} experts per device on {len(expert_ranks)} devices cannot hold {E} experts")
-    placement: list[list[int]] = [[] for _ in range(E)]
-    for j, rank in enumerate(expert_ranks):
-        for t in range(per_device):
-            placement[(j * per_device + t) % E].append(rank)
-    return placement
-
-
-_RECOMPUTE = ((False, False), (False, True), (True, False), (True, True))  # (attention side, experts)
-
-
-def domain_placement(num_experts: int, expert_ranks: list[int], cluster, domain_nodes: int,
-                     per_device: int) -> list[list[int]]:
-    """Round-robin placement of all experts inside each routing domain of ``domain_nodes`` nodes."""
-    per = domain_nodes * cluster.devices_per_node
-    by_domain: dict[int, list[int]] = {}
-    for r in expert_ranks:
-        by_domain.setdefault(r // per, []).append(r)
-    placement: list[list[int]] = [[] for _ in range(num_experts)]
-    for ranks in by_domain.values():
-        for e, holders in enumerate(round_robin_placement(num_experts, ranks, per_device)):
-            placement[e] += holders
-    return placement
-
-
 def _domain_expert_counts(cluster, attention: list[int], experts: list[int], d: int) -> list[int] | None:
     """Expert devices of every domain that has attention ranks (None if one has none)."""
     per = d * cluster.devices_per_node
@@ -123,12 +96,15 @@ def _domain_expert_counts(cluster, attention: list[int], experts: list[int], d: 
     return [counts[D] for D in sorted(domains)]
 
 
+_RECOMPUTE = ((False, False), (False, True), (True, False), (True, True))  # (attention side, experts)
+
+
 @dataclass
 class _Candidate:
     step: float
     num_attention: int
     domain_nodes: int
-    per_device: int
+    strategy: str
     seqs: int
     m: int
     rounds: int
@@ -137,20 +113,22 @@ class _Candidate:
 
 
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
-    """(domain nodes, experts per device) pairs whose expert weights + optimizer state fit."""
+    """(domain nodes, placement strategy) pairs whose expert weights + optimizer state may fit."""
     E, L = work.num_experts, work.num_moe_layers
     w = 2 * work.dtype_bytes
     o = optimizer_bytes_per_param(optimizer, work.dtype_bytes)
+    per = (w + (o / 2 if shard else o)) * work.params_per_expert * L  # >= 2 replicas when sharding pays
     out = []
     for d in _divisors(cluster.num_nodes):
         counts = _domain_expert_counts(cluster, attention, experts, d)
         if counts is None:
             continue
-        for c in _placements(E, min(counts)):
-            replicas = max(1, (c * len(experts)) // E) if shard else 1
-            static = c * work.params_per_expert * L * (w + o / replicas)
-            if static <= cap:
-                out.append((d, c))
+        a = math.ceil(len(attention) / (cluster.num_nodes // d))
+        F = min(counts)
+        held = {"pairs": min(-(-a * E // F), E // math.gcd(E, F)), "replicas": -(-E // F)}
+        for strategy in STRATEGIES:
+            if held[strategy] * work.params_per_expert * L * w <= cap:  # weights + grads must fit
+                out.append((d, strategy))
     return out
 
 
@@ -161,11 +139,6 @@ def _sync_bytes(work: Workload) -> tuple[float, float]:
 
 def _transfer_bytes(work: Workload) -> tuple[float, float, float, float]:
     return (work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token, work.dispatch_grad_per_token)
-
-
-def _placements(E: int, F: int) -> list[int]:
-    options = {math.ceil(E / F), E // math.gcd(E, F)}
-    return sorted(c for c in options if c <= E)
 
 
 def _best_ep(work: Workload, cluster, global_batch: int, optimizer: str, shard: bool, cap: float):
@@ -230,9 +203,8 @@ def plan(
         except ValueError:
             continue
         s_dev = math.ceil(global_batch / A)
-        for d, c in _domain_options(work, cluster, attention, experts, optimizer, shard_optimizer, cap):
-            placement = domain_placement(E, experts, cluster, d, c)
-            layout = GroupLayout.build(cluster, attention, experts, placement, domain_nodes=d,
+        for d, strategy in _domain_options(work, cluster, attention, experts, optimizer, shard_optimizer, cap):
+            layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, domain_nodes=d,
                                        transfer_bytes=_transfer_bytes(work), sync_bytes=_sync_bytes(work))
             sync = None
             seq_options = [microbatch_size] if microbatch_size else _divisors(s_dev)
@@ -251,7 +223,7 @@ def plan(
                         worst = max(mem.values()) / cap
                         if worst > 1.0:
                             if closest is None or worst < closest[0]:
-                                closest = (worst, A, d, c, b, m, mem)
+                                closest = (worst, A, d, strategy, b, m, mem)
                             continue
                         if recompute not in stages:
                             key = (b, recompute[0])
@@ -264,7 +236,7 @@ def plan(
                         rounds = s_dev // (b * m)
                         step = afpipe_step(work, stages[recompute], m, rounds, sync)["step"]
                         if best is None or step < best.step * (1 - 1e-12):
-                            best = _Candidate(step, A, d, c, b, m, rounds, layout, recompute)
+                            best = _Candidate(step, A, d, strategy, b, m, rounds, layout, recompute)
     if best is None:
         raise PlanError(_no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard_optimizer,
                                         memory_fraction, profile.model))
@@ -324,8 +296,9 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: _Candi
     return Plan(
         attention_ranks=layout.attention_ranks,
         expert_ranks=layout.expert_ranks,
-        expert_placement=layout.placement,
-        routing_domains=layout.domains(cluster.devices_per_node),
+        expert_placement=layout.placement(),
+        routing_domains=layout.domains(),
+        expert_owners={str(k): list(v) for k, v in sorted(layout.owners().items())},
         num_microbatches=best.m,
         microbatch_size=best.seqs,
         grad_accumulation=best.rounds,
@@ -367,9 +340,8 @@ def _fits_somewhere(work: Workload, cluster, global_batch: int, cap: float, opti
             attention, experts = attention_layout(cluster, A)
         except ValueError:
             continue
-        for d, c in _domain_options(work, cluster, attention, experts, optimizer, shard, cap):
-            placement = domain_placement(E, experts, cluster, d, c)
-            layout = GroupLayout.build(cluster, attention, experts, placement, domain_nodes=d,
+        for d, strategy in _domain_options(work, cluster, attention, experts, optimizer, shard, cap):
+            layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, domain_nodes=d,
                                        nic_split=[1.0] * cluster.num_nodes)
             mem = afpipe_memory(work, layout, 1, 1, optimizer, shard, recompute=(True, True))
             if max(mem.values()) <= cap:
@@ -407,10 +379,10 @@ def _no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard,
     attn_floor = (work.attention_params * 2 * w + work.num_decoder_layers * work.layer_input_bytes
                   + work.attention_saved_unlayered + work.attention_saved_layer_max)
     if closest is not None:
-        worst, A, d, c, b, m, mem = closest
+        worst, A, d, strategy, b, m, mem = closest
         lines.append(
             f"closest: {A} attention + {cluster.world_size - A} expert devices, routing domains of {d} node(s), "
-            f"{c} expert(s) per device, "
+            f"placement {strategy!r}, "
             f"{m} micro-batch(es) of {b} sequence(s): attention device needs {mem['attention'] / gb:.1f} GB, "
             f"expert device {mem['experts'] / gb:.1f} GB."
         )

@@ -130,6 +130,7 @@ class EPWorker:
             self.experts.execute(action)
         elif action.kind is ActionKind.REDUCE:
             self._attention_execute(action)  # drains the shared mailbox, all-reduces attention grads
+            self.experts.grad_sync.finish()  # no replicas in EP: only restores set-aside grads
         else:
             self._attention_execute(action)
 
@@ -144,3 +145,7 @@ class EPWorker:
 
     def clear(self) -> None:
         self.attention.clear()
+
+    def begin_backward(self) -> None:
+        self.attention.begin_backward()
+        self.experts.begin_backward()

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fxdisag.passes.split_stages import StagedProgram
+from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.p2p import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
 from fxdisag.runtime.schedule import Action, ActionKind, Schedule
 from fxdisag.runtime.timeline import Span
@@ -89,6 +90,10 @@ class _Worker:
     def execute(self, action: Action) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def begin_backward(self) -> None:
+        """Set earlier gradients aside, so REDUCE sums only this step's (see grads.py)."""
+        self.grad_sync.begin()
+
 
 class AttentionWorker(_Worker):
     """Runs the attention stages of the program for this rank's share of the batch."""
@@ -99,13 +104,15 @@ class AttentionWorker(_Worker):
         schedule: Schedule,
         rank: int,
         owner: list[int],
+        local_ids: list[int],
         device: torch.device,
         attention_group: dist.ProcessGroup | None,
         trace: bool = False,
     ):
         super().__init__(schedule, rank, device, trace)
         self.program = program
-        self.owner = torch.tensor(owner, dtype=torch.long)
+        self.owner = torch.tensor(owner, dtype=torch.long)  # expert -> slot in expert_ranks
+        self.local_ids = torch.tensor(local_ids, dtype=torch.long)  # expert -> id on that slot's rank
         self.expert_ranks = list(schedule.expert_ranks)
         self.attention_ranks = list(schedule.attention_ranks)
         self.group = attention_group
@@ -115,6 +122,7 @@ class AttentionWorker(_Worker):
             for p in stage.module.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
+        self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group)])
 
     def _constants(self) -> dict[str, object]:
         top = self.program.graph_module
@@ -194,7 +202,7 @@ class AttentionWorker(_Worker):
             self._post_rows("GD", j, i)
         elif action.kind is K.REDUCE:
             self.mailbox.drain()
-            _all_reduce_grads(self.params, self.group)
+            self.grad_sync.finish()
         else:
             raise RuntimeError(f"attention rank {self.rank} cannot run {action}")
 
@@ -234,7 +242,7 @@ class AttentionWorker(_Worker):
         slot = self.owner.to(ids.device)[ids.view(-1)]
         counts = torch.bincount(slot, minlength=len(self.expert_ranks)).tolist()
         self.counts[(j, i)] = counts
-        local_ids = self._local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
+        local_ids = self.local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
         messages, start = [], 0
         for r, n in zip(self.expert_ranks, counts):
             sl = slice(start, start + n)
@@ -297,17 +305,6 @@ class AttentionWorker(_Worker):
             if name in outs:
                 del self.env[i][name]
 
-    @property
-    def _local_ids(self) -> torch.Tensor:
-        cached = getattr(self, "_local_ids_cache", None)
-        if cached is None:
-            local = torch.zeros_like(self.owner)
-            for slot in range(len(self.expert_ranks)):
-                mine = (self.owner == slot).nonzero().view(-1)
-                local[mine] = torch.arange(mine.numel())
-            self._local_ids_cache = cached = local
-        return cached
-
 
 class ExpertWorker(_Worker):
     """Runs the local experts of every MoE layer on the rows the attention ranks send."""
@@ -321,7 +318,9 @@ class ExpertWorker(_Worker):
         dtypes: tuple[torch.dtype, torch.dtype],
         device: torch.device,
         trace: bool = False,
+        replica_groups: list[tuple[list[int], dist.ProcessGroup]] = (),
     ):
+        """``replica_groups``: (local ids of the shared experts, process group) per replica set."""
         super().__init__(schedule, rank, device, trace)
         self.experts = experts
         self.attention_ranks = list(schedule.attention_ranks)
@@ -332,6 +331,8 @@ class ExpertWorker(_Worker):
             for p in mod.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
+        # Expert weights are [E_local, ...]: a replica set sums the rows of its shared experts.
+        self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows) for rows, g in replica_groups])
 
     def step(self) -> torch.Tensor:
         self.recvs: dict[tuple[str, int, int], list[Receive]] = {}
@@ -394,6 +395,7 @@ class ExpertWorker(_Worker):
             self._send(("GD", j, i), [gx, gw])
         elif action.kind is K.REDUCE:
             self.mailbox.drain()
+            self.grad_sync.finish()
         else:
             raise RuntimeError(f"expert rank {self.rank} cannot run {action}")
 
@@ -404,19 +406,3 @@ class ExpertWorker(_Worker):
             messages.append((a, _tag(channel, j, i), pack_bytes([t[start : start + n] for t in tensors]), None))
             start += n
         self.mailbox.send(messages)
-
-
-def _all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    # Every rank must reduce the same list: a parameter unused on one rank gets zeros.
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)

@@ -1,0 +1,584 @@
+"""AF-pipe vs expert parallelism (EP) on an emulated bandwidth-limited cluster, in one run.
+
+What it guarantees: every number it prints or writes was measured (or predicted from
+measurements) in this run. For each (ranks, link rate) it starts one job whose ranks
+build *every* variant -- AF-pipe at the planner's split and micro-batch count m, AF-pipe
+at the same split with m in {1, 2, 4}, EP with m in {1, 2, 4} -- on the same model and
+global batch, warm each up, then time them interleaved (AF-pipe, EP, AF-pipe, ...; the
+order rotates every round), so load from other processes hits all modes alike.
+
+Step = forward + ``loss.backward()`` (which runs the pipeline's backward half and the
+end-of-step gradient all-reduce). The optimizer step is *excluded* (gradients are reset
+between steps, outside the timed region). Time of a step = the slowest rank's wall time
+from a barrier to the end of its backward; the median of ``--steps`` steps is reported.
+
+Per variant it also reports
+* bytes crossing each NIC per step (counted at the runtime's mailbox, plus the ring
+  gradient all-reduce), and the roofline lower bound = slowest of attention compute,
+  expert compute (from the step's compute spans) and busiest NIC direction at the
+  measured link bandwidth; efficiency = bound / median step;
+* the partitioner's predicted step, a priori (profile FLOPs at the measured matmul rate
+  and link bandwidth, ``ClusterSpec.measure()`` on the same ranks) and stage-calibrated
+  (compute measured in the same run; see ``afpipe_analysis.py``), with relative errors;
+* a Chrome trace and a PNG timeline of the median step of the AF-pipe planner variant
+  and of the fastest EP variant, under ``--out``.
+
+Emulation (``--emulation``):
+* ``netns`` (default; needs root: CAP_NET_ADMIN + CAP_SYS_ADMIN): one network namespace
+  per rank, veths into a bridge, ``tc tbf`` at the rate on both ends (benchmarks/netns.py);
+* ``throttle``: ``torchrun`` on loopback with ``FXDISAG_THROTTLE=<rate>``, the
+  in-process link throttle (paces point-to-point sends only: the gradient all-reduce is
+  not throttled, and receiver-side contention is not modelled).
+Without root, ``netns`` stops and says to use ``--emulation throttle``: no silent fallback.
+
+Usage::
+
+    sudo python benchmarks/bench_afpipe_vs_ep.py                  # full run (~15 min), writes RESULTS.md
+    python benchmarks/bench_afpipe_vs_ep.py --emulation throttle  # without root
+    python benchmarks/bench_afpipe_vs_ep.py --ranks 2 --rates 400mbit --steps 3 --no-results   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+# The benchmark model: Qwen3-MoE from tiny_config, resized so that a step takes ~0.5-1.5 s
+# on this machine and the routed rows' traffic matters at 400 Mbit (see MODEL_NOTE).
+MODEL = dict(family="qwen3_moe", num_layers=2, hidden_size=256, num_attention_heads=4, head_dim=64,
+             num_key_value_heads=2, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+             vocab_size=128)
+SEQ_LEN = 128
+GLOBAL_BATCH = 16  # sequences per step: splits evenly over 1, 2, 4 attention ranks x m in {1, 2, 4}
+SWEEP_M = (1, 2, 4)
+MODEL_NOTE = (
+    "Qwen3-MoE (`tiny_config('qwen3_moe')` resized): 2 decoder layers, hidden 256, 4 heads x 64 "
+    "(2 KV heads), 8 experts of width 256, top-2, vocab 128; 3.6M parameters (3.1M in experts); "
+    f"sequence {SEQ_LEN}, global batch {GLOBAL_BATCH} sequences ({GLOBAL_BATCH * SEQ_LEN} tokens), fp32, "
+    "one torch thread per rank. Why: per token and MoE layer the expert side costs about as many "
+    "FLOPs as the attention side (2 x 3 x 256 x 256 x top-2 vs 4 x 256 x 256 projections + "
+    "attention), and a token's routed rows cross the link as 2 x 256 x 4 B per direction and "
+    "layer, so at 400 Mbit the transfers take about as long as either compute: the regime "
+    "AF-pipe is built for. Small vocab: the LM head would otherwise dominate the attention side."
+)
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def model_config():
+    from fxdisag.models import tiny_config
+
+    cfg = tiny_config(MODEL["family"], num_layers=MODEL["num_layers"])
+    for key, value in MODEL.items():
+        if key not in ("family", "num_layers"):
+            setattr(cfg, key, value)
+    return cfg
+
+
+def make_model(cfg, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.train()
+    return model
+
+
+@dataclasses.dataclass
+class Variant:
+    """One configuration timed in the run."""
+
+    name: str  # e.g. "afpipe 1A+1E m=4 (planner)"
+    mode: str  # "afpipe" | "ep"
+    m: int
+    attention_ranks: list[int]
+    expert_ranks: list[int]
+    plan: Any
+    planner: bool = False  # the planner's own choice of split and m
+    dmodel: Any = None
+    sent: dict = dataclasses.field(default_factory=dict)  # (src, dst) -> bytes, this rank's sends
+    times: list[float] = dataclasses.field(default_factory=list)
+    records: list[dict] = dataclasses.field(default_factory=list)  # per measured step (rank 0)
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def _count_sends(variant: Variant, rank: int) -> None:
+    """Count bytes per destination at the runtime's mailbox (instrumentation only)."""
+    mailbox = variant.dmodel.worker.mailbox
+    send = mailbox.send
+
+    def counting(messages):
+        for peer, _tag, payload, header in messages:
+            if peer != rank:
+                key = (rank, peer)
+                variant.sent[key] = variant.sent.get(key, 0) + payload.numel() * payload.element_size() + (
+                    8 if header is not None else 0)
+        return send(messages)
+
+    mailbox.send = counting
+
+
+def choose_plan(prof, cluster, global_batch: int, world: int) -> tuple[Any, Any, list[str]]:
+    """The planner's choice, restricted to plans this runtime can run.
+
+    Returns (chosen plan, the unrestricted planner's plan, notes on rejected splits).
+    """
+    import fxdisag
+
+    free = fxdisag.plan(prof, cluster, global_batch, seq_len=SEQ_LEN)
+    notes, candidates = [], []
+    for A in range(1, world):
+        try:
+            p = fxdisag.plan(prof, cluster, global_batch, seq_len=SEQ_LEN, num_attention=A)
+        except ValueError as e:
+            notes.append(f"{A} attention ranks: no plan ({e})")
+            continue
+        why = runnable(p, global_batch)
+        if why:
+            notes.append(f"{A}A+{world - A}E m={p.num_microbatches}: not runnable here ({why})")
+        else:
+            candidates.append(p)
+    if not candidates:
+        raise RuntimeError("no plan the runtime can run: " + "; ".join(notes))
+    return min(candidates, key=lambda p: p.step_time), free, notes
+
+
+def runnable(p, global_batch: int) -> str:
+    """Why the runtime cannot run plan ``p`` ('' if it can)."""
+    A = len(p.attention_ranks)
+    if global_batch % (A * p.num_microbatches):
+        return f"global batch {global_batch} does not split over {A} attention ranks x m={p.num_microbatches}"
+    if p.grad_accumulation != 1:
+        return f"{p.grad_accumulation} gradient-accumulation rounds (the benchmark times one round)"
+    if any(len(r) != 1 for r in p.expert_placement):
+        return "replicated experts (the runtime runs one copy per expert)"
+    return ""
+
+
+def build_variants(prof, cluster, world: int, rank: int) -> tuple[list[Variant], dict]:
+    import fxdisag
+    from fxdisag.runtime.ep import EPPlan
+
+    chosen, free, notes = choose_plan(prof, cluster, GLOBAL_BATCH, world)
+    A = len(chosen.attention_ranks)
+    per_attention = GLOBAL_BATCH // A
+    af = [Variant(f"afpipe {A}A+{world - A}E m={chosen.num_microbatches}", "afpipe", chosen.num_microbatches,
+                  chosen.attention_ranks, chosen.expert_ranks, chosen, planner=True)]
+    for m in SWEEP_M:
+        if m == chosen.num_microbatches or per_attention % m:
+            continue
+        p = fxdisag.plan(prof, cluster, GLOBAL_BATCH, seq_len=SEQ_LEN, num_attention=A,
+                         num_microbatches=m, microbatch_size=per_attention // m)
+        af.append(Variant(f"afpipe {A}A+{world - A}E m={m}", "afpipe", m, p.attention_ranks, p.expert_ranks, p))
+    ep = [Variant(f"ep {world} ranks m={m}", "ep", m, list(range(world)), list(range(world)),
+                  EPPlan(world, MODEL["num_experts"], m))
+          for m in SWEEP_M if (GLOBAL_BATCH // world) % m == 0]
+    variants = []
+    for i in range(max(len(af), len(ep))):  # interleave the modes
+        variants += af[i : i + 1] + ep[i : i + 1]
+    info = {
+        "planner_free": {"attention": len(free.attention_ranks), "experts": len(free.expert_ranks),
+                         "m": free.num_microbatches, "microbatch_size": free.microbatch_size,
+                         "rounds": free.grad_accumulation, "step": free.step_time},
+        "planner_notes": notes,
+        "plan_text": str(chosen),
+    }
+    return variants, info
+
+
+def timed_step(v: Variant, batch, rank: int, record: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    for p in v.dmodel.parameters():
+        p.grad = None
+    v.sent.clear()
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = v.dmodel(**batch)
+    out.loss.backward()
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    if not record:
+        return
+    v.times.append(elapsed.item())
+    v.losses.append(float(out.loss.detach()))
+    spans = v.dmodel.step_spans()  # collective
+    sent: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(sent, dict(v.sent))
+    if rank == 0:
+        merged = {k: n for d in sent for k, n in d.items()}
+        v.records.append({"seconds": elapsed.item(), "spans": spans, "sent": merged})
+
+
+def run_worker(out_json: str, out_dir: str, steps: int, warmup: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    import fxdisag
+    from fxdisag.models import example_batch
+    from fxdisag.partitioner import ClusterSpec
+    from fxdisag.partitioner.roofline import Workload
+    from fxdisag.runtime import throttle
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    throttle.install_from_env()  # --emulation throttle (disaggregate() would too; the measurement below first)
+    t_start = time.perf_counter()
+    cfg = model_config()
+    batch = example_batch(cfg, GLOBAL_BATCH, SEQ_LEN, seed=0)
+    example = example_batch(cfg, 2, SEQ_LEN, seed=1)
+    # Online profiling on these ranks: matmul FLOP/s, copy bandwidth, ring link bandwidth/latency.
+    cluster = ClusterSpec.measure()
+    captured = fxdisag.capture(make_model(cfg), example)
+    prof = fxdisag.profile(captured, 1, SEQ_LEN, torch.float32, fused_attention=False)
+    variants, info = build_variants(prof, cluster, world, rank)
+    names: list[Any] = [None] * world
+    dist.all_gather_object(names, [v.name for v in variants])
+    if any(n != names[0] for n in names):
+        raise RuntimeError(f"ranks chose different variants (the measured cluster differs?): {names}")
+    for v in variants:
+        v.dmodel = fxdisag.disaggregate(make_model(cfg), example, v.plan, mode=v.mode, trace=True)
+        _count_sends(v, rank)
+    for v in variants:
+        for _ in range(warmup):
+            timed_step(v, batch, rank, record=False)
+    for rep in range(steps):
+        k = rep % len(variants)
+        for v in variants[k:] + variants[:k]:
+            timed_step(v, batch, rank, record=True)
+    # parameter bytes the REDUCE all-reduces among attention ranks (same on every attention rank)
+    attn_bytes = {}
+    for v in variants:
+        w = v.dmodel.worker
+        params = w.attention.params if v.mode == "ep" else (w.params if v.dmodel.role == "A" else [])
+        attn_bytes[v.name] = sum(p.numel() * p.element_size() for p in params)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, attn_bytes)
+    if rank == 0:
+        attention_bytes = {v.name: max(g[v.name] for g in gathered) for v in variants}
+        work = Workload.from_profile(prof, SEQ_LEN)
+        result = summarise(variants, cluster, work, attention_bytes, world, out_dir)
+        result.update(info)
+        result["cluster"] = cluster.to_dict()
+        result["emulation"] = os.environ.get("FXDISAG_EMULATION", "none")
+        result["worker_seconds"] = time.perf_counter() - t_start
+        Path(out_json).write_text(json.dumps(result, indent=1, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def summarise(variants: list[Variant], cluster, work, attention_bytes: dict, world: int, out_dir: str) -> dict:
+    from afpipe_analysis import compute_busy, layout_of, nic_bytes, predict_afpipe, predict_ep, roofline_bound
+
+    from fxdisag.runtime.timeline import chrome_trace, gantt_png
+
+    bandwidth = cluster.nic_bandwidth
+    rows = []
+    ep_best = min((v for v in variants if v.mode == "ep"), key=lambda v: statistics.median(v.times))
+    for v in variants:
+        median = statistics.median(v.times)
+        ranks = sorted(set(v.attention_ranks) | set(v.expert_ranks))
+        colocated = v.mode == "ep"
+        per_step = []
+        for rec in v.records:
+            busy = compute_busy(rec["spans"], ranks)
+            egress, ingress = nic_bytes(rec["sent"], ranks, [(v.attention_ranks, attention_bytes[v.name])])
+            per_step.append((rec, busy, egress, ingress, roofline_bound(busy, egress, ingress, bandwidth,
+                                                                        colocated=colocated)))
+        # the step whose time is the median (upper median for an even count) stands for the variant
+        rec, busy, egress, ingress, bound = sorted(per_step, key=lambda x: x[0]["seconds"])[len(per_step) // 2]
+        attention = statistics.median(b.attention for *_, b in per_step)
+        experts = statistics.median(b.experts for *_, b in per_step)
+        if v.mode == "ep":
+            pred = predict_ep(work, cluster, world, GLOBAL_BATCH // world, v.m, attention, experts)
+        else:
+            layout = layout_of(v.plan, cluster, work.num_experts)
+            seqs = GLOBAL_BATCH // len(v.attention_ranks) // v.m
+            pred = predict_afpipe(work, cluster, layout, seqs, v.m, attention, experts)
+        bounds = [b.bound for *_, b in per_step]
+        row = {
+            "name": v.name, "mode": v.mode, "m": v.m, "planner": v.planner,
+            "attention_ranks": v.attention_ranks, "expert_ranks": v.expert_ranks,
+            "times": v.times, "median": median, "min": min(v.times), "max": max(v.times),
+            "loss": v.losses[0], "loss_spread": max(v.losses) - min(v.losses),
+            "bound": statistics.median(bounds), "limiter": bound.limiter,
+            "attention_compute": attention, "expert_compute": experts,
+            "compute_per_rank": statistics.median(b.compute_per_rank for *_, b in per_step),
+            "transfer": statistics.median(b.transfer for *_, b in per_step),
+            "efficiency": statistics.median(bounds) / median,
+            "max_egress": max(egress.values()), "max_ingress": max(ingress.values()),
+            "egress": egress, "ingress": ingress, "sent": {f"{a}->{b}": n for (a, b), n in rec["sent"].items()},
+            "busy": busy, "allreduce_bytes": attention_bytes[v.name],
+            "pred_a_priori": pred.a_priori, "pred_calibrated": pred.calibrated,
+            "k_attention": pred.k_attention, "k_experts": pred.k_experts,
+        }
+        for kind in ("a_priori", "calibrated"):
+            p = row[f"pred_{kind}"]
+            row[f"err_{kind}"] = None if p is None else (p - median) / median
+        if v.planner or v is ep_best:
+            stem = f"{'afpipe' if v.mode == 'afpipe' else 'ep'}_{world}r_{_rate_tag()}"
+            chrome_trace(rec["spans"], os.path.join(out_dir, stem + ".json"))
+            title = (f"{v.name}, {os.environ.get('FXDISAG_EMULATION', 'no emulation')}: "
+                     f"median step {rec['seconds']:.3f} s")
+            gantt_png(rec["spans"], os.path.join(out_dir, stem + ".png"), title=title)
+            row["timeline"] = stem
+        rows.append(row)
+    af_plan = next(r for r in rows if r["planner"])
+    ep_row = next(r for r in rows if r["name"] == ep_best.name)
+    return {"world": world, "variants": rows, "speedup": ep_row["median"] / af_plan["median"],
+            "afpipe_best": min((r for r in rows if r["mode"] == "afpipe"), key=lambda r: r["median"])["name"]}
+
+
+def _rate_tag() -> str:
+    m = re.search(r"rate=(\S+)", os.environ.get("FXDISAG_EMULATION", ""))
+    return m.group(1) if m else "unlimited"
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def launch(emulation: str, world: int, rate: str, steps: int, warmup: int, out_dir: Path, timeout: float) -> dict:
+    out_json = out_dir / f"result_{world}r_{rate}.json"
+    out_json.unlink(missing_ok=True)
+    worker = [str(Path(__file__).resolve()), "--worker", "--out-json", str(out_json), "--out", str(out_dir),
+              "--steps", str(steps), "--warmup", str(warmup)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    env.pop("FXDISAG_THROTTLE", None)
+    if emulation == "netns":
+        import netns
+
+        os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=env["PYTHONPATH"])
+        os.environ.pop("FXDISAG_THROTTLE", None)
+        code = netns.run_in_namespaces(worker, nproc=world, rate=rate, timeout=timeout)
+    else:
+        env.update(GLOO_SOCKET_IFNAME="lo", FXDISAG_EMULATION=f"throttle rate={rate}")
+        if rate != "unlimited":
+            env["FXDISAG_THROTTLE"] = rate
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *worker]
+        try:
+            code = subprocess.run(cmd, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    if code != 0 or not out_json.exists():
+        raise RuntimeError(f"bench_afpipe_vs_ep: {emulation} ranks={world} rate={rate} failed (exit {code}); "
+                           "see the ranks' output above")
+    return json.loads(out_json.read_text())
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.0f}%"
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.1f}"
+
+
+def _cfg(r: dict) -> str:
+    if r["mode"] == "ep":
+        return f"EP {len(r['attention_ranks'])} ranks, m={r['m']}"
+    return f"{len(r['attention_ranks'])}A+{len(r['expert_ranks'])}E, m={r['m']}" + (" (planner)" if r["planner"] else "")
+
+
+def render(runs: list[dict], meta: dict) -> str:
+    """The generated part of RESULTS.md."""
+    lines = [
+        f"Run {meta['date']} on {meta['machine']}; emulation: **{meta['emulation']}**; "
+        f"total {meta['minutes']:.1f} min; load average before/after: {meta['load_before']} / {meta['load_after']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Model: {MODEL_NOTE}",
+        "",
+        "Step = forward + `loss.backward()` (pipeline backward and gradient all-reduce included), optimizer "
+        f"step excluded. Median of {meta['steps']} steps after {meta['warmup']} warm-up steps per variant, "
+        "all variants of a row timed interleaved in one job. speedup = EP step / AF-pipe step "
+        "(> 1: AF-pipe faster). AF-pipe row = the planner's choice (split and m) on the measured cluster; "
+        "EP row = the fastest EP variant (m in {1, 2, 4}).",
+        "",
+        "### Headline: AF-pipe (planner's choice) vs EP (best m)",
+        "",
+        "| ranks | link | AF-pipe config | AF-pipe step ms (min-max) | EP config | EP step ms (min-max) | speedup |"
+        " best AF-pipe variant |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rows = run["variants"]
+        af = next(r for r in rows if r["planner"])
+        ep = min((r for r in rows if r["mode"] == "ep"), key=lambda r: r["median"])
+        best = next(r for r in rows if r["name"] == run["afpipe_best"])
+        lines.append(
+            f"| {run['world']} | {run['rate']} | {_cfg(af)} | {_ms(af['median'])} ({_ms(af['min'])}-{_ms(af['max'])}) "
+            f"| {_cfg(ep)} | {_ms(ep['median'])} ({_ms(ep['min'])}-{_ms(ep['max'])}) | **{run['speedup']:.2f}x** "
+            f"| {_cfg(best)}: {_ms(best['median'])} ms, {ep['median'] / best['median']:.2f}x |")
+    lines += [
+        "",
+        "### Every variant: step, cost model, roofline",
+        "",
+        "pred = the partitioner's predicted step: *a priori* (profile FLOPs at the measured matmul rate, measured "
+        "link bandwidth and latency) and *calibrated* (compute scaled to this run's measured compute, so only the "
+        "pipeline/transfer composition is modelled); err = (pred - measured) / measured. bound = slowest of "
+        "attention compute, expert compute (EP: attention + experts of one rank) and busiest NIC direction "
+        "(bytes / measured bandwidth); eff = bound / step. NIC MB = busiest rank's egress / ingress per step "
+        "(routed rows + gradient all-reduce).",
+        "",
+        "| ranks | link | variant | step ms | pred a priori ms (err) | pred calibrated ms (err) | attn / expert "
+        "compute ms | transfer ms | NIC MB out / in | bound ms (limiter) | eff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for r in run["variants"]:
+            lines.append(
+                f"| {run['world']} | {run['rate']} | {_cfg(r)} | {_ms(r['median'])} | {_ms(r['pred_a_priori'])} "
+                f"({_pct(r['err_a_priori'])}) | {_ms(r['pred_calibrated'])} ({_pct(r['err_calibrated'])}) | "
+                f"{_ms(r['attention_compute'])} / {_ms(r['expert_compute'])} | {_ms(r['transfer'])} | "
+                f"{_mb(r['max_egress'])} / {_mb(r['max_ingress'])} | {_ms(r['bound'])} ({r['limiter']}) | "
+                f"{r['efficiency']:.2f} |")
+    lines += [
+        "",
+        "### Calibration (ClusterSpec.measure() on the same ranks, per job)",
+        "",
+        "| ranks | link | matmul GFLOP/s per rank | link GB/s (configured) | latency us | planner unrestricted "
+        "| loss (all variants and steps) | job s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        c = run["cluster"]
+        flops = next(iter(c["peak_flops"].values()))
+        free = run["planner_free"]
+        losses = [r["loss"] for r in run["variants"]]
+        # same model, batch and weights in every variant: the losses agree to float rounding
+        spread = max(max(losses) - min(losses), max(r["loss_spread"] for r in run["variants"]))
+        equal = f"spread {spread:.1e}" + ("" if spread < 1e-4 else " MISMATCH")
+        lines.append(
+            f"| {run['world']} | {run['rate']} | {flops / 1e9:.1f} | {c['nic_bandwidth'] / 1e9:.3f} "
+            f"({_configured(run['rate'])}) | {c['inter_node_latency'] * 1e6:.0f} | {free['attention']}A+"
+            f"{free['experts']}E m={free['m']} x {free['microbatch_size']} seq, {free['rounds']} round(s), "
+            f"pred {_ms(free['step'])} ms | {losses[0]:.4f} ({equal}) | {run['worker_seconds']:.0f} |")
+    notes = sorted({n for run in runs for n in run["planner_notes"]})
+    if notes:
+        lines += ["", "Planner splits not run: " + "; ".join(notes) + "."]
+    lines += ["", "Timelines (median step; `benchmarks/out/`): "
+              + ", ".join(f"`{r['timeline']}.png/.json`" for run in runs for r in run["variants"] if "timeline" in r)]
+    return "\n".join(lines)
+
+
+def _configured(rate: str) -> str:
+    from fxdisag.runtime.throttle import parse_rate
+
+    b = parse_rate(rate)
+    return "unlimited" if b is None else f"{b / 1e9:.3f}"
+
+
+BEGIN = "<!-- BEGIN GENERATED by benchmarks/bench_afpipe_vs_ep.py -->"
+END = "<!-- END GENERATED -->"
+
+
+def write_results(path: Path, generated: str) -> None:
+    """Replace the generated block of RESULTS.md, keeping the hand-written text around it."""
+    block = f"{BEGIN}\n{generated}\n{END}"
+    if path.exists() and BEGIN in path.read_text():
+        text = path.read_text()
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1] if END in rest else ""
+        path.write_text(head + block + tail)
+    else:
+        path.write_text(f"# AF-pipe vs expert parallelism: results\n\n{block}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out-json", help=argparse.SUPPRESS)
+    ap.add_argument("--emulation", choices=("netns", "throttle"), default="netns",
+                    help="netns (root: namespaces + tc tbf) or throttle (in-process, no privileges)")
+    ap.add_argument("--ranks", default="2,4")
+    ap.add_argument("--rates", default="400mbit,1gbit,unlimited")
+    ap.add_argument("--steps", type=int, default=7, help="measured steps per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant")
+    ap.add_argument("--out", default=str(HERE / "out"), help="traces, PNGs, raw JSON")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per job")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out)
+    if args.worker:
+        run_worker(args.out_json, str(out_dir), args.steps, args.warmup)
+        return 0
+    if args.steps < 1 or args.warmup < 1:
+        ap.error("--steps and --warmup must be >= 1 (the first transfers after init are very slow)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".gitignore").write_text("*\n")  # outputs stay out of the repo
+    if args.emulation == "netns":
+        import netns
+
+        try:  # fail before any job if namespaces cannot be made
+            netns.delete_topology(netns.create_topology(1, "unlimited"))
+        except netns.NetnsUnavailable as e:
+            print(f"bench_afpipe_vs_ep: {e}\nRun as root, or use `--emulation throttle` (in-process link throttle; "
+                  "the gradient all-reduce is then not throttled).", file=sys.stderr)
+            return 3
+    t0 = time.monotonic()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    runs = []
+    for world in [int(w) for w in args.ranks.split(",")]:
+        for rate in args.rates.split(","):
+            t = time.monotonic()
+            run = launch(args.emulation, world, rate, args.steps, args.warmup, out_dir, args.timeout)
+            run["rate"] = rate
+            runs.append(run)
+            af = next(r for r in run["variants"] if r["planner"])
+            print(f"bench: {world} ranks {rate:9s}: AF-pipe {_cfg(af)} {af['median'] * 1e3:.0f} ms, speedup "
+                  f"{run['speedup']:.2f}x ({time.monotonic() - t:.0f} s)", flush=True)
+    meta = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node() or 'host'}, {os.cpu_count()} cores, torch {_torch_version()}",
+        "emulation": runs[0]["emulation"].split(" rate=")[0] if runs else args.emulation,
+        "minutes": (time.monotonic() - t0) / 60,
+        "load_before": load_before,
+        "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "command": "python benchmarks/bench_afpipe_vs_ep.py" + "".join(
+            f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1, default=str))
+    generated = render(runs, meta)
+    print("\n" + generated)
+    if not args.no_results:
+        write_results(Path(args.results), generated)
+    return 0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Gradient synchronisation at the end of a step (the REDUCE action).
+
+Contract: between ``begin()`` (before the step's backward) and ``finish()`` (its REDUCE),
+only *this step's* gradient contributions are summed over each group; gradients that were
+already accumulated in ``.grad`` (gradient accumulation over several steps) are set aside
+and added back unchanged, so every group member ends with ``old + sum_over_group(new)``.
+
+* attention ranks: every attention parameter, summed over the attention group
+  (data parallel);
+* expert ranks: the rows of experts that several expert ranks hold (replicas), summed over
+  each replica set -- one flat all-reduce per set, sets in a fixed order on every member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GradSync", "RowGroup"]
+
+
+@dataclass
+class RowGroup:
+    """Sum ``param.grad[rows]`` of ``params`` over ``group`` (all rows when ``rows`` is None)."""
+
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup | None
+    rows: list[int] | None = None
+
+    def all_reduce(self) -> None:
+        grads = []
+        for p in self.params:
+            if p.grad is None:  # every member must reduce the same buffers
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad if self.rows is None else p.grad[self.rows])
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        for p, reduced in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads)):
+            if self.rows is None:
+                p.grad.copy_(reduced)
+            else:
+                p.grad[self.rows] = reduced
+
+
+class GradSync:
+    def __init__(self, params: list[nn.Parameter], groups: list[RowGroup]):
+        self.params = params
+        self.groups = [g for g in groups if g.group is not None and dist.get_world_size(g.group) > 1]
+        self._stash: list[torch.Tensor | None] | None = None
+
+    def begin(self) -> None:
+        if not self.groups:
+            return
+        self._stash = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def finish(self) -> None:
+        for g in self.groups:
+            g.all_reduce()
+        if self._stash is not None:
+            for p, old in zip(self.params, self._stash):
+                if old is not None:
+                    p.grad = old if p.grad is None else p.grad.add_(old)
+            self._stash = None
