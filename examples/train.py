@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=2, help="micro-batches per attention rank (AF-pipe depth)")
     p.add_argument("--attention-ranks", type=int, default=1,
                    help="ranks 0..N-1 run attention, the other ranks run the experts")
+    p.add_argument("--plan", choices=("manual", "auto"), default="manual",
+                   help="manual: --attention-ranks/--microbatches as given; auto: fxdisag's planner chooses the split "
+                        "and micro-batches from online profiling (matmul rate, link bandwidth) of these ranks")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds the model weights and the batches")
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers")
@@ -412,17 +415,21 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     model = build_model(config, args.seed)
     num_experts = find_layout(model).moe[0].num_experts
-    try:
-        plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
-                         batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}")
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
+    if args.plan == "auto":
+        plan = "auto"
+    else:
+        try:
+            plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
+                             batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}")
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}") from None
 
     say(f"corpus: {corpus.describe()}")
     say(f"model: {type(model).__name__}, {args.num_layers} layers, hidden {args.hidden_size}, "
         f"{num_experts} experts/layer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    say(str(plan))
-    say("expert placement (every MoE layer):\n" + describe_placement(plan))
+    if plan != "auto":
+        say(str(plan))
+        say("expert placement (every MoE layer):\n" + describe_placement(plan))
     say(f"batch: {args.batch_size} x {args.seq_len} bytes = {args.batch_size * args.seq_len:,} tokens per step")
 
     batches = torch.Generator().manual_seed(args.seed)  # identical stream on every rank
@@ -434,6 +441,9 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dmodel = disaggregate(model, {"input_ids": parity_batch, "labels": parity_batch}, plan=plan,
                           trace=bool(args.trace))
+    if plan == "auto":
+        say(str(dmodel.plan))
+        say("expert placement (every MoE layer):\n" + describe_placement(dmodel.plan))
     say(f"disaggregated in {time.perf_counter() - t0:.1f} s; rank {rank} holds "
         f"{sum(p.numel() for p in dmodel.parameters()) / 1e6:.2f} M parameters")
 
@@ -477,11 +487,11 @@ def _run(args: argparse.Namespace) -> int:
         f"(uniform over bytes: {math.log(VOCAB_SIZE):.4f})")
     say(f"final loss: {losses[-1]:.4f} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
     say(f"median step time: {median:.3f} s ({tokens / median:,.0f} tokens/s) over {len(timed)} steps, "
-        f"{world} ranks ({len(plan.attention_ranks)} attention + {len(plan.expert_ranks)} expert), "
-        f"{args.microbatches} micro-batches")
+        f"{world} ranks ({len(dmodel.plan.attention_ranks)} attention + {len(dmodel.plan.expert_ranks)} expert), "
+        f"{dmodel.plan.num_microbatches} micro-batches")
     if args.plot and rank == 0:
         save_plot(losses, (before, after), args.plot,
-                  f"{args.family}, {world} ranks: {len(plan.attention_ranks)} attention + {len(plan.expert_ranks)} expert")
+                  f"{args.family}, {world} ranks: {len(dmodel.plan.attention_ranks)} attention + {len(dmodel.plan.expert_ranks)} expert")
         say(f"loss curve saved to {args.plot}")
     return 0
 

@@ -94,9 +94,9 @@ def _resolve_plan(plan, captured: CapturedModel, example_inputs, cluster):
         return plan
     if plan != "auto":
         raise ValueError(f"plan must be a Plan or 'auto', got {plan!r}")
-    from fxdisag.partitioner import auto_plan
+    from fxdisag.partitioner.auto import auto_plan
 
-    return auto_plan(captured, example_inputs, cluster=cluster, world_size=dist.get_world_size())
+    return auto_plan(captured, example_inputs, cluster=cluster)
 
 
 class _PipelineBackward(torch.autograd.Function):

@@ -212,3 +212,30 @@ def test_expert_replicas_and_gradient_accumulation_match_eager():
     g3 = dict((k.split("local_experts.0.", 1)[-1], v) for k, v in results[3]["per_rank"].items())
     torch.testing.assert_close(g2["gate_up_proj"][0], g3["gate_up_proj"][0])
     assert name in err
+
+
+def _auto_plan(rank: int, world: int) -> dict:
+    import fxdisag
+    from fxdisag.models import example_batch, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    reference = copy.deepcopy(model)
+    batch = example_batch(model, 8, 16)
+    dmodel = fxdisag.disaggregate(model, batch, "auto")  # measures this world, profiles, searches
+    loss = dmodel(**batch).loss
+    loss.backward()
+    return {"plan": dmodel.plan.to_json(), "loss": loss.item(), "ref": reference(**batch, use_cache=False).loss.item()}
+
+
+@pytest.mark.dist
+def test_auto_plan_is_the_same_on_every_rank_and_trains_exactly():
+    from fxdisag.partitioner.plan import Plan
+
+    results = run_distributed(_auto_plan, 3, timeout=240)
+    assert len({r["plan"] for r in results}) == 1
+    plan = Plan.from_json(results[0]["plan"])
+    assert sorted(plan.attention_ranks + plan.expert_ranks) == [0, 1, 2]
+    assert plan.step_time is not None and plan.grad_accumulation == 1
+    assert len(plan.attention_ranks) * plan.num_microbatches * plan.microbatch_size == 8
+    for r in results:
+        assert abs(r["loss"] - r["ref"]) <= 1e-5
