@@ -117,8 +117,8 @@ def tagged_code(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-def maybe_dump_graph(name: str, gm: fx.GraphModule) -> Path | None:
-    """Write ``gm`` under $FXDISAG_DUMP_DIR when that variable is set; return the path."""
+def _dump_stem(name: str) -> Path | None:
+    """``$FXDISAG_DUMP_DIR/[rankR_]NNN_name`` (numbered in creation order), or None when unset."""
     root = os.environ.get(DUMP_ENV)
     if not root:
         return None
@@ -127,24 +127,26 @@ def maybe_dump_graph(name: str, gm: fx.GraphModule) -> Path | None:
     stem = f"{next(_counter):03d}_{name}"
     if "RANK" in os.environ:
         stem = f"rank{os.environ['RANK']}_{stem}"
-    (out / f"{stem}.txt").write_text(tagged_code(gm) + "\n")
-    (out / f"{stem}.py").write_text(gm.code)
-    return out / f"{stem}.txt"
+    return out / stem
+
+
+def maybe_dump_graph(name: str, gm: fx.GraphModule) -> Path | None:
+    """Write ``gm`` (tagged text and Python code) under $FXDISAG_DUMP_DIR when set."""
+    stem = _dump_stem(name)
+    if stem is None:
+        return None
+    stem.with_suffix(".txt").write_text(tagged_code(gm) + "\n")
+    stem.with_suffix(".py").write_text(gm.code)
+    return stem.with_suffix(".txt")
 
 
 def maybe_dump_text(name: str, text: str) -> Path | None:
     """Write ``text`` (a schedule grid, a plan) under $FXDISAG_DUMP_DIR when it is set."""
-    root = os.environ.get(DUMP_ENV)
-    if not root:
+    stem = _dump_stem(name)
+    if stem is None:
         return None
-    out = Path(root)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{next(_counter):03d}_{name}"
-    if "RANK" in os.environ:
-        stem = f"rank{os.environ['RANK']}_{stem}"
-    path = out / f"{stem}.txt"
-    path.write_text(text + "\n")
-    return path
+    stem.with_suffix(".txt").write_text(text + "\n")
+    return stem.with_suffix(".txt")
 
 
 def write_svg(gm: fx.GraphModule, path: str | os.PathLike) -> None:

@@ -238,19 +238,12 @@ def _si(n: float) -> str:
 
 
 def _fold_name(regs: list[RegionProfile]) -> str:
+    from fxdisag.partitioner.plan import _ranges
+
     layers = [r.layer for r in regs if r.layer is not None]
     if not layers:
         return regs[0].kind
-    spans = []
-    start = prev = layers[0]
-    for layer in layers[1:] + [None]:
-        if layer is not None and layer == prev + 1:
-            prev = layer
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if layer is not None:
-            start = prev = layer
-    return f"{regs[0].kind}[{','.join(spans)}]"
+    return f"{regs[0].kind}[{_ranges(layers)}]"
 
 
 # ---------------------------------------------------------------------- measurement
