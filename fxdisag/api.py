@@ -197,6 +197,11 @@ class DisaggregatedModel(nn.Module):
         w = self.worker
         w.actions = self.schedule.actions[self.rank][: self._split]
         w.action_offset = 0
+        if self.has_experts:
+            ids = batch["input_ids"]
+            per_message = ids.shape[0] // (len(self.schedule.attention_ranks) * self.schedule.num_microbatches)
+            experts = w.experts if self.role == "EP" else w
+            experts.capacity_rows = per_message * ids[0].numel() * max(m.top_k for m in self.layout.moe)
         if self.has_attention:
             local = w.step(batch)
         else:

@@ -93,6 +93,13 @@ def test_training_matches_eager(family, n_attn, n_exp, m):
     _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, timeout=240))
 
 
+@pytest.mark.dist
+def test_nccl_receive_discipline_on_gloo_matches_eager():
+    # FXDISAG_P2P_ORDERED=1: separate headers and per-peer FIFO receives, as with NCCL.
+    env = {"FXDISAG_P2P_ORDERED": "1"}
+    _check_against_eager(run_distributed(_train, 3, "qwen2_moe", 1, 4, timeout=240, env=env))
+
+
 EP_CASES = [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 1), ("gpt_oss", 2, 4)]
 
 

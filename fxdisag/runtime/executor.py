@@ -326,6 +326,9 @@ class ExpertWorker(_Worker):
         self.attention_ranks = list(schedule.attention_ranks)
         self.hidden = hidden_size
         self.xdtype, self.wdtype = dtypes
+        # The most rows one attention rank can send in one dispatch (tokens per micro-batch x
+        # top-k); set per step from the batch shape. Receives are posted with this capacity.
+        self.capacity_rows = 0
         seen: dict[int, nn.Parameter] = {}
         for mod in experts:
             for p in mod.parameters():
@@ -351,8 +354,9 @@ class ExpertWorker(_Worker):
         K = ActionKind
         j, i = action.stage, action.microbatch
         if action.kind is K.RECV_D:
+            capacity = byte_size(self._dispatch_layout(self.capacity_rows))
             rs = [
-                Receive(a, _tag("D", j, i), size_of=lambda n: byte_size(self._dispatch_layout(n)))
+                Receive(a, _tag("D", j, i), size_of=lambda n: byte_size(self._dispatch_layout(n)), capacity=capacity)
                 for a in self.attention_ranks
             ]
             self.recvs[("D", j, i)] = rs

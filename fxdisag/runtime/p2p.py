@@ -1,4 +1,4 @@
-"""Point-to-point messages of the AF-pipe: rows with a size header, FIFO per peer.
+"""Point-to-point messages of the AF-pipe: packed rows, receives posted early.
 
 Contract:
 
@@ -6,20 +6,30 @@ Contract:
   gloo on CPU, NCCL on GPU; no other transport;
 * a message is one flat ``uint8`` buffer holding several tensors back to back
   (:func:`pack_bytes` / :func:`unpack_bytes`), so one exchange costs one message per peer
-  whatever the number of tensors; when the receiver cannot know the row count (the
-  forward dispatch) a one-element int64 header precedes it;
-* receives from one peer are *posted* in the order the caller asks for them, and a
-  two-part receive (header, then payload) holds back later receives from the same peer
-  until its payload is posted. With NCCL, messages between a pair match in FIFO order,
-  so this keeps the runtime correct there; with gloo it is harmless;
+  whatever the number of tensors. When the receiver cannot know the row count (the
+  forward dispatch) the sender also sends that count;
 * sends are fire-and-forget until :meth:`Mailbox.drain`, which waits for all of them
   (their buffers are kept alive until then);
 * a message to the rank itself (expert parallelism keeps some rows local) never touches
   the network: it is handed over in memory, matched by tag.
+
+Two ways to receive a message of unknown size, chosen by the backend:
+
+* ``tagged`` (gloo): every receive is posted the moment it is asked for. gloo matches a
+  message by (source, tag) and accepts one shorter than the posted buffer, so a
+  variable-size message goes into a buffer of its ``capacity`` with its row count in an
+  8-byte prefix. This matters for speed: gloo moves a send's bytes only once the
+  matching receive is posted, so a receive posted late leaves the link idle
+  (benchmarks/gloo_late_irecv.py);
+* ``ordered`` (NCCL): messages between a pair match in FIFO order and sizes must agree,
+  so the count travels as a separate header message and the payload's receive is posted
+  once the header arrived; later receives from that peer queue behind it, keeping the
+  FIFO order on both sides.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -74,18 +84,22 @@ def unpack_bytes(buf: torch.Tensor, layout: Sequence[tuple[tuple[int, ...], torc
     return out
 
 
+_PREFIX = 8  # int64 row count in front of a variable-size message (tagged mode)
+
+
 @dataclass
 class Receive:
-    """A receive from one peer; ``value`` once done.
+    """A receive from one peer; ``payload`` (and ``header_value``) once done.
 
-    ``size_of(header_value)`` turns a received header into the payload's byte count;
-    ``size_of`` None means the byte count ``nbytes`` is known up front.
+    ``nbytes`` known up front, or ``size_of(count)`` turning the sender's row count into
+    the payload's byte count, with ``capacity`` the largest payload the sender may send.
     """
 
     peer: int
     tag: int
     nbytes: int = 0
     size_of: Callable[[int], int] | None = None
+    capacity: int = 0
     header: torch.Tensor | None = None
     header_value: int | None = None
     payload: torch.Tensor | None = None
@@ -98,11 +112,16 @@ class Receive:
 
 
 class Mailbox:
-    """Posts receives in per-peer FIFO order and sends asynchronously."""
+    """Posts receives (early, or in per-peer FIFO order) and sends asynchronously."""
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None):
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None, ordered: bool | None = None):
         self.device = device
         self.group = group
+        if ordered is None:
+            # FXDISAG_P2P_ORDERED=1 forces the NCCL discipline on gloo (to test it on CPU).
+            forced = os.environ.get("FXDISAG_P2P_ORDERED", "") == "1"
+            ordered = forced or (dist.is_initialized() and dist.get_backend(group) != "gloo")
+        self.ordered = ordered
         self._queues: dict[int, deque[Receive]] = {}
         self._sends: list[tuple[list, list[torch.Tensor]]] = []
         self.bytes_sent = 0
@@ -117,6 +136,9 @@ class Mailbox:
         for r in receives:
             if r.peer == self.rank:
                 continue  # filled from self._local in wait()
+            if not self.ordered:
+                ops += self._start_tagged(r)
+                continue
             q = self._queues.setdefault(r.peer, deque())
             q.append(r)
             if len(q) == 1:
@@ -132,8 +154,14 @@ class Mailbox:
             receive.nbytes = receive.payload.numel()
             receive.stage = "done"
             return
-        q = self._queues[receive.peer]
         t0 = time.perf_counter()
+        if not self.ordered:
+            for w in receive.work:
+                w.wait()
+            self._finish_tagged(receive)
+            self.wait_seconds += time.perf_counter() - t0
+            return
+        q = self._queues[receive.peer]
         while not receive.done:
             head = q[0]
             for w in head.work:
@@ -145,6 +173,24 @@ class Mailbox:
                     ops += self._start(q[0])
             self._launch(ops)
         self.wait_seconds += time.perf_counter() - t0
+
+    def _start_tagged(self, r: Receive) -> list[dist.P2POp]:
+        size = _PREFIX + r.capacity if r.size_of is not None else r.nbytes
+        r.payload = torch.empty(size, dtype=torch.uint8, device=self.device)
+        r.stage = "payload"
+        return [self._op(dist.irecv, r.payload, r.peer, r.tag, r)]
+
+    def _finish_tagged(self, r: Receive) -> None:
+        if r.size_of is not None:
+            r.header_value = int(r.payload[:_PREFIX].view(torch.int64).item())
+            r.nbytes = r.size_of(r.header_value)
+            if r.nbytes > r.capacity:
+                raise RuntimeError(
+                    f"message from rank {r.peer} holds {r.header_value} rows ({r.nbytes} bytes), more than the "
+                    f"{r.capacity} bytes posted for it"
+                )
+            r.payload = r.payload[_PREFIX : _PREFIX + r.nbytes]
+        r.stage = "done"
 
     def _start(self, r: Receive) -> list[dist.P2POp]:
         if r.size_of is not None:
@@ -194,7 +240,10 @@ class Mailbox:
             if peer == self.rank:
                 self._local[tag] = (header_value, payload)
                 continue
-            if header_value is not None:
+            if header_value is not None and not self.ordered:
+                count = torch.tensor([header_value], dtype=torch.int64, device=self.device).view(torch.uint8)
+                payload = torch.cat([count, payload])
+            elif header_value is not None:
                 header = torch.tensor([header_value], dtype=torch.int64, device=self.device)
                 ops.append(dist.P2POp(dist.isend, header, peer, self.group, tag))
                 keep.append(header)
@@ -210,7 +259,7 @@ class Mailbox:
             for w in works:
                 w.wait()
         self._sends.clear()
-        pending = {p: len(q) for p, q in self._queues.items() if q}
+        pending = {p: len(q) for p, q in self._queues.items() if q}  # (ordered mode)
         if self._local:
             pending[self.rank] = len(self._local)
         if pending:
