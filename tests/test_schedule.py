@@ -40,41 +40,41 @@ class TestGrid(expecttest.TestCase):
     def test_one_attention_one_expert_two_layers(self):
         s = af_pipe_schedule([0], [1], num_moe_layers=2, num_microbatches=2)
         self.assertExpectedInline(str(s), """\
-step | 0:A                       | 1:E
-   0 | F0.0 >D0.0                | <D0.0 <D0.1
-   1 | F0.1 >D0.1 <C0.0 <C0.1    | EF0.0 >C0.0
-   2 | F1.0 >D1.0                | EF0.1 >C0.1 <D1.0 <D1.1
-   3 | F1.1 >D1.1 <C1.0 <C1.1    | EF1.0 >C1.0
-   4 | F2.0                      | EF1.1 >C1.1 <GC1.0 <GC1.1
-   5 | F2.1                      |
-   6 | B2.0 >GC1.0               |
-   7 | B2.1 >GC1.1 <GD1.0 <GD1.1 | EB1.0 >GD1.0
-   8 | B1.0 >GC0.0               | EB1.1 >GD1.1 <GC0.0 <GC0.1
-   9 | B1.1 >GC0.1 <GD0.0 <GD0.1 | EB0.0 >GD0.0
-  10 | B0.0                      | EB0.1 >GD0.1 R
-  11 | B0.1 R                    |""")
+step | 0:A                | 1:E
+   0 | F0.0 <C0.0 >D0.0   | <D0.0 <D0.1
+   1 | F0.1 <C0.1 >D0.1   | EF0.0 >C0.0 <D1.0
+   2 | F1.0 <C1.0 >D1.0   | EF0.1 >C0.1 <D1.1
+   3 | F1.1 <C1.1 >D1.1   | EF1.0 >C1.0
+   4 | F2.0               | EF1.1 >C1.1 <GC1.0 <GC1.1
+   5 | F2.1               |
+   6 | B2.0 <GD1.0 >GC1.0 |
+   7 | B2.1 <GD1.1 >GC1.1 | EB1.0 >GD1.0 <GC0.0
+   8 | B1.0 <GD0.0 >GC0.0 | EB1.1 >GD1.1 <GC0.1
+   9 | B1.1 <GD0.1 >GC0.1 | EB0.0 >GD0.0
+  10 | B0.0               | EB0.1 >GD0.1 R
+  11 | B0.1 R             |""")
 
     def test_two_attention_two_expert_one_layer(self):
         s = af_pipe_schedule([0, 1], [2, 3], num_moe_layers=1, num_microbatches=2)
         self.assertExpectedInline(str(s), """\
-step | 0:A                       | 1:A                       | 2:E                       | 3:E
-   0 | F0.0 >D0.0                | F0.0 >D0.0                | <D0.0 <D0.1               | <D0.0 <D0.1
-   1 | F0.1 >D0.1 <C0.0 <C0.1    | F0.1 >D0.1 <C0.0 <C0.1    | EF0.0 >C0.0               | EF0.0 >C0.0
-   2 | F1.0                      | F1.0                      | EF0.1 >C0.1 <GC0.0 <GC0.1 | EF0.1 >C0.1 <GC0.0 <GC0.1
-   3 | F1.1                      | F1.1                      |                           |
-   4 | B1.0 >GC0.0               | B1.0 >GC0.0               |                           |
-   5 | B1.1 >GC0.1 <GD0.0 <GD0.1 | B1.1 >GC0.1 <GD0.0 <GD0.1 | EB0.0 >GD0.0              | EB0.0 >GD0.0
-   6 | B0.0                      | B0.0                      | EB0.1 >GD0.1 R            | EB0.1 >GD0.1 R
-   7 | B0.1 R                    | B0.1 R                    |                           |""")
+step | 0:A                | 1:A                | 2:E                       | 3:E
+   0 | F0.0 <C0.0 >D0.0   | F0.0 <C0.0 >D0.0   | <D0.0 <D0.1               | <D0.0 <D0.1
+   1 | F0.1 <C0.1 >D0.1   | F0.1 <C0.1 >D0.1   | EF0.0 >C0.0               | EF0.0 >C0.0
+   2 | F1.0               | F1.0               | EF0.1 >C0.1 <GC0.0 <GC0.1 | EF0.1 >C0.1 <GC0.0 <GC0.1
+   3 | F1.1               | F1.1               |                           |
+   4 | B1.0 <GD0.0 >GC0.0 | B1.0 <GD0.0 >GC0.0 |                           |
+   5 | B1.1 <GD0.1 >GC0.1 | B1.1 <GD0.1 >GC0.1 | EB0.0 >GD0.0              | EB0.0 >GD0.0
+   6 | B0.0               | B0.0               | EB0.1 >GD0.1 R            | EB0.1 >GD0.1 R
+   7 | B0.1 R             | B0.1 R             |                           |""")
 
     def test_mark_flags_one_cell(self):
         s = af_pipe_schedule([0], [1], 1, 1)
         self.assertExpectedInline(format_grid(s, mark=(1, 1)), """\
 step | 0:A                | 1:E
-   0 | F0.0 >D0.0 <C0.0   | <D0.0
+   0 | F0.0 <C0.0 >D0.0   | <D0.0
    1 |                    | !!EF0.0 >C0.0 <GC0.0
    2 | F1.0               |
-   3 | B1.0 >GC0.0 <GD0.0 |
+   3 | B1.0 <GD0.0 >GC0.0 |
    4 |                    | EB0.0 >GD0.0 R
    5 | B0.0 R             |""")
 
@@ -170,16 +170,16 @@ class TestValidateRejects:
         with pytest.raises(ScheduleError) as e:
             validate(s)
         msg = str(e.value)
-        assert "rank 0 action #3 `>D0.1`: sends to rank 2, but rank 2 posts no matching " \
+        assert "rank 0 action #5 `>D0.1`: sends to rank 2, but rank 2 posts no matching " \
                "RECV_D(0, 1) from rank 0" in msg
-        assert _marked_cell(msg).startswith("F0.1 >D0.1")
+        assert _marked_cell(msg).startswith("F0.1 <C0.1 >D0.1")
 
     def test_swapped_fifo_order(self):
         s = _copy(af_pipe_schedule([0], [1], 1, 2))
         a, b = _find(s, 1, "<D0.0"), _find(s, 1, "<D0.1")
         s.actions[1][a], s.actions[1][b] = s.actions[1][b], s.actions[1][a]
         with pytest.raises(ScheduleError, match=r"FIFO order broken on 0 -> 1: message #0 is "
-                           r"`>D0.0` on rank 0 \(action #1\) but `<D0.1` on rank 1") as e:
+                           r"`>D0.0` on rank 0 \(action #2\) but `<D0.1` on rank 1") as e:
             validate(s)
         assert _marked_cell(str(e.value)) == "<D0.1 <D0.0"
 
@@ -222,7 +222,7 @@ class TestValidateRejects:
     def test_duplicate_compute(self):
         s = _copy(af_pipe_schedule([0], [1], 1, 2))
         s.actions[0].insert(_find(s, 0, "F0.1") + 1, Action(K.F, 0, 1))
-        with pytest.raises(ScheduleError, match=r"`F0.1` appears twice \(first as action #2\)"):
+        with pytest.raises(ScheduleError, match=r"`F0.1` appears twice \(first as action #3\)"):
             validate(s)
 
     def test_reduce_not_last(self):

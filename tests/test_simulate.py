@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fxdisag.runtime.schedule import ActionKind, ScheduleError, af_pipe_schedule, format_grid
+from fxdisag.runtime.schedule import ActionKind, ScheduleError, af_pipe_schedule, format_grid, validate
 from fxdisag.runtime.simulate import LinkModel, UniformLink, simulate
 from fxdisag.runtime.timeline import Span, chrome_trace, gantt_png
 
@@ -231,11 +231,17 @@ def test_gantt_png_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_transfer_waits_for_the_receive_to_be_posted():
-    """1A+1E, J=1, m=2, F=EF=EB=1, B=5, 2 s per message. The expert sends >GD0.0 at
-    17 (after EB0.0 [16,17]) but rank 0 posts <GD0.0 only after B1.1 [14,19]: the
-    transfer runs [19,21] (rendezvous), then B0.0 [21,26], B0.1 [26,31]."""
-    res = simulate(af_pipe_schedule([0], [1], 1, 2), costs(1, 1, 5, 1), lambda *_: 2.0,
-                   UniformLink(1.0, 0.0))
+    """1A+1E, J=1, m=2, F=EF=EB=1, B=5, 2 s per message, with rank 0's <GD receives moved
+    (by hand) after B1.1. The expert sends >GD0.0 at 17 (after EB0.0 [16,17]) but rank 0
+    posts <GD0.0 only after B1.1 [14,19]: the transfer runs [19,21] (rendezvous), then
+    B0.0 [21,26], B0.1 [26,31]."""
+    sched = af_pipe_schedule([0], [1], 1, 2)
+    late = [a for a in sched.actions[0] if a.kind is ActionKind.RECV_GD]
+    rest = [a for a in sched.actions[0] if a.kind is not ActionKind.RECV_GD]
+    cut = next(k for k, a in enumerate(rest) if str(a) == "B1.1") + 1
+    sched.actions[0] = rest[:cut] + late + rest[cut:]
+    validate(sched)
+    res = simulate(sched, costs(1, 1, 5, 1), lambda *_: 2.0, UniformLink(1.0, 0.0))
     assert [x for x in spans_of(res, 1, "send") if x[0].startswith(">GD")] == [
         (">GD0.0", 19, 21), (">GD0.1", 22, 24)]
     assert spans_of(res, 0, "compute")[-2:] == [("B0.0", 21, 26), ("B0.1", 26, 31)]

@@ -235,13 +235,24 @@ class AttentionWorker(_Worker):
             loss = env[self.program.outputs[0]]
             self.losses.append(loss.detach() * self.loss_scale[i])
 
+    def _counts(self, j: int, i: int) -> list[int]:
+        """Rows micro-batch i sends each expert rank at MoE layer j (known once F(j, i) ran)."""
+        counts = self.counts.get((j, i))
+        if counts is None:
+            b = self.program.boundaries[j]
+            ids = self.env[i][b.ids]
+            slot = self.owner.to(ids.device)[ids.view(-1)]
+            counts = torch.bincount(slot, minlength=len(self.expert_ranks)).tolist()
+            self.counts[(j, i)] = counts
+            xs, ws = self.env[i][b.xs], self.env[i][b.ws]
+            self.row_shape = (xs.shape[1], xs.dtype, ws.dtype)
+        return counts
+
     def _send_dispatch(self, j: int, i: int) -> None:
         b = self.program.boundaries[j]
         env = self.env[i]
         xs, ids, ws = env[b.xs], env[b.ids], env[b.ws]
-        slot = self.owner.to(ids.device)[ids.view(-1)]
-        counts = torch.bincount(slot, minlength=len(self.expert_ranks)).tolist()
-        self.counts[(j, i)] = counts
+        counts = self._counts(j, i)
         local_ids = self.local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
         messages, start = [], 0
         for r, n in zip(self.expert_ranks, counts):
@@ -249,12 +260,12 @@ class AttentionWorker(_Worker):
             messages.append((r, _tag("D", j, i), pack_bytes([xs[sl], ws[sl], local_ids[sl]]), n))
             start += n
         self.mailbox.send(messages)
-        self.row_shape = (xs.shape[1], xs.dtype, ws.dtype)
 
     def _post_rows(self, channel: str, j: int, i: int) -> None:
+        counts = self._counts(j, i)
         hidden, xdtype, wdtype = self.row_shape
         receives = []
-        for r, n in zip(self.expert_ranks, self.counts[(j, i)]):
+        for r, n in zip(self.expert_ranks, counts):
             layout = [((n, hidden), xdtype)] + ([((n, 1), wdtype)] if channel == "GD" else [])
             receives.append(Receive(r, _tag(channel, j, i), nbytes=byte_size(layout)))
             receives[-1].layout = layout  # type: ignore[attr-defined]

@@ -68,13 +68,17 @@ it. Row ``stuck`` shows, if the model deadlocks, the action each blocked rank wa
 Pseudo-code of :func:`af_pipe_schedule` (GPipe order: all forwards, then all backwards)::
 
     attention rank:                          expert rank:
-      for s in 0..J:                           for j in 0..J-1:
-        if s > 0: <C(s-1, i) for all i           <D(j, i) for all i
-        for i: F(s,i); if s < J: >D(s,i)         for i: EF(j,i); >C(j,i)
-      for s in J..0:                           for j in J-1..0:
-        if s < J: <GD(s, i) for all i            <GC(j, i) for all i
-        for i: B(s,i); if s > 0: >GC(s-1,i)      for i: EB(j,i); >GD(j,i)
+      for s in 0..J:                           <D(0, i) for all i
+        for i: F(s,i)                          for j in 0..J-1:
+               if s < J: <C(s,i) >D(s,i)         for i: EF(j,i) >C(j,i); if j < J-1: <D(j+1,i)
+      for s in J..0:                           <GC(J-1, i) for all i
+        for i: B(s,i)                          for j in J-1..0:
+               if s > 0: <GD(s-1,i) >GC(s-1,i)   for i: EB(j,i) >GD(j,i); if j > 0: <GC(j-1,i)
       R                                        R
+
+Each receive is posted before the send it answers (the attention rank posts <C(s,i)
+before >D(s,i)), and the expert rank posts the next layer's <D as soon as it has sent the
+combine of the same micro-batch: gloo moves a message only once its receive is posted.
 """
 
 from __future__ import annotations
@@ -297,32 +301,34 @@ def af_pipe_schedule(attention_ranks: Sequence[int], expert_ranks: Sequence[int]
     A, E = tuple(sorted(attention_ranks)), tuple(sorted(expert_ranks))
     K = ActionKind
 
+    # Every receive is posted before the send it answers, and as early as the per-pair
+    # FIFO order allows: gloo moves a message only once its receive is posted, and runs a
+    # pair half-duplex when a send is posted first.
     attn: list[Action] = []
     for s in range(J + 1):
-        if s > 0:
-            attn += [Action(K.RECV_C, s - 1, i, E) for i in range(m)]
         for i in range(m):
             attn.append(Action(K.F, s, i))
             if s < J:
-                attn.append(Action(K.SEND_D, s, i, E))
+                attn += [Action(K.RECV_C, s, i, E), Action(K.SEND_D, s, i, E)]
     for s in reversed(range(J + 1)):
-        if s < J:
-            attn += [Action(K.RECV_GD, s, i, E) for i in range(m)]
         for i in range(m):
             attn.append(Action(K.B, s, i))
             if s > 0:
-                attn.append(Action(K.SEND_GC, s - 1, i, E))
+                attn += [Action(K.RECV_GD, s - 1, i, E), Action(K.SEND_GC, s - 1, i, E)]
     attn.append(Action(K.REDUCE, -1, -1, A))
 
-    expert: list[Action] = []
+    expert: list[Action] = [Action(K.RECV_D, 0, i, A) for i in range(m)]
     for j in range(J):
-        expert += [Action(K.RECV_D, j, i, A) for i in range(m)]
         for i in range(m):
             expert += [Action(K.EF, j, i), Action(K.SEND_C, j, i, A)]
+            if j + 1 < J:
+                expert.append(Action(K.RECV_D, j + 1, i, A))
+    expert += [Action(K.RECV_GC, J - 1, i, A) for i in range(m)]
     for j in reversed(range(J)):
-        expert += [Action(K.RECV_GC, j, i, A) for i in range(m)]
         for i in range(m):
             expert += [Action(K.EB, j, i), Action(K.SEND_GD, j, i, A)]
+            if j > 0:
+                expert.append(Action(K.RECV_GC, j - 1, i, A))
     expert.append(Action(K.REDUCE, -1, -1, E))
 
     actions = {r: list(attn) for r in A}
