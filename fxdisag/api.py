@@ -290,7 +290,8 @@ class DisaggregatedModel(nn.Module):
             if trace_json:
                 chrome_trace(spans, trace_json)
             if png:
-                gantt_png(spans, png, title=f"fxdisag AF-pipe step ({len(self.schedule.ranks)} ranks)")
+                what = "expert-parallel" if self.mode == "ep" else "AF-pipe"
+                gantt_png(spans, png, title=f"fxdisag {what} step ({len(self.schedule.ranks)} ranks)")
         return spans
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
