@@ -1,14 +1,16 @@
 """Execute one AF-pipe training step: a rank's action list, forward and backward.
 
-Contract: ``AttentionWorker.step(batch)`` / ``ExpertWorker.step()`` run the rank's
-``Schedule`` actions in order (see ``schedule.py`` for their meaning) and return the
-global loss (identical on every rank). Afterwards every local parameter's ``.grad``
-holds its gradient of that loss:
+Contract: a worker runs the slice of its rank's ``Schedule`` actions it is given, in
+order (see ``schedule.py`` for their meaning): ``AttentionWorker.step(batch)`` /
+``ExpertWorker.step()`` the forward slice (the attention worker returns its share of the
+loss; ``DisaggregatedModel`` sums it over ranks), ``_run_actions()`` the backward slice.
+Afterwards every local parameter's ``.grad`` holds its gradient of the global loss:
 
-* attention parameters: all-reduced (sum) over the attention group, each micro-batch's
-  loss weighted by its share of the global batch's label tokens, so the result equals
-  one process computing the mean loss over the whole batch;
-* expert parameters: accumulated on the rank that owns the expert.
+* attention parameters: summed over the attention group (``GradSync``), each
+  micro-batch's loss weighted by its share of the global batch's label tokens, so the
+  result equals one process computing the mean loss over the whole batch;
+* expert parameters: accumulated on the rank that holds the expert, and summed over
+  the replicas when several expert ranks hold it.
 
 Stage bookkeeping (the same as torch.distributed.pipelining's stage backward):
 every floating tensor entering a stage that needs a gradient enters as a fresh leaf;
