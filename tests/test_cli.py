@@ -43,3 +43,16 @@ def test_module_help_lists_the_subcommands():
     assert out.returncode == 0
     for command in ("dump", "plan", "simulate"):
         assert command in out.stdout
+
+
+def test_svg_is_drawn_colored_by_region(tmp_path):
+    pytest.importorskip("pydot")
+    import shutil
+
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz's dot program is not installed")
+    path = tmp_path / "g.svg"
+    assert main(["dump", "--model", "mixtral", "--no-code", "--svg", str(path)]) == 0
+    svg = path.read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "experts[1]" in svg and "#fd8d3c" in svg  # the experts node in the experts color
