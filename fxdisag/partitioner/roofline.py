@@ -442,11 +442,15 @@ def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[list[float], l
         for s_ in range(c):
             holders[(j * c + s_) % E].append(j)
     load = [0.0] * F
+    held = [0] * F
     for hs in holders:
         q = len(hs)
         for index, j in enumerate(hs):
             load[j] += (a // q + (1 if index < a % q else 0)) / E
-    return load, [c] * F, min(len(hs) for hs in holders)
+            # Only replicas that some attention rank routes to exist (placement() lists
+            # exactly those): with a < q attention ranks, replicas a..q-1 are never made.
+            held[j] += 1 if index < a else 0
+    return load, held, min(min(len(hs), a) for hs in holders)
 
 
 @dataclass
