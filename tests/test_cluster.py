@@ -68,7 +68,7 @@ def test_measure_single_process():
 
 
 def _measure_body(rank, world_size):
-    spec = ClusterSpec.measure(matmul_size=128, message_bytes=1 << 20, repeats=3)
+    spec = ClusterSpec.measure(matmul_size=128, message_bytes=4 << 20, repeats=3)
     return spec.to_dict()
 
 

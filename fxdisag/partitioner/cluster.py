@@ -328,7 +328,9 @@ def _measure_ring(group, device: torch.device, message_bytes: int, repeats: int)
     latency = _median_time(exchange(8), device, max(repeats, 10))
     dist.barrier(group=group)
     big = _median_time(exchange(message_bytes), device, repeats)
-    bandwidth = message_bytes / max(big - latency, 1e-12)
+    # Subtract the latency, but never more than half the big exchange: on loopback the two
+    # timings are close and noisy, and an unbounded correction gave 1e18 B/s once.
+    bandwidth = message_bytes / max(big - min(latency, 0.5 * big), 1e-12)
     return latency, bandwidth
 
 
