@@ -125,6 +125,7 @@ class DisaggregatedModel(nn.Module):
         groups: dict,
         trace: bool,
         mode: str = "afpipe",
+        release_unused: bool = True,
     ):
         super().__init__()
         self.plan = plan
@@ -184,6 +185,28 @@ class DisaggregatedModel(nn.Module):
                 replica_groups,
             )
         self.worker = EPWorker(attention, experts) if self.role == "EP" else (attention or experts)
+        if release_unused:
+            self._release_unused_parameters()
+
+    def _release_unused_parameters(self) -> None:
+        """Free what this rank never computes with: the full experts weights everywhere (expert
+        ranks run their own slices), and the attention side's weights on expert-only ranks.
+
+        Each such parameter is replaced, in the module that owns it, by a meta-device one of
+        the same shape (modules are shared with the captured graph and the split program,
+        so they see it too); shapes stay for checkpoint consolidation.
+        """
+        model = self._model
+        experts = [model.get_submodule(m.experts) for m in self.layout.moe]
+        drop = {id(p) for mod in experts for p in mod.parameters()}
+        if not self.has_attention:
+            drop |= {id(p) for p in model.parameters()}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) in drop and not p.is_meta:
+                    module._parameters[name] = nn.Parameter(
+                        torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                    )
 
     # ---- training step
     def forward(self, **batch: torch.Tensor) -> DisaggregatedOutput:
@@ -314,11 +337,17 @@ def disaggregate(
     sync_params: bool = True,
     trace: bool = False,
     mode: str = "afpipe",
+    release_unused: bool = True,
 ) -> DisaggregatedModel:
     """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
 
     ``sync_params`` broadcasts every parameter from rank 0 first (as DDP does), so ranks
     that built the model with different random seeds still train the same model.
+
+    ``release_unused`` frees the weights this rank never computes with (moved to the meta
+    device, in place: ``model`` is partly meta afterwards, as with other sharding
+    wrappers): the full experts on every rank, the attention side on expert ranks. Use
+    ``consolidated_state_dict()`` for the full weights.
 
     ``mode="ep"`` builds the expert-parallel baseline instead (``fxdisag.runtime.ep``):
     every rank runs attention on its share of the batch and ``E/W`` experts, with
@@ -364,4 +393,4 @@ def disaggregate(
         groups[ranks] = dist.new_group(list(ranks))
     maybe_dump_text("schedule", format_grid(schedule) if mode == "afpipe" else _list_actions(schedule))
     maybe_dump_text("plan", str(plan))
-    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, mode)
+    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, mode, release_unused)

@@ -59,8 +59,14 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         opt.step()
         opt.zero_grad()
     final = dmodel.consolidated_state_dict()
+    # Weights a rank never computes with are released (meta): full experts everywhere, and
+    # the attention side on expert-only ranks.
+    experts = {m.experts for m in dmodel.layout.moe}
+    on_meta = {n: p.is_meta for n, p in model.named_parameters()}
+    expected_meta = {n: n.rsplit(".", 1)[0] in experts or not dmodel.has_attention for n in on_meta}
+    released = on_meta == expected_meta and not any(p.is_meta for p in dmodel.parameters())
     if rank != 0:
-        return {"losses": losses}
+        return {"losses": losses, "released": released}
 
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     ref_losses, ref_grads0 = [], None
@@ -79,6 +85,7 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     param_err = {n: float((final[n] - p.detach()).abs().max()) for n, p in reference.named_parameters()}
     return {
         "losses": losses,
+        "released": released,
         "ref_losses": ref_losses,
         "grad_err": grad_err,
         "param_err": param_err,
@@ -119,6 +126,7 @@ def _check_against_eager(results: list[dict]) -> None:
         assert abs(a - b) <= 1e-4, (step, a, b)
     for r in results[1:]:  # the loss is the global loss on every rank
         assert r["losses"] == r0["losses"]
+    assert [r["released"] for r in results] == [True] * len(results)
     worst = max(r0["param_err"], key=r0["param_err"].get)
     assert r0["param_err"][worst] <= 1e-4, (worst, r0["param_err"][worst])
 
