@@ -35,7 +35,7 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, top_k = top_k_index.shape
     expert_ids = top_k_index.reshape(-1)
-    owner_of = torch.tensor(owner, dtype=torch.long, device=expert_ids.device)
+    owner_of = _owner_table(owner, expert_ids.device)
     rank_slot = owner_of[expert_ids]
     # Stable sort keeps (token, slot) order inside each rank's block: deterministic buffers.
     perm = torch.sort(rank_slot, stable=True).indices
@@ -46,6 +46,19 @@ def pack(
     ws = top_k_weights.reshape(-1)[perm].unsqueeze(1)
     ids = expert_ids[perm].unsqueeze(1)
     return xs, ws, ids, inv
+
+
+_OWNER_TABLES: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _owner_table(owner: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Built once per (placement, device): pack runs per layer and micro-batch, and on a GPU a
+    # fresh torch.tensor() would be a host-to-device copy each time.
+    key = (owner, device)
+    table = _OWNER_TABLES.get(key)
+    if table is None:
+        table = _OWNER_TABLES[key] = torch.tensor(owner, dtype=torch.long, device=device)
+    return table
 
 
 def combine(ys: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:

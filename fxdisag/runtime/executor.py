@@ -45,6 +45,15 @@ def _tag(channel: str, layer: int, microbatch: int) -> int:
     return ((_CHANNEL[channel] * 256 + layer) * 4096 + microbatch) * 2
 
 
+def _row_messages(peers: list[int], counts: list[int], tensors: list[torch.Tensor], tag: int) -> list:
+    """One message per peer: its consecutive block of ``counts[k]`` rows of every tensor."""
+    messages, start = [], 0
+    for peer, n in zip(peers, counts):
+        messages.append((peer, tag, pack_bytes([t[start : start + n] for t in tensors]), None))
+        start += n
+    return messages
+
+
 class _Worker:
     def __init__(self, schedule: Schedule, rank: int, device: torch.device, trace: bool):
         self.schedule = schedule
@@ -283,11 +292,7 @@ class AttentionWorker(_Worker):
         return out
 
     def _send_rows(self, channel: str, j: int, i: int, rows: torch.Tensor) -> None:
-        messages, start = [], 0
-        for r, n in zip(self.expert_ranks, self.counts[(j, i)]):
-            messages.append((r, _tag(channel, j, i), pack_bytes([rows[start : start + n]]), None))
-            start += n
-        self.mailbox.send(messages)
+        self.mailbox.send(_row_messages(self.expert_ranks, self.counts[(j, i)], [rows], _tag(channel, j, i)))
 
     def _backward(self, s: int, i: int) -> None:
         outs = self.outs.pop((s, i))
@@ -418,8 +423,4 @@ class ExpertWorker(_Worker):
 
     def _send(self, key: tuple[str, int, int], tensors: list[torch.Tensor]) -> None:
         channel, j, i = key
-        messages, start = [], 0
-        for a, n in zip(self.attention_ranks, self.counts[(j, i)]):
-            messages.append((a, _tag(channel, j, i), pack_bytes([t[start : start + n] for t in tensors]), None))
-            start += n
-        self.mailbox.send(messages)
+        self.mailbox.send(_row_messages(self.attention_ranks, self.counts[(j, i)], tensors, _tag(channel, j, i)))
