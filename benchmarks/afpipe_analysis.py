@@ -161,8 +161,9 @@ class Prediction:
 
 
 def _no_memory_bound(cluster):
-    # Calibrated compute times already include memory effects: keep them linear in FLOPs.
-    return cluster.replace(memory_bandwidth=math.inf)
+    # Calibrated compute times already include memory effects and the per-action overhead:
+    # keep them linear in FLOPs, and do not add the overhead a second time.
+    return cluster.replace(memory_bandwidth=math.inf, action_overhead=0.0)
 
 
 def _scaled(work, k_attention: float, k_experts: float):

@@ -1,5 +1,6 @@
 """ClusterSpec: presets carry the datasheet numbers, the string form parses, measure() works."""
 
+import json
 import math
 
 import pytest
@@ -81,3 +82,34 @@ def test_measure_two_ranks_agree_and_see_the_link():
     assert 1e5 < c.nic_bandwidth < 1e12  # loopback gloo: MB/s to GB/s
     assert 0 < c.inter_node_latency < 0.5
     assert any("ring point-to-point" in n for n in c.notes)
+
+
+def test_action_overhead_json_round_trip_with_and_without_the_field():
+    c = ClusterSpec.cpu(2, flops=1e9, bandwidth=1e8, action_overhead=1.5e-3)
+    back = ClusterSpec.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c and back.action_overhead == 1.5e-3
+    # JSON written before the field existed loads with no overhead
+    old = {k: v for k, v in c.to_dict().items() if k != "action_overhead"}
+    loaded = ClusterSpec.from_dict(json.loads(json.dumps(old)))
+    assert loaded.action_overhead == 0.0 and loaded == c.replace(action_overhead=0.0)
+    for bad in (-1e-3, math.inf, math.nan):
+        with pytest.raises(ValueError, match="action_overhead"):
+            c.replace(action_overhead=bad)
+
+
+def test_action_overhead_is_shown_and_zero_for_presets():
+    assert all(spec.action_overhead == 0.0 for spec in PRESETS.values())
+    assert ClusterSpec.parse("2x8xa100").describe() == "2x8xa100"
+    c = ClusterSpec.cpu(2, flops=1e9, bandwidth=1e8, action_overhead=1.5e-3)
+    assert c.describe() == "cpu (2 nodes x 1 devices, 1.5 ms per compute action)"
+    assert "overhead per compute action (F, B, EF, EB of one micro-batch): 1.5 ms" in str(c)
+    assert ClusterSpec.parse("1x8xh800").replace(action_overhead=2e-5).describe() == "1x8xh800 (20 us per compute action)"
+
+
+def test_measure_action_overhead_is_a_small_positive_time():
+    c = ClusterSpec.measure(matmul_size=128, repeats=3)
+    assert 0 < c.action_overhead < 50e-3
+    assert any("action overhead" in n for n in c.notes)
+    # more ops in the proxy graph take longer (it measures per-op dispatch, not a constant)
+    more = ClusterSpec.measure(matmul_size=128, repeats=3, overhead_ops=400)
+    assert more.action_overhead > c.action_overhead

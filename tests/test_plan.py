@@ -69,6 +69,10 @@ def test_searched_plan_is_consistent(searched):
             assert r in domain
     assert searched.speedup == pytest.approx(searched.ep_step_time_overlap / searched.step_time)
     assert "REGION_TIME" in searched.explain() and "AF-pipe step" in searched.explain()
+    # the per-action overhead term is shown, and is 0 on a GPU preset
+    assert "COMPUTE_ACTION = overhead + t_work" in searched.explain()
+    actions = [e for e in searched.evaluations if e["formula"] == "COMPUTE_ACTION"]
+    assert actions and all(e["inputs"]["overhead"] == 0.0 for e in actions)
 
 
 def test_manual_plan_blocks_and_schedule():

@@ -155,3 +155,83 @@ def test_attention_flops_grow_with_seq_len_squared_in_the_plan():
     t1 = plan(quadratic, cluster, 4, seq_len=256, num_microbatches=1).breakdown["attn_f"]
     t2 = plan(quadratic, cluster, 4, seq_len=512, num_microbatches=1).breakdown["attn_f"]
     assert t2 == pytest.approx(4 * t1)
+
+
+# ---------------------------------------------------------------------- per-action overhead
+
+
+def test_compute_action_adds_the_overhead_once():
+    from fxdisag.partitioner.roofline import COMPUTE_ACTION
+
+    assert COMPUTE_ACTION(t_work=2.5, overhead=0.5) == 3.0
+    assert COMPUTE_ACTION(t_work=2.5, overhead=0.0) == 2.5
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_afpipe_pays_the_overhead_once_per_stage_and_microbatch(m):
+    # The toy has no pre/post work and balanced groups (see the bubble test above). Per phase
+    # the attention device runs m (L + 1) stage actions (L layer stages + the post stage) and
+    # the pipeline fill/drain adds one expert action: the step grows by 2 (m (L + 1) + 1) o.
+    # Charging per region, per layer only, or missing the post stage gives another count.
+    o = 1e-3
+    G = 16
+    pinned = dict(num_attention=2, num_microbatches=m, microbatch_size=8 // m)
+    with_o = plan(toy(), ClusterSpec.cpu(4, **IDEAL, action_overhead=o), G, **pinned)
+    af_hand = 3 * (L * m + 1) / m * (G / 2) * S * 4000 / P  # the bubble test's step without overhead
+    assert with_o.grad_accumulation == 1
+    assert with_o.step_time == pytest.approx(af_hand + 2 * (m * (L + 1) + 1) * o)
+    without = plan(toy(), ClusterSpec.cpu(4, **IDEAL), G, **pinned)
+    for key, actions in (("attn_f", 1), ("attn_b", 1), ("post_f", 1), ("post_b", 1), ("pre_f", 0), ("pre_b", 0),
+                         ("expert_f", 1), ("expert_b", 1), ("dispatch", 0), ("combine", 0)):
+        assert with_o.breakdown[key] - without.breakdown[key] == pytest.approx(actions * o, abs=1e-15), key
+    # busy time: m (L + 1) attention actions and m L expert actions per phase, 2 phases
+    assert with_o.utilisation["attention"] * with_o.step_time == pytest.approx(
+        without.utilisation["attention"] * without.step_time + 2 * m * (L + 1) * o)
+    assert with_o.utilisation["experts"] * with_o.step_time == pytest.approx(
+        without.utilisation["experts"] * without.step_time + 2 * m * L * o)
+    assert "COMPUTE_ACTION = overhead + t_work" in with_o.explain()
+    assert "t_work=" in with_o.explain() and "overhead=0.001" in with_o.explain()
+
+
+def test_ep_pays_the_overhead_once_per_layer_and_microstep():
+    # Per micro-step and phase an EP device runs L + 1 attention stage actions and L expert
+    # actions, one after the other: + (2L + 1) o per phase. The two-half overlap runs every
+    # action twice (once per half): + 2 (2L + 1) o per phase.
+    o = 1e-3
+    G = 16
+    result = plan(toy(), ClusterSpec.cpu(4, **IDEAL, action_overhead=o), G, num_attention=2, num_microbatches=2)
+    ep_hand = 3 * L * (G / 4) * S * (4000 + 2 * 1000 * 2) / P  # the bubble test's EP step
+    assert result.ep_baseline["rounds"] == 1 and result.ep_baseline["seqs_per_microstep"] == 4
+    assert result.ep_step_time == pytest.approx(ep_hand + 2 * (2 * L + 1) * o)
+    assert result.ep_step_time_overlap == pytest.approx(ep_hand + 2 * 2 * (2 * L + 1) * o)
+
+
+def test_large_overhead_makes_the_search_pick_the_fewest_microbatches():
+    # Free network, 1 s per action: every extra micro-batch costs 2 (L + 1) s of attention
+    # actions while the bubble it removes is worth microseconds.
+    G = 16
+    big = plan(toy(), ClusterSpec.cpu(4, **IDEAL, action_overhead=1.0), G)
+    A = len(big.attention_ranks)
+    assert big.num_microbatches == 1 and big.grad_accumulation == 1
+    assert big.microbatch_size == G // A
+
+
+@pytest.mark.parametrize("bandwidth", [math.inf, 1e9, 1e6])
+def test_zero_overhead_keeps_the_previous_choice(bandwidth):
+    # action_overhead=0 is the model without the term: same choice and numbers as a spec
+    # loaded from JSON written before the field existed (no action_overhead key), and as
+    # the pinned-m expectations of the tests above (m = 8 on the free network).
+    zero = ClusterSpec.cpu(4, flops=P, bandwidth=bandwidth, latency=0.0, action_overhead=0.0)
+    old_json = {k: v for k, v in zero.to_dict().items() if k != "action_overhead"}
+    old = plan(toy(), ClusterSpec.from_dict(old_json), 16)
+    new = plan(toy(), zero, 16)
+    key = lambda p: (p.attention_ranks, p.num_microbatches, p.microbatch_size, p.grad_accumulation, p.step_time,
+                     p.ep_step_time, p.ep_step_time_overlap)
+    assert key(new) == key(old)
+    if math.isinf(bandwidth):
+        assert new.num_microbatches == 8
+    tiny = plan(toy(), zero.replace(action_overhead=1e-3), 16)
+    if bandwidth >= 1e9:  # compute-bound: 1 ms per action outweighs the bubble of fewer micro-batches
+        assert tiny.num_microbatches < new.num_microbatches
+    else:  # 1 MB/s: seconds of transfers per step, the overhead hides behind them
+        assert tiny.num_microbatches == new.num_microbatches

@@ -11,13 +11,18 @@ identical devices. Every number is per device or per link and *per direction*:
   receive) to the other devices of its node;
 * ``nics_per_node`` NICs of ``nic_bandwidth`` B/s each per direction, shared by the
   devices of a node; a rank numbered ``r`` lives on node ``r // devices_per_node``;
-* ``intra_node_latency`` / ``inter_node_latency`` -- seconds per message.
+* ``intra_node_latency`` / ``inter_node_latency`` -- seconds per message;
+* ``action_overhead`` -- fixed seconds every compute action pays on top of its roofline
+  time (one stage forward or backward of one micro-batch: framework dispatch of the
+  stage's graph, kernel launches, small-kernel inefficiency). 0 for the presets (see
+  ``_preset``); ``measure()`` measures a proxy of it. JSON written before the field
+  existed loads with 0.
 
 Ways to get one::
 
     ClusterSpec.parse("16x8xh800")            # nodes x devices-per-node x preset
     ClusterSpec.preset("a100", num_nodes=2)   # preset, 8 devices per node
-    ClusterSpec.cpu(4, flops=50e9, bandwidth=0.12e9)   # hand-made, one device per node
+    ClusterSpec.cpu(4, flops=50e9, bandwidth=0.12e9, action_overhead=1e-3)   # hand-made, one device per node
     ClusterSpec.measure()                     # online profiling of the running world
 
 Preset numbers are public datasheet values (sources in ``_PRESETS``). Datasheet
@@ -66,6 +71,7 @@ class ClusterSpec:
     nic_bandwidth: float
     intra_node_latency: float
     inter_node_latency: float
+    action_overhead: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -77,7 +83,7 @@ class ClusterSpec:
             value = getattr(self, attr)
             if not value > 0:
                 raise ValueError(f"ClusterSpec.{attr} must be > 0 (math.inf for unlimited), got {value!r}")
-        for attr in ("intra_node_latency", "inter_node_latency"):
+        for attr in ("intra_node_latency", "inter_node_latency", "action_overhead"):
             value = getattr(self, attr)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"ClusterSpec.{attr} must be finite and >= 0 seconds, got {value!r}")
@@ -105,9 +111,10 @@ class ClusterSpec:
 
     def describe(self) -> str:
         """The string form when this is a preset cluster, else a one-line summary."""
+        overhead = f", {_fmt_seconds(self.action_overhead)} per compute action" if self.action_overhead else ""
         if self.name in PRESETS:
-            return f"{self.num_nodes}x{self.devices_per_node}x{self.name}"
-        return f"{self.name} ({self.num_nodes} nodes x {self.devices_per_node} devices)"
+            return f"{self.num_nodes}x{self.devices_per_node}x{self.name}" + (f" ({overhead[2:]})" if overhead else "")
+        return f"{self.name} ({self.num_nodes} nodes x {self.devices_per_node} devices{overhead})"
 
     def __str__(self) -> str:
         flops = ", ".join(f"{k} {v / 1e12:.4g} TFLOP/s" for k, v in sorted(self.peak_flops.items()))
@@ -118,6 +125,7 @@ class ClusterSpec:
             f"latency {self.intra_node_latency * 1e6:.3g} us",
             f"  inter-node: {self.nics_per_node} NICs x {self.nic_bandwidth / _GB:.4g} GB/s per node per direction, "
             f"latency {self.inter_node_latency * 1e6:.3g} us",
+            f"  overhead per compute action (F, B, EF, EB of one micro-batch): {_fmt_seconds(self.action_overhead)}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -128,6 +136,8 @@ class ClusterSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClusterSpec":
+        """Inverse of :meth:`to_dict`; a dict without ``action_overhead`` (written before the
+        field existed) loads with 0."""
         return cls(**data)
 
     def replace(self, **changes) -> "ClusterSpec":
@@ -173,11 +183,13 @@ class ClusterSpec:
         memory_bandwidth: float = math.inf,
         memory_capacity: float = math.inf,
         dtype: torch.dtype | str = torch.float32,
+        action_overhead: float = 0.0,
     ) -> "ClusterSpec":
         """A hand-made cluster of ``world_size`` single-device nodes (one process per rank).
 
         ``flops``: FLOP/s per rank for ``dtype``; ``bandwidth``: B/s per direction of each
-        rank's link; ``latency`` in seconds. Memory is unlimited unless given.
+        rank's link; ``latency`` and ``action_overhead`` (per compute action) in seconds.
+        Memory is unlimited unless given.
         """
         return cls(
             name="cpu",
@@ -191,6 +203,7 @@ class ClusterSpec:
             nic_bandwidth=float(bandwidth),
             intra_node_latency=float(latency),
             inter_node_latency=float(latency),
+            action_overhead=float(action_overhead),
             notes=["hand-made: one device per node, one link per device"],
         )
 
@@ -203,16 +216,25 @@ class ClusterSpec:
         matmul_size: int = 1024,
         message_bytes: int = 16 << 20,
         repeats: int = 5,
+        overhead_ops: int = 50,
     ) -> "ClusterSpec":
         """Online profiling: a spec for the world this process runs in, from measurements.
 
         * FLOP/s: an ``matmul_size``-square matmul in ``dtype`` (float32 on CPU, bfloat16 on
           CUDA by default) on this process's device; the median of ``repeats`` timings.
         * memory bandwidth: a copy of a 64 MB tensor (bytes read + written per second).
+        * action overhead: the median time of the forward + backward of a ``torch.fx``
+          GraphModule of ``overhead_ops`` elementwise ops on a 4 x 8 tensor (about 0.3 ms
+          for 50 ops on this project's 2-core CPU host). The work is negligible, so the time is
+          what every stage action pays regardless of its size: Python dispatch of the
+          graph's ops and autograd's bookkeeping. It is a *proxy*: a real stage has its
+          own op count, and the runtime's per-action Python (mailbox, worker loop) and the
+          inefficiency of small matmuls come on top, so it is a lower bound of the true
+          per-action cost (benchmarks/RESULTS.md infers about 1 ms per action on CPU).
         * links, when ``torch.distributed`` is initialised: every rank exchanges messages
           with its ring neighbours (receives posted before sends, as gloo needs for full
           duplex); latency from 8-byte messages, bandwidth from ``message_bytes`` ones.
-          FLOP/s and bandwidth are the minimum over ranks, latency the maximum, so the
+          FLOP/s and bandwidth are the minimum over ranks, latency and action overhead the maximum, so the
           spec is safe for every rank. Without torch.distributed the world is this one
           process and the links are reported unmeasured (infinite bandwidth, zero latency).
 
@@ -226,7 +248,10 @@ class ClusterSpec:
         flops = _measure_matmul(device, dtype, matmul_size, repeats)
         mem_bw = _measure_copy(device, repeats)
         capacity = _device_memory(device)
-        notes = [f"measured on {device.type}: {matmul_size}^2 {dtype_name(dtype)} matmul, 64 MB copy"]
+        overhead = _measure_action_overhead(device, overhead_ops, max(repeats, 20))
+        notes = [f"measured on {device.type}: {matmul_size}^2 {dtype_name(dtype)} matmul, 64 MB copy",
+                 f"action overhead: forward + backward of a {overhead_ops}-op torch.fx graph on tiny tensors "
+                 "(a proxy, lower bound of a real stage's fixed cost)"]
         if device.type == "cpu":
             notes.append("CPU processes: each rank is a 'device' sharing the host's cores and memory")
         world = 1
@@ -235,12 +260,12 @@ class ClusterSpec:
             world = dist.get_world_size(group)
             if world > 1:
                 latency, bandwidth = _measure_ring(group, device, message_bytes, repeats)
-                stats = torch.tensor([flops, mem_bw, bandwidth, -latency, capacity], dtype=torch.float64)
+                stats = torch.tensor([flops, mem_bw, bandwidth, -latency, capacity, -overhead], dtype=torch.float64)
                 if device.type == "cuda":
                     stats = stats.to(device)
                 dist.all_reduce(stats, op=dist.ReduceOp.MIN, group=group)
-                flops, mem_bw, bandwidth, latency, capacity = stats.tolist()
-                latency = -latency
+                flops, mem_bw, bandwidth, latency, capacity, overhead = stats.tolist()
+                latency, overhead = -latency, -overhead
                 notes.append(f"links: ring point-to-point over {dist.get_backend(group)}, {message_bytes} B messages")
         if world == 1:
             notes.append("links not measured: torch.distributed is not initialised (or world size 1)")
@@ -256,6 +281,7 @@ class ClusterSpec:
             nic_bandwidth=bandwidth,
             intra_node_latency=latency,
             inter_node_latency=latency,
+            action_overhead=overhead,
             notes=notes,
         )
 
@@ -292,6 +318,38 @@ def _measure_copy(device: torch.device, repeats: int) -> float:
     dst = torch.empty_like(src)
     seconds = _median_time(lambda: dst.copy_(src), device, repeats)
     return 2.0 * src.numel() * src.element_size() / seconds
+
+
+def _measure_action_overhead(device: torch.device, num_ops: int, repeats: int) -> float:
+    """Median seconds of forward + backward of an FX graph of ``num_ops`` elementwise ops on
+    a 4 x 8 tensor (see :meth:`ClusterSpec.measure`)."""
+    import torch.fx as fx
+
+    if num_ops < 1:
+        raise ValueError(f"ClusterSpec.measure: overhead_ops must be >= 1, got {num_ops}")
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    h = graph.call_function(torch.mul, (x, w))
+    binary = (torch.add, torch.mul, torch.sub)
+    for i in range(num_ops - 1):
+        # a tanh now and then keeps the values bounded and the op mix stage-like
+        h = graph.call_function(torch.tanh, (h,)) if i % 5 == 4 else graph.call_function(binary[i % 3], (h, w))
+    graph.output(graph.call_function(torch.sum, (h,)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(4, 8, device=device, requires_grad=True)
+
+    def run() -> None:
+        gm(x, w).backward()
+        w.grad = None
+
+    return _median_time(run, device, repeats)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
 
 
 def _device_memory(device: torch.device) -> float:
@@ -338,6 +396,10 @@ def _measure_ring(group, device: torch.device, message_bytes: int, repeats: int)
 
 
 def _preset(name, per_node, flops, mem_bw, capacity, intra, nics, nic_bw, source) -> ClusterSpec:
+    # action_overhead = 0: on these GPUs a stage action launches its kernels asynchronously, so
+    # the host's dispatch (tens of us per stage) overlaps the previous action's kernels, and
+    # the model's micro-batches (thousands of tokens) keep kernels far above launch latency
+    # (~5 us). No datasheet gives a figure; measure() on the cluster gives one when it matters.
     return ClusterSpec(
         name=name,
         num_nodes=1,

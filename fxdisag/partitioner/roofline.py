@@ -11,6 +11,16 @@ result side by side.
 Formulas (all times in seconds, bytes in bytes, per device unless said otherwise)::
 
     REGION_TIME     t = max(F / peak, B / mem_bw)                 roofline of one region
+    COMPUTE_ACTION  t = t_work + overhead
+                    one compute action (F, B, EF or EB of one micro-batch at one stage): the
+                    sum of its regions' REGION_TIMEs plus the fixed per-action cost
+                    ClusterSpec.action_overhead (framework dispatch, kernel launches). It is
+                    paid once per (stage, micro-batch): AF-pipe runs L + 1 attention stages
+                    (stage 0 = pre + first MoE layer's attention, stage L = post) and L expert
+                    stages per micro-batch and direction; so t_attn and t_post below carry
+                    one overhead each, t_pre none, and each expert stage one. EP pays the same
+                    per micro-step (and per half micro-step with overlap), so more
+                    micro-batches trade a smaller bubble for more overhead.
     TRANSFER_TIME   t = max(nic_out / (n_out bw_nic), nic_in / (n_in bw_nic),
                             link_out / bw_link, link_in / bw_link) + latency
                     (one node; the slowest node sets the time; NVLink and NIC run in parallel)
@@ -81,6 +91,7 @@ __all__ = [
     "Formula",
     "Recorder",
     "REGION_TIME",
+    "COMPUTE_ACTION",
     "TRANSFER_TIME",
     "PIPELINE_TIME",
     "ATTENTION_STAGE",
@@ -131,6 +142,14 @@ REGION_TIME = Formula(
     "REGION_TIME",
     sp.Max(_F / _peak, _B / _mem_bw),
     "roofline time of one region: F FLOPs at peak FLOP/s, or B bytes at memory bandwidth",
+)
+
+_twork, _overhead = _s("t_work overhead")
+COMPUTE_ACTION = Formula(
+    "COMPUTE_ACTION",
+    _twork + _overhead,
+    "one compute action (F, B, EF or EB of one micro-batch at one stage): the roofline time of its "
+    "regions plus a fixed overhead per action (ClusterSpec.action_overhead: dispatch, kernel launches)",
 )
 
 _no, _ni, _n_out, _n_in, _bw_nic, _lo, _li, _bw_link, _lat = _s(
@@ -195,7 +214,7 @@ ACTIVATIONS = Formula(
 
 FORMULAS: dict[str, Formula] = {
     f.name: f
-    for f in (REGION_TIME, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
+    for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
 }
 
 
@@ -721,14 +740,23 @@ def _stage_time(cluster, dtype: str, regions: list[RegionCost], seqs: float, bac
 
 def attention_times(work: Workload, cluster, seqs: float, recorder=None, recompute: bool = False) -> dict[str, float]:
     """Attention-side compute per micro-batch of ``seqs`` sequences: pre, one MoE layer's
-    stage (mean over layers) and post, forward and backward (+ recomputation)."""
+    stage (mean over layers) and post, forward and backward (+ recomputation).
+
+    ``attn_*`` and ``post_*`` are COMPUTE_ACTIONs (each one stage action, with the per-action
+    overhead); ``pre_*`` is pure work, since it runs inside the first layer's stage action."""
     out = {}
+    overhead = cluster.action_overhead
     for bwd in (False, True):
         sfx = "b" if bwd else "f"
+        direction = "bwd" if bwd else "fwd"
         out[f"pre_{sfx}"] = _stage_time(cluster, work.dtype, work.pre, seqs, bwd, recompute)
-        out[f"post_{sfx}"] = _stage_time(cluster, work.dtype, work.post, seqs, bwd, recompute)
+        post = _stage_time(cluster, work.dtype, work.post, seqs, bwd, recompute)
         per_layer = [_stage_time(cluster, work.dtype, regs, seqs, bwd, recompute) for regs in work.layers]
-        out[f"attn_{sfx}"] = sum(per_layer) / len(per_layer)
+        out[f"attn_{sfx}"] = COMPUTE_ACTION(recorder, f"attention stage action (mean over layers), {direction}, "
+                                            f"{seqs:g} seq", t_work=sum(per_layer) / len(per_layer),
+                                            overhead=overhead)
+        out[f"post_{sfx}"] = COMPUTE_ACTION(recorder, f"post stage action, {direction}, {seqs:g} seq",
+                                            t_work=post, overhead=overhead)
     if recorder is not None:  # record one representative region evaluation per stage kind
         for name, regs in (("pre", work.pre), ("attention stage", work.layers[0]), ("post", work.post)):
             if regs:
@@ -741,14 +769,17 @@ def attention_times(work: Workload, cluster, seqs: float, recorder=None, recompu
 
 def expert_time(work: Workload, cluster, rows: float, experts_held: int, backward: bool, recorder=None,
                 label: str = "experts", recompute: bool = False) -> float:
+    """One expert action (EF or EB) of one micro-batch and MoE layer: COMPUTE_ACTION of its
+    roofline time."""
     k = (3.0 if recompute else 2.0) if backward else 1.0
-    return REGION_TIME(
+    work_time = REGION_TIME(
         recorder, label,
         F=k * rows * work.expert_flops_per_row,
         peak=cluster.peak(work.dtype),
         B=k * (experts_held * work.expert_weight_bytes + rows * work.expert_io_per_row),
         mem_bw=cluster.memory_bandwidth,
     )
+    return COMPUTE_ACTION(recorder, f"{label}, one action", t_work=work_time, overhead=cluster.action_overhead)
 
 
 def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
