@@ -33,7 +33,6 @@ general rather than per family:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -422,9 +421,6 @@ class CapturedModel(nn.Module):
         if "labels" in self.input_names:
             return CausalLMOutput(loss=out[0], logits=out[1])
         return CausalLMOutput(logits=out)
-
-    def region_of(self, node: fx.Node) -> RegionTag:
-        return node.meta["fxdisag_region"]
 
     def region_table(self) -> str:
         from fxdisag.dump import region_table

@@ -24,11 +24,9 @@ The rules (each one structural)::
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 __all__ = ["LayoutError", "MoELayer", "ModelLayout", "find_layout", "is_experts_module"]
@@ -73,12 +71,6 @@ class ModelLayout:
     moe: list[MoELayer]
     dense_mlp: dict[int, str] = field(default_factory=dict)
 
-    def moe_by_experts(self) -> dict[str, MoELayer]:
-        return {m.experts: m for m in self.moe}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def is_experts_module(module: nn.Module) -> bool:
     params = list(module.parameters(recurse=False))
@@ -115,7 +107,6 @@ def _config_value(model: nn.Module, *names: str) -> int | None:
 
 
 def find_layout(model: nn.Module) -> ModelLayout:
-    names = {id(m): n for n, m in model.named_modules()}
     experts = [(n, m) for n, m in model.named_modules() if is_experts_module(m)]
     if not experts:
         raise LayoutError(
@@ -221,8 +212,3 @@ def find_layout(model: nn.Module) -> ModelLayout:
         dense_mlp=dense,
     )
 
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32

@@ -115,9 +115,7 @@ class _Candidate:
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
     """(domain nodes, placement strategy) pairs whose expert weights + optimizer state may fit."""
     E, L = work.num_experts, work.num_moe_layers
-    w = 2 * work.dtype_bytes
-    o = optimizer_bytes_per_param(optimizer, work.dtype_bytes)
-    per = (w + (o / 2 if shard else o)) * work.params_per_expert * L  # >= 2 replicas when sharding pays
+    w = 2 * work.dtype_bytes  # weights + grads: a lower bound, optimizer states may shard
     out = []
     for d in _divisors(cluster.num_nodes):
         counts = _domain_expert_counts(cluster, attention, experts, d)
@@ -197,7 +195,6 @@ def plan(
     closest = None  # (worst memory / cap, description) of the closest infeasible candidate
     counts = [num_attention] if num_attention else range(1, min(W - 1, global_batch) + 1)
     for A in counts:
-        F = W - A
         try:
             attention, experts = attention_layout(cluster, A)
         except ValueError:

@@ -111,7 +111,6 @@ class EPWorker:
         self.action_offset = 0
         attention.execute = self._route  # the attention worker drives the loop
         self._attention_execute = AttentionWorker.execute.__get__(attention)
-        self.params = attention.params + experts.params
 
     @property
     def spans(self):

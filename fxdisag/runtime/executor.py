@@ -126,7 +126,6 @@ class AttentionWorker(_Worker):
         self.local_ids = torch.tensor(local_ids, dtype=torch.long)  # expert -> id on that slot's rank
         self.expert_ranks = list(schedule.expert_ranks)
         self.attention_ranks = list(schedule.attention_ranks)
-        self.group = attention_group
         self.constants = self._constants()
         seen: dict[int, nn.Parameter] = {}
         for stage in program.stages:

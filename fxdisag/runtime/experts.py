@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["local_experts", "global_name"]
+__all__ = ["local_experts"]
 
 
 def local_experts(experts: nn.Module, expert_ids: Sequence[int]) -> nn.Module:
@@ -28,14 +28,12 @@ def local_experts(experts: nn.Module, expert_ids: Sequence[int]) -> nn.Module:
     if int(ids.max()) >= num_experts or int(ids.min()) < 0:
         raise ValueError(f"expert ids {list(expert_ids)} out of range for {num_experts} experts")
     # Copy the module without its parameters (they may be huge), then attach the slices.
-    memo = {id(p): None for p in params.values()}
     saved = experts._parameters
     experts._parameters = {}
     try:
         local = copy.deepcopy(experts, memo={})
     finally:
         experts._parameters = saved
-    del memo
     for name, p in params.items():
         sliced = p.detach()[ids.to(p.device)].clone()
         local.register_parameter(name, nn.Parameter(sliced, requires_grad=p.requires_grad))
@@ -47,6 +45,3 @@ def local_experts(experts: nn.Module, expert_ids: Sequence[int]) -> nn.Module:
     local.fxdisag_expert_ids = tuple(int(i) for i in ids)
     return local
 
-
-def global_name(experts_fqn: str, param: str) -> str:
-    return f"{experts_fqn}.{param}"

@@ -124,7 +124,6 @@ class Mailbox:
         self.ordered = ordered
         self._queues: dict[int, deque[Receive]] = {}
         self._sends: list[tuple[list, list[torch.Tensor]]] = []
-        self.bytes_sent = 0
         self.wait_seconds = 0.0  # time blocked in wait(): the timeline's recv-wait
         self.rank = dist.get_rank() if dist.is_initialized() else -1
         self._local: dict[int, tuple[int | None, torch.Tensor]] = {}  # tag -> (header, payload) sent to self
@@ -250,7 +249,6 @@ class Mailbox:
                 tag += 1
             ops.append(dist.P2POp(dist.isend, payload, peer, self.group, tag))
             keep.append(payload)
-            self.bytes_sent += payload.numel()
         if ops:
             self._sends.append((dist.batch_isend_irecv(ops), keep))
 
