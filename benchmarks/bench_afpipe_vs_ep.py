@@ -138,40 +138,16 @@ def _count_sends(variant: Variant, rank: int) -> None:
 
 
 def choose_plan(prof, cluster, global_batch: int, world: int) -> tuple[Any, Any, list[str]]:
-    """The planner's choice, restricted to plans this runtime can run.
+    """The planner's choice among plans this runtime runs (what ``plan="auto"`` picks).
 
-    Returns (chosen plan, the unrestricted planner's plan, notes on rejected splits).
+    Returns (chosen plan, the unrestricted planner's plan, notes on rejected (A, m)).
     """
     import fxdisag
+    from fxdisag.partitioner.auto import runnable_plan
 
     free = fxdisag.plan(prof, cluster, global_batch, seq_len=SEQ_LEN)
-    notes, candidates = [], []
-    for A in range(1, world):
-        try:
-            p = fxdisag.plan(prof, cluster, global_batch, seq_len=SEQ_LEN, num_attention=A)
-        except ValueError as e:
-            notes.append(f"{A} attention ranks: no plan ({e})")
-            continue
-        why = runnable(p, global_batch)
-        if why:
-            notes.append(f"{A}A+{world - A}E m={p.num_microbatches}: not runnable here ({why})")
-        else:
-            candidates.append(p)
-    if not candidates:
-        raise RuntimeError("no plan the runtime can run: " + "; ".join(notes))
-    return min(candidates, key=lambda p: p.step_time), free, notes
-
-
-def runnable(p, global_batch: int) -> str:
-    """Why the runtime cannot run plan ``p`` ('' if it can)."""
-    A = len(p.attention_ranks)
-    if global_batch % (A * p.num_microbatches):
-        return f"global batch {global_batch} does not split over {A} attention ranks x m={p.num_microbatches}"
-    if p.grad_accumulation != 1:
-        return f"{p.grad_accumulation} gradient-accumulation rounds (the benchmark times one round)"
-    if any(len(r) != 1 for r in p.expert_placement):
-        return "replicated experts (the runtime runs one copy per expert)"
-    return ""
+    chosen, notes = runnable_plan(prof, cluster, global_batch, SEQ_LEN)
+    return chosen, free, notes
 
 
 def build_variants(prof, cluster, world: int) -> tuple[list[Variant], dict]:

@@ -25,13 +25,48 @@ from fxdisag.partitioner.plan import Plan
 from fxdisag.partitioner.profile import profile
 from fxdisag.partitioner.search import PlanError, plan
 
-__all__ = ["auto_plan"]
+__all__ = ["auto_plan", "runnable_plan"]
 
 
 def _param_dtype(captured) -> torch.dtype:
     for p in captured.graph_module.parameters():
         return p.dtype
     return torch.float32
+
+
+def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int) -> tuple[Plan, list[str]]:
+    """The fastest predicted plan the runtime runs in one call per step, and why others were not.
+
+    Pins the search to every (attention ranks A, micro-batches m) with A x m x b == batch and
+    keeps plans without gradient-accumulation rounds.
+    """
+    best: Plan | None = None
+    notes: list[str] = []
+    for a in range(1, cluster.world_size):
+        if batch % a:
+            notes.append(f"{a} attention ranks: the batch of {batch} does not split over them")
+            continue
+        per_rank = batch // a
+        for m in (d for d in range(1, per_rank + 1) if per_rank % d == 0):
+            try:
+                candidate = plan(
+                    prof, cluster, batch, seq_len=seq_len, num_attention=a, num_microbatches=m,
+                    microbatch_size=per_rank // m,
+                )
+            except PlanError as exc:
+                notes.append(f"{a} attention ranks, m={m}: {str(exc).splitlines()[0]}")
+                continue
+            if candidate.grad_accumulation != 1:
+                notes.append(f"{a} attention ranks, m={m}: {candidate.grad_accumulation} accumulation rounds")
+                continue
+            if best is None or candidate.step_time < best.step_time:
+                best = candidate
+    if best is None:
+        raise PlanError(
+            f"no runnable AF-pipe plan for a batch of {batch} sequences on {cluster.describe()}:\n  "
+            + "\n  ".join(notes[:8])
+        )
+    return best, notes
 
 
 def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None) -> Plan:
@@ -44,35 +79,7 @@ def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None
         raise ValueError(f"cluster {cluster.describe()} has {cluster.world_size} devices; the job has {world} ranks")
     batch, seq = example_inputs["input_ids"].shape
     prof = profile(captured, batch_size=1, seq_len=seq, dtype=_param_dtype(captured))
-    best: Plan | None = None
-    errors = []
-    for a in range(1, cluster.world_size):
-        if batch % a:
-            continue
-        per_rank = batch // a
-        for m in (d for d in range(1, per_rank + 1) if per_rank % d == 0):
-            try:
-                candidate = plan(
-                    prof,
-                    cluster,
-                    batch,
-                    seq_len=seq,
-                    num_attention=a,
-                    num_microbatches=m,
-                    microbatch_size=per_rank // m,
-                )
-            except PlanError as exc:
-                errors.append(f"{a} attention ranks, m={m}: {exc}")
-                continue
-            if candidate.grad_accumulation != 1:
-                continue
-            if best is None or candidate.step_time < best.step_time:
-                best = candidate
-    if best is None:
-        raise PlanError(
-            f"no runnable AF-pipe plan for a batch of {batch} sequences on {cluster.describe()}:\n  "
-            + "\n  ".join(errors[:8] or ["the batch does not split over any attention-rank count"])
-        )
+    best, _ = runnable_plan(prof, cluster, batch, seq)
     if dist.is_initialized():
         box = [best.to_json()]
         dist.broadcast_object_list(box, src=0)

@@ -131,9 +131,8 @@ def split_stages(gm: fx.GraphModule) -> StagedProgram:
     outputs: list[str] = []
     for node in top.graph.nodes:
         if node.op == "output":
-            outputs = [a.name for a in fx.node.map_aggregate(node.args[0], lambda x: x) if isinstance(a, fx.Node)] if isinstance(
-                node.args[0], (tuple, list)
-            ) else [node.args[0].name]
+            result = node.args[0]
+            outputs = [a.name for a in (result if isinstance(result, (tuple, list)) else [result])]
         if node.op != "call_module":
             continue
         pid = int(node.target.rsplit("_", 1)[1])
