@@ -33,6 +33,8 @@ general rather than per family:
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -294,14 +296,32 @@ def _where(node: fx.Node) -> str:
 
 
 def _source_line(node: fx.Node) -> str:
-    """``file:line: code`` of the user frame that created ``node`` (FX records the stack)."""
+    """``file:line: code`` of the user frame that created ``node`` (FX records the stack).
+
+    A frame is the user's unless its file lies inside fxdisag's or torch's installed
+    package directory; a user's own folder may well be called ``fxdisag`` or ``torch``.
+    """
     trace = (node.stack_trace or "").strip().splitlines()
     for i in range(len(trace) - 1, -1, -1):
         line = trace[i].strip()
-        if line.startswith("File ") and "/torch/" not in line and "/fxdisag/" not in line:
+        match = _FRAME.match(line)
+        if match and not _is_library_file(match.group(1)):
             code = trace[i + 1].strip() if i + 1 < len(trace) else ""
             return f"{line[5:]}: {code}"
     return ""
+
+
+_FRAME = re.compile(r'File "([^"]+)", line \d+')
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import fxdisag
+
+    return tuple(os.path.realpath(os.path.dirname(m.__file__)) + os.sep for m in (fxdisag, torch))
+
+
+def _is_library_file(path: str) -> bool:
+    return os.path.realpath(path).startswith(_library_dirs())
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:

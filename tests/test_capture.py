@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import inspect
 import os
 
 import expecttest
@@ -253,6 +255,23 @@ class _ToyLM(nn.Module):
 def test_capture_failure_names_the_module_and_the_construct():
     model = _ToyLM(branch=True)
     with pytest.raises(CaptureError, match=r"module 'layers\.0' \(_Layer\) at .*test_capture.py.*x.sum\(\) > 0.* branches on a tensor value"):
+        fxdisag.capture(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+
+
+def test_capture_failure_quotes_user_code_kept_in_a_folder_named_fxdisag(tmp_path):
+    # A user's folder called ``fxdisag`` (e.g. a clone of this repository) is still the user's
+    # code: the error must quote its line, not skip it as a library frame.
+    folder = tmp_path / "fxdisag"
+    folder.mkdir()
+    classes = [_Attention, _Experts, _Block, _Layer, _ToyLM]
+    source = "import torch\nfrom torch import nn\n\n\n" + "\n\n".join(inspect.getsource(c) for c in classes)
+    (folder / "user_model.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("user_model_in_fxdisag_folder", folder / "user_model.py")
+    user_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_model)
+    model = user_model._ToyLM(branch=True)
+    pattern = r"module 'layers\.0' \(_Layer\) at .*/fxdisag/user_model\.py.*x\.sum\(\) > 0.* branches on a tensor value"
+    with pytest.raises(CaptureError, match=pattern):
         fxdisag.capture(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
 
 

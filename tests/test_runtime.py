@@ -5,7 +5,8 @@ eagerly in one process on the same global batch:
 
 * the loss of step 0 (<= 1e-5) and every consolidated gradient (relative error <= 1e-4);
 * the loss trajectory of 5 AdamW steps (<= 1e-4 each);
-* the consolidated parameters after those steps (what a checkpoint would save).
+* the consolidated parameters after those steps (what a checkpoint would save;
+  max-abs error <= 5e-4, 5% of one AdamW step: see ``_train``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         n: float((grads0[n] - g).norm() / g.norm().clamp_min(1e-30)) if grads0[n] is not None else float("inf")
         for n, g in ref_grads0.items()
     }
+    # Max-abs within 5% of one AdamW step (lr = 1e-2): AdamW divides each element by its own
+    # gradient scale, so an element whose only gradient is ~1e-7 (a token seen once) moves by
+    # ~lr whatever its value, and a 1e-8 rounding difference in that gradient moves it ~1e-4.
+    # A stale, misplaced or wrongly updated parameter is off by ~lr per step.
     param_err = {n: float((final[n] - p.detach()).abs().max()) for n, p in reference.named_parameters()}
     return {
         "losses": losses,
@@ -128,7 +133,7 @@ def _check_against_eager(results: list[dict]) -> None:
         assert r["losses"] == r0["losses"]
     assert [r["released"] for r in results] == [True] * len(results)
     worst = max(r0["param_err"], key=r0["param_err"].get)
-    assert r0["param_err"][worst] <= 1e-4, (worst, r0["param_err"][worst])
+    assert r0["param_err"][worst] <= 5e-4, (worst, r0["param_err"][worst])
 
 
 def _traced_step(rank: int, world: int, out_dir: str) -> dict:
