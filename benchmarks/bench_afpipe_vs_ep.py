@@ -83,7 +83,7 @@ MODEL_NOTE = (
 
 
 def model_config():
-    from fxdisag.models import tiny_config
+    from fxdisag.testing.models import tiny_config
 
     cfg = tiny_config(MODEL["family"], num_layers=MODEL["num_layers"])
     for key, value in MODEL.items():
@@ -143,7 +143,7 @@ def choose_plan(prof, cluster, global_batch: int, world: int) -> tuple[Any, Any,
     Returns (chosen plan, the unrestricted planner's plan, notes on rejected (A, m)).
     """
     import fxdisag
-    from fxdisag.partitioner.auto import runnable_plan
+    from fxdisag.planner.auto import runnable_plan
 
     free = fxdisag.plan(prof, cluster, global_batch, seq_len=SEQ_LEN)
     chosen, notes = runnable_plan(prof, cluster, global_batch, SEQ_LEN)
@@ -213,13 +213,13 @@ def run_worker(out_json: str, out_dir: str, steps: int, warmup: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     import fxdisag
-    from fxdisag.models import example_batch
-    from fxdisag.partitioner import ClusterSpec
-    from fxdisag.partitioner.roofline import Workload
-    from fxdisag.runtime import throttle
+    from fxdisag.testing.models import example_batch
+    from fxdisag.planner import ClusterSpec
+    from fxdisag.planner.roofline import Workload
+    from fxdisag.testing import throttle
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    throttle.install_from_env()  # --emulation throttle (disaggregate() would too; the measurement below first)
+    throttle.install_from_env()  # --emulation throttle: before the link measurement below
     t_start = time.perf_counter()
     cfg = model_config()
     batch = example_batch(cfg, GLOBAL_BATCH, SEQ_LEN, seed=0)
@@ -466,7 +466,7 @@ def render(runs: list[dict], meta: dict) -> str:
 
 def _targets(runs: list[dict]) -> list[str]:
     """The issue's targets at the comm-bound headline setting (fewest ranks, slowest link)."""
-    from fxdisag.runtime.throttle import parse_rate
+    from fxdisag.testing.throttle import parse_rate
 
     limited = [r for r in runs if parse_rate(r["rate"]) is not None]
     if not limited:
@@ -507,7 +507,7 @@ def _targets(runs: list[dict]) -> list[str]:
 
 
 def _configured(rate: str) -> str:
-    from fxdisag.runtime.throttle import parse_rate
+    from fxdisag.testing.throttle import parse_rate
 
     b = parse_rate(rate)
     return "unlimited" if b is None else f"{b / 1e9:.3f}"

@@ -15,7 +15,7 @@ import time
 import torch
 
 from fxdisag.capture import capture
-from fxdisag.models import REGISTRY, meta_model
+from fxdisag.testing.models import REGISTRY, meta_model
 
 
 def main() -> None:

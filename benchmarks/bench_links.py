@@ -10,7 +10,7 @@ Modes:
   into a bridge, ``tc tbf`` on both ends (needs root; skipped with a note when
   unavailable).
 - ``throttle``: ``torchrun`` on loopback with ``FXDISAG_THROTTLE=<rate>``: the
-  in-process link throttle (``fxdisag/runtime/throttle.py``) paces isends.
+  in-process link throttle (``fxdisag/testing/throttle.py``) paces isends.
   Collectives (``all_to_all_single``) are *not* paced in this mode.
 
 Patterns (S = ``--mb`` MiB per peer and direction):
@@ -53,7 +53,7 @@ def _worker(out: str, mib_per_peer: float, reps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from fxdisag.runtime.throttle import install_from_env
+    from fxdisag.testing.throttle import install_from_env
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -138,7 +138,7 @@ def _worker(out: str, mib_per_peer: float, reps: int) -> None:
 
 def _parse_rate(rate: str) -> float | None:
     sys.path.insert(0, str(REPO))
-    from fxdisag.runtime.throttle import parse_rate
+    from fxdisag.testing.throttle import parse_rate
 
     return parse_rate(rate)
 

@@ -24,7 +24,7 @@ Contract:
 - Needs CAP_NET_ADMIN and CAP_SYS_ADMIN (root). Without them it exits with
   code 3 and a message pointing to the in-process throttle:
   ``FXDISAG_THROTTLE=1gbit torchrun --nproc-per-node N script.py``
-  (the runtime reads ``FXDISAG_THROTTLE``; see fxdisag/runtime/throttle.py).
+  (the runtime reads ``FXDISAG_THROTTLE``; see fxdisag/testing/throttle.py).
 
 The children also get ``FXDISAG_EMULATION`` (e.g. ``netns rate=1gbit
 burst=128kb``) so a benchmark can report which emulation it ran under, and
@@ -69,7 +69,7 @@ def _fallback_hint(nproc: int, rate: str) -> str:
     return (
         "Use the in-process link throttle instead, which needs no privileges: "
         f"FXDISAG_THROTTLE={rate} torchrun --standalone --nproc-per-node {nproc} "
-        "<script> (the fxdisag runtime installs fxdisag.runtime.throttle when "
+        "<script> (the fxdisag runtime installs fxdisag.testing.throttle when "
         "FXDISAG_THROTTLE is set; it paces sends only and does not model "
         "receiver-side contention)."
     )

@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from corpus import VOCAB_SIZE, load_stdlib_corpus, sample_batch  # noqa: E402
 from fxdisag import DisaggregatedModel, Plan, disaggregate, find_layout  # noqa: E402
-from fxdisag.models import TINY_FAMILIES, tiny_config  # noqa: E402
+from fxdisag.testing.models import TINY_FAMILIES, tiny_config  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5  # absolute, on the mean cross-entropy
 GRAD_TOLERANCE = 1e-4  # relative, per parameter, max-norm
@@ -166,7 +166,7 @@ def make_plan(
 ) -> Plan:
     """Ranks 0..attention_ranks-1 run attention; the rest hold the experts in contiguous blocks.
 
-    The one place the demo's plan is made: swap in ``fxdisag.partitioner`` search here.
+    The one place the demo's plan is made: swap in ``fxdisag.planner`` search here.
     """
     num_expert_ranks = world_size - attention_ranks
     if num_expert_ranks < 1:
@@ -390,6 +390,10 @@ def _init_distributed() -> bool:
         raise SystemExit("examples/train.py runs on several ranks: launch it with "
                          "`torchrun --nproc-per-node 2 examples/train.py`")
     dist.init_process_group("gloo")
+    # FXDISAG_THROTTLE=400mbit: emulate a slow network in-process (tooling, not the library).
+    from fxdisag.testing import throttle
+
+    throttle.install_from_env()
     return True
 
 

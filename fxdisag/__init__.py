@@ -31,10 +31,10 @@ __all__ = [
 _LAZY = {
     "disaggregate": ("fxdisag.api", "disaggregate"),
     "DisaggregatedModel": ("fxdisag.api", "DisaggregatedModel"),
-    "Plan": ("fxdisag.partitioner.plan", "Plan"),
-    "plan": ("fxdisag.partitioner.search", "plan"),
-    "profile": ("fxdisag.partitioner.profile", "profile"),
-    "ClusterSpec": ("fxdisag.partitioner.cluster", "ClusterSpec"),
+    "Plan": ("fxdisag.planner.plan", "Plan"),
+    "plan": ("fxdisag.planner.search", "plan"),
+    "profile": ("fxdisag.planner.profile", "profile"),
+    "ClusterSpec": ("fxdisag.planner.cluster", "ClusterSpec"),
 }
 
 

@@ -34,8 +34,8 @@ from torch import nn
 
 from fxdisag.capture import CapturedModel, capture
 from fxdisag.dump import maybe_dump_graph, maybe_dump_text
-from fxdisag.passes.insert_dispatch import insert_dispatch
-from fxdisag.passes.split_stages import StagedProgram, split_stages
+from fxdisag.codegen.insert_dispatch import insert_dispatch
+from fxdisag.codegen.split_stages import StagedProgram, split_stages
 from fxdisag.runtime.ep import EPPlan, EPWorker, ep_schedule
 from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
 from fxdisag.runtime.experts import local_experts
@@ -62,13 +62,8 @@ class DisaggregatedOutput:
 
 
 def _init_distributed() -> None:
-    from fxdisag.runtime import throttle
-
     if not dist.is_initialized():
         _init_process_group()
-    # FXDISAG_THROTTLE=1gbit emulates a slow network in-process (benchmarks without netns).
-    if not throttle.installed():
-        throttle.install_from_env()
 
 
 def _init_process_group() -> None:
@@ -94,7 +89,7 @@ def _resolve_plan(plan, captured: CapturedModel, example_inputs, cluster):
         return plan
     if plan != "auto":
         raise ValueError(f"plan must be a Plan or 'auto', got {plan!r}")
-    from fxdisag.partitioner.auto import auto_plan
+    from fxdisag.planner.auto import auto_plan
 
     return auto_plan(captured, example_inputs, cluster=cluster)
 

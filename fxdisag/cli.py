@@ -37,7 +37,7 @@ def _run_dump(args: argparse.Namespace) -> int:
 
     from fxdisag.capture import capture
     from fxdisag.dump import region_table, tagged_code, write_svg
-    from fxdisag.models import REGISTRY, resolve_model
+    from fxdisag.testing.models import REGISTRY, resolve_model
 
     full = args.model in REGISTRY
     model = resolve_model(args.model, num_layers=args.layers) if full or args.layers else resolve_model(args.model)

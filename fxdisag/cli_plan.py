@@ -76,7 +76,7 @@ def add_plan_parsers(subparsers) -> None:
 
 
 def _cluster(text: str):
-    from fxdisag.partitioner.cluster import ClusterSpec
+    from fxdisag.planner.cluster import ClusterSpec
 
     if os.path.exists(text):
         import json
@@ -91,9 +91,9 @@ def plan_from_args(args: argparse.Namespace):
     import torch
 
     from fxdisag.capture import capture
-    from fxdisag.models import REGISTRY, resolve_model
-    from fxdisag.partitioner.profile import profile
-    from fxdisag.partitioner.search import plan
+    from fxdisag.testing.models import REGISTRY, resolve_model
+    from fxdisag.planner.profile import profile
+    from fxdisag.planner.search import plan
 
     cluster = _cluster(args.cluster)
     full = args.model in REGISTRY
@@ -147,7 +147,7 @@ def simulate_plan(result):
     Returns (SimResult with the all-reduce, SimResult without it, step-time estimate for
     all rounds, (A', F'))."""
     from fxdisag.runtime.schedule import ActionKind, af_pipe_schedule
-    from fxdisag.runtime.simulate import LinkModel, simulate
+    from fxdisag.schedule.simulate import LinkModel, simulate
 
     t = result.breakdown
     if not t:

@@ -15,7 +15,7 @@ from torch import nn
 import fxdisag
 from fxdisag.capture import REGION_KINDS, CaptureError
 from fxdisag.layout import LayoutError
-from fxdisag.models import TINY_FAMILIES, example_batch, meta_model, tiny_model
+from fxdisag.testing.models import TINY_FAMILIES, example_batch, meta_model, tiny_model
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ import pytest
 
 from fxdisag.cli import main
 from fxdisag.cli_plan import simulate_plan
-from fxdisag.partitioner import ClusterSpec, Plan, plan
-from fxdisag.partitioner.profile import synthetic_profile
+from fxdisag.planner import ClusterSpec, Plan, plan
+from fxdisag.planner.profile import synthetic_profile
 
 TINY = ["--model", "mixtral", "--cluster", "1x4xa100", "--seq-len", "64", "--global-batch", "8"]
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
+from fxdisag.planner.cluster import PRESETS, ClusterSpec
 from distributed import run_distributed
 
 

@@ -1,4 +1,4 @@
-"""Tests of fxdisag.models: tiny families run and are deterministic; full-size
+"""Tests of fxdisag.testing.models: tiny families run and are deterministic; full-size
 registry entries build on meta and match the published parameter counts."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import expecttest
 import torch
 
-from fxdisag.models import (
+from fxdisag.testing.models import (
     EXPERTS_IMPLEMENTATIONS,
     REGISTRY,
     TINY_FAMILIES,

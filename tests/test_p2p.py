@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from fxdisag.runtime.p2p import byte_size, pack_bytes, unpack_bytes
+from fxdisag.runtime.mailbox import byte_size, pack_bytes, unpack_bytes
 
 
 def test_pack_unpack_round_trip_keeps_alignment():
@@ -25,7 +25,7 @@ def test_pack_unpack_round_trip_keeps_alignment():
 def _exchange(rank: int, world: int, ordered: bool) -> list:
     import torch.distributed as dist
 
-    from fxdisag.runtime.p2p import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
+    from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
 
     box = Mailbox(torch.device("cpu"), ordered=ordered)
     layout = lambda n: [((n, 4), torch.float32)]  # noqa: E731

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fxdisag
-from fxdisag.models import TINY_FAMILIES, example_batch, tiny_model
-from fxdisag.passes.insert_dispatch import insert_dispatch
-from fxdisag.passes.split_stages import split_stages
+from fxdisag.testing.models import TINY_FAMILIES, example_batch, tiny_model
+from fxdisag.codegen.insert_dispatch import insert_dispatch
+from fxdisag.codegen.split_stages import split_stages
 from fxdisag.runtime.dispatch import combine, pack
 
 

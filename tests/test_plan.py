@@ -5,9 +5,9 @@ import pytest
 from hypothesis import example, HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fxdisag.partitioner import ClusterSpec, Plan, PlanError, plan
-from fxdisag.partitioner.profile import synthetic_profile
-from fxdisag.partitioner.roofline import GroupLayout, domain_owners
+from fxdisag.planner import ClusterSpec, Plan, PlanError, plan
+from fxdisag.planner.profile import synthetic_profile
+from fxdisag.planner.roofline import GroupLayout, domain_owners
 
 
 def mixtral_like(**kw):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from fxdisag import capture
-from fxdisag.models import example_batch, meta_model, tiny_model
-from fxdisag.partitioner.profile import ModelProfile, profile
+from fxdisag.testing.models import example_batch, meta_model, tiny_model
+from fxdisag.planner.profile import ModelProfile, profile
 
-# tiny Mixtral (fxdisag.models): vocab 128, hidden 64, 4 heads of 16, 2 KV heads, 4 experts of width 32, top-2
+# tiny Mixtral (fxdisag.testing.models): vocab 128, hidden 64, 4 heads of 16, 2 KV heads, 4 experts of width 32, top-2
 H, V, HEADS, HD, KV, E, K, I = 64, 128, 4, 16, 2, 4, 2, 32
 
 

@@ -36,8 +36,8 @@ CASES = [
 
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe") -> dict:
     import fxdisag
-    from fxdisag.models import example_batch, tiny_model
-    from fxdisag.partitioner.plan import Plan
+    from fxdisag.testing.models import example_batch, tiny_model
+    from fxdisag.planner.plan import Plan
     from fxdisag.runtime.ep import EPPlan
 
     model = tiny_model(family, seed=0)
@@ -141,8 +141,8 @@ def _traced_step(rank: int, world: int, out_dir: str) -> dict:
     import os
 
     import fxdisag
-    from fxdisag.models import example_batch, tiny_model
-    from fxdisag.partitioner.plan import Plan
+    from fxdisag.testing.models import example_batch, tiny_model
+    from fxdisag.planner.plan import Plan
 
     model = tiny_model("qwen3_moe")
     batch = example_batch(model, 4, 8)
@@ -172,8 +172,8 @@ def test_timeline_and_per_rank_dumps(tmp_path):
 
 def _failing_expert(rank: int, world: int) -> None:
     import fxdisag
-    from fxdisag.models import example_batch, tiny_model
-    from fxdisag.partitioner.plan import Plan
+    from fxdisag.testing.models import example_batch, tiny_model
+    from fxdisag.planner.plan import Plan
 
     model = tiny_model("mixtral")
     batch = example_batch(model, 2, 8)
@@ -199,8 +199,8 @@ def test_a_failing_action_is_reported_with_the_marked_grid():
 
 def _replicas_and_accumulation(rank: int, world: int) -> dict:
     import fxdisag
-    from fxdisag.models import example_batch, tiny_model
-    from fxdisag.partitioner.plan import Plan
+    from fxdisag.testing.models import example_batch, tiny_model
+    from fxdisag.planner.plan import Plan
 
     model = tiny_model("mixtral")
     reference = copy.deepcopy(model)
@@ -236,7 +236,7 @@ def test_expert_replicas_and_gradient_accumulation_match_eager():
 
 def _auto_plan(rank: int, world: int) -> dict:
     import fxdisag
-    from fxdisag.models import example_batch, tiny_model
+    from fxdisag.testing.models import example_batch, tiny_model
 
     model = tiny_model("qwen3_moe")
     reference = copy.deepcopy(model)
@@ -249,7 +249,7 @@ def _auto_plan(rank: int, world: int) -> dict:
 
 @pytest.mark.dist
 def test_auto_plan_is_the_same_on_every_rank_and_trains_exactly():
-    from fxdisag.partitioner.plan import Plan
+    from fxdisag.planner.plan import Plan
 
     results = run_distributed(_auto_plan, 3, timeout=240)
     assert len({r["plan"] for r in results}) == 1

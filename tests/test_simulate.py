@@ -1,4 +1,4 @@
-"""Tests of fxdisag.runtime.simulate and fxdisag.runtime.timeline against hand timings."""
+"""Tests of fxdisag.schedule.simulate and fxdisag.runtime.timeline against hand timings."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fxdisag.runtime.schedule import ActionKind, ScheduleError, af_pipe_schedule, format_grid, validate
-from fxdisag.runtime.simulate import LinkModel, UniformLink, simulate
+from fxdisag.schedule.simulate import LinkModel, UniformLink, simulate
 from fxdisag.runtime.timeline import Span, chrome_trace, gantt_png
 
 K = ActionKind

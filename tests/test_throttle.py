@@ -1,5 +1,5 @@
 """Tests for tests/distributed.py (the multi-process harness) and for
-fxdisag/runtime/throttle.py (the in-process link throttle)."""
+fxdisag/testing/throttle.py (the in-process link throttle)."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_harness_detects_rank_dying_without_report() -> None:
 # --------------------------------------------------------------------------
 # throttle: parsing (no processes)
 
-from fxdisag.runtime.throttle import (  # noqa: E402
+from fxdisag.testing.throttle import (  # noqa: E402
     ENV_VAR,
     LinkThrottle,
     install_from_env,
@@ -206,7 +206,7 @@ def _throughput_body(
 ) -> tuple[float, float]:
     """Returns (best time to receive ``total`` bytes in ``nmsg`` messages,
     best time to receive one 4-byte message), measured on rank 1."""
-    from fxdisag.runtime.throttle import LinkThrottle
+    from fxdisag.testing.throttle import LinkThrottle
 
     _warm_up(rank, world_size)
     n = total // nmsg // 4
@@ -249,7 +249,7 @@ def test_throttle_throughput_and_latency_match_setting() -> None:
 
 
 def test_throttle_clock_model_shared_and_per_link() -> None:
-    from fxdisag.runtime.throttle import _Link
+    from fxdisag.testing.throttle import _Link
 
     # 1 MB/s, 20 ms latency. At t=10 s: 1000 B to rank 1, 2000 B to rank 2,
     # 500 B to rank 1; at t=10.1 s (NIC idle again) 1000 B to rank 2.
@@ -269,14 +269,14 @@ def test_throttle_clock_model_shared_and_per_link() -> None:
 
 
 def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
-    from fxdisag.runtime.throttle import LinkThrottle
+    from fxdisag.testing.throttle import LinkThrottle
 
     _warm_up(rank, world_size)
     sizes = [(i * 7919 % 13 + 1) * 256 for i in range(nmsg)]  # irregular, big and small mixed
     with LinkThrottle(20e6, latency_s=1e-3):  # installed: dist.isend is throttled
-        assert dist.isend.__module__ == "fxdisag.runtime.throttle"
-        assert dist.batch_isend_irecv.__module__ == "fxdisag.runtime.throttle"
-        assert dist.send.__module__ == "fxdisag.runtime.throttle"
+        assert dist.isend.__module__ == "fxdisag.testing.throttle"
+        assert dist.batch_isend_irecv.__module__ == "fxdisag.testing.throttle"
+        assert dist.send.__module__ == "fxdisag.testing.throttle"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             x = torch.full((2,), float(rank))
@@ -309,7 +309,7 @@ def _ordering_body(rank: int, world_size: int, nmsg: int) -> list[float]:
 
 
 def test_throttle_preserves_order_and_patches_dist() -> None:
-    import fxdisag.runtime.throttle as th
+    import fxdisag.testing.throttle as th
 
     real = dist.isend
     out = run_distributed(_ordering_body, 2, 200, timeout=60)
@@ -322,7 +322,7 @@ def test_throttle_preserves_order_and_patches_dist() -> None:
 
 
 def _overlap_body(rank: int, world_size: int, rate: float) -> dict:
-    from fxdisag.runtime.throttle import LinkThrottle
+    from fxdisag.testing.throttle import LinkThrottle
 
     _warm_up(rank, world_size)
     a = torch.randn(256, 256)

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fxdisag.passes.split_stages import StagedProgram
+from fxdisag.codegen.split_stages import StagedProgram
 from fxdisag.runtime.grads import GradSync, RowGroup
-from fxdisag.runtime.p2p import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
+from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, pack_bytes, unpack_bytes
 from fxdisag.runtime.schedule import Action, ActionKind, Schedule
 from fxdisag.runtime.timeline import Span
 

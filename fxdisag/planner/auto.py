@@ -20,10 +20,10 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from fxdisag.partitioner.cluster import ClusterSpec
-from fxdisag.partitioner.plan import Plan
-from fxdisag.partitioner.profile import profile
-from fxdisag.partitioner.search import PlanError, plan
+from fxdisag.planner.cluster import ClusterSpec
+from fxdisag.planner.plan import Plan
+from fxdisag.planner.profile import profile
+from fxdisag.planner.search import PlanError, plan
 
 __all__ = ["auto_plan", "runnable_plan"]
 

@@ -238,7 +238,7 @@ def _si(n: float) -> str:
 
 
 def _fold_name(regs: list[RegionProfile]) -> str:
-    from fxdisag.partitioner.plan import _ranges
+    from fxdisag.planner.plan import _ranges
 
     layers = [r.layer for r in regs if r.layer is not None]
     if not layers:

@@ -16,7 +16,7 @@ least the fields of docs/CONTRACTS.md:
 * ``num_microbatches`` m, ``microbatch_size`` (sequences per micro-batch per attention
   rank) and ``grad_accumulation`` (rounds of m micro-batches per optimizer step);
 
-and, when made by the search (``fxdisag.partitioner.plan``), the predicted times
+and, when made by the search (``fxdisag.planner.plan``), the predicted times
 (AF-pipe step, EP baseline step without and with overlap, speedups), per-group
 utilisation, memory per device and the formula evaluations behind them
 (``explain()``). ``Plan.manual`` builds one by hand, with no predictions.
@@ -29,8 +29,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from fxdisag.partitioner.roofline import expert_owners
-from fxdisag.partitioner.roofline import explain as _explain
+from fxdisag.planner.roofline import expert_owners
+from fxdisag.planner.roofline import explain as _explain
 
 __all__ = ["Plan", "contiguous_placement"]
 
@@ -164,7 +164,7 @@ class Plan:
     def explain(self) -> str:
         """Every formula used, with the values and results that gave this plan's numbers."""
         if not self.evaluations:
-            return "manual plan: no predictions (make one with fxdisag.partitioner.plan to get them)"
+            return "manual plan: no predictions (make one with fxdisag.planner.plan to get them)"
         return _explain(self.evaluations)
 
     def __str__(self) -> str:

@@ -39,8 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fxdisag.partitioner.plan import Plan
-from fxdisag.partitioner.roofline import (
+from fxdisag.planner.plan import Plan
+from fxdisag.planner.roofline import (
     STRATEGIES,
     GroupLayout,
     Recorder,

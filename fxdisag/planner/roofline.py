@@ -245,7 +245,7 @@ def explain(evaluations: list[dict]) -> str:
     for ev in evaluations:
         if ev["formula"] not in used:
             used.append(ev["formula"])
-    lines = ["Formulas (fxdisag/partitioner/roofline.py):"]
+    lines = ["Formulas (fxdisag/planner/roofline.py):"]
     for name in used:
         f = FORMULAS[name]
         lines.append(f"  {f}")

@@ -1,9 +1,9 @@
 """Profile -> plan stage of fxdisag: per-region costs, cluster specs, the roofline cost
 model and the placement search. See each module's docstring for its contract."""
 
-from fxdisag.partitioner.cluster import PRESETS, ClusterSpec
-from fxdisag.partitioner.plan import Plan, contiguous_placement
-from fxdisag.partitioner.profile import (
+from fxdisag.planner.cluster import PRESETS, ClusterSpec
+from fxdisag.planner.plan import Plan, contiguous_placement
+from fxdisag.planner.profile import (
     ModelProfile,
     MoELayerProfile,
     ProfileError,
@@ -12,7 +12,7 @@ from fxdisag.partitioner.profile import (
     profile,
     synthetic_profile,
 )
-from fxdisag.partitioner.search import PlanError, plan
+from fxdisag.planner.search import PlanError, plan
 
 __all__ = [
     "ClusterSpec",
