@@ -53,7 +53,7 @@ EXPERT_ACTIONS = ("EF", "EB")
 def compute_busy(spans: Iterable, ranks: Sequence[int]) -> dict[int, dict[str, float]]:
     """rank -> {"attention": s, "experts": s}: summed durations of its compute spans.
 
-    >>> from fxdisag.runtime.schedule import Action, ActionKind as K
+    >>> from fxdisag.schedule import Action, ActionKind as K
     >>> from fxdisag.runtime.timeline import Span
     >>> spans = [Span(0, Action(K.F, 0, 0), 0.0, 0.5, "compute"),
     ...          Span(0, Action(K.B, 0, 0), 1.0, 2.0, "compute"),

@@ -115,26 +115,9 @@ class Variant:
     plan: Any
     planner: bool = False  # the planner's own choice of split and m
     dmodel: Any = None
-    sent: dict = dataclasses.field(default_factory=dict)  # (src, dst) -> bytes, this rank's sends
     times: list[float] = dataclasses.field(default_factory=list)
     records: list[dict] = dataclasses.field(default_factory=list)  # per measured step (rank 0)
     losses: list[float] = dataclasses.field(default_factory=list)
-
-
-def _count_sends(variant: Variant, rank: int) -> None:
-    """Count bytes per destination at the runtime's mailbox (instrumentation only)."""
-    mailbox = variant.dmodel.worker.mailbox
-    send = mailbox.send
-
-    def counting(messages):
-        for peer, _tag, payload, header in messages:
-            if peer != rank:
-                key = (rank, peer)
-                variant.sent[key] = variant.sent.get(key, 0) + payload.numel() * payload.element_size() + (
-                    8 if header is not None else 0)
-        return send(messages)
-
-    mailbox.send = counting
 
 
 def choose_plan(prof, cluster, global_batch: int, world: int) -> tuple[Any, Any, list[str]]:
@@ -152,7 +135,7 @@ def choose_plan(prof, cluster, global_batch: int, world: int) -> tuple[Any, Any,
 
 def build_variants(prof, cluster, world: int) -> tuple[list[Variant], dict]:
     import fxdisag
-    from fxdisag.runtime.ep import EPPlan
+    from fxdisag.planner.plan import Plan
 
     chosen, free, notes = choose_plan(prof, cluster, GLOBAL_BATCH, world)
     A = len(chosen.attention_ranks)
@@ -166,7 +149,7 @@ def build_variants(prof, cluster, world: int) -> tuple[list[Variant], dict]:
                          num_microbatches=m, microbatch_size=per_attention // m)
         af.append(Variant(f"afpipe {A}A+{world - A}E m={m}", "afpipe", m, p.attention_ranks, p.expert_ranks, p))
     ep = [Variant(f"ep {world} ranks m={m}", "ep", m, list(range(world)), list(range(world)),
-                  EPPlan(world, MODEL["num_experts"], m))
+                  Plan.expert_parallel(world, MODEL["num_experts"], m))
           for m in SWEEP_M if (GLOBAL_BATCH // world) % m == 0]
     variants = []
     for i in range(max(len(af), len(ep))):  # interleave the modes
@@ -187,7 +170,6 @@ def timed_step(v: Variant, batch, rank: int, record: bool) -> None:
 
     for p in v.dmodel.parameters():
         p.grad = None
-    v.sent.clear()
     dist.barrier()
     t0 = time.perf_counter()
     out = v.dmodel(**batch)
@@ -200,7 +182,7 @@ def timed_step(v: Variant, batch, rank: int, record: bool) -> None:
     v.losses.append(float(out.loss.detach()))
     spans = v.dmodel.step_spans()  # collective
     sent: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(sent, dict(v.sent))
+    dist.all_gather_object(sent, {(rank, peer): n for peer, n in v.dmodel.step_sent_bytes().items() if peer != rank})
     if rank == 0:
         merged = {k: n for d in sent for k, n in d.items()}
         v.records.append({"seconds": elapsed.item(), "spans": spans, "sent": merged})
@@ -234,8 +216,7 @@ def run_worker(out_json: str, out_dir: str, steps: int, warmup: int) -> None:
     if any(n != names[0] for n in names):
         raise RuntimeError(f"ranks chose different variants (the measured cluster differs?): {names}")
     for v in variants:
-        v.dmodel = fxdisag.disaggregate(make_model(cfg), example, v.plan, mode=v.mode, trace=True)
-        _count_sends(v, rank)
+        v.dmodel = fxdisag.disaggregate(make_model(cfg), example, v.plan, trace=True)
     for v in variants:
         for _ in range(warmup):
             timed_step(v, batch, rank, record=False)
@@ -246,9 +227,7 @@ def run_worker(out_json: str, out_dir: str, steps: int, warmup: int) -> None:
     # parameter bytes the REDUCE all-reduces among attention ranks (same on every attention rank)
     attn_bytes = {}
     for v in variants:
-        w = v.dmodel.worker
-        params = w.attention.params if v.mode == "ep" else (w.params if v.dmodel.role == "A" else [])
-        attn_bytes[v.name] = sum(p.numel() * p.element_size() for p in params)
+        attn_bytes[v.name] = sum(p.numel() * p.element_size() for p in v.dmodel.attention_parameters())
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, attn_bytes)
     if rank == 0:

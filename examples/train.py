@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", choices=("manual", "auto"), default="manual",
                    help="manual: --attention-ranks/--microbatches as given; auto: fxdisag's planner chooses the split "
                         "and micro-batches from online profiling (matmul rate, link bandwidth) of these ranks")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe",
+                   help="gpipe: all forwards, then all backwards; 1f1b: at most 2 micro-batches in flight, backward "
+                        "first (bounded activation memory); manual plans only")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds the model weights and the batches")
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers")
@@ -119,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--batch-size {args.batch_size} must be a multiple of --attention-ranks x --microbatches = "
             f"{args.attention_ranks * args.microbatches}"
         )
+    if args.schedule != "gpipe" and args.plan == "auto":
+        p.error("--schedule applies to manual plans; with --plan auto the planner chooses the schedule")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -163,6 +168,7 @@ def make_plan(
     batch_size: int,
     seq_len: int,
     model_name: str = "",
+    schedule_kind: str = "gpipe",
 ) -> Plan:
     """Ranks 0..attention_ranks-1 run attention; the rest hold the experts in contiguous blocks.
 
@@ -180,7 +186,7 @@ def make_plan(
             f"keeps one copy of each: raise --attention-ranks to >= {world_size - num_experts} or launch fewer ranks"
         )
     plan = Plan.manual(attention_ranks, num_expert_ranks, num_experts, num_microbatches,
-                       microbatch_size=batch_size // (attention_ranks * num_microbatches))
+                       microbatch_size=batch_size // (attention_ranks * num_microbatches), schedule_kind=schedule_kind)
     # Descriptive fields only (they title str(plan)); the runtime does not read them.
     plan.model, plan.cluster = model_name, f"CPU/gloo x{world_size}"
     plan.seq_len, plan.global_batch = seq_len, batch_size
@@ -424,7 +430,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         try:
             plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
-                             batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}")
+                             batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}",
+                             schedule_kind=args.schedule)
         except ValueError as e:
             raise SystemExit(f"train.py: {e}") from None
 

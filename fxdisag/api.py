@@ -16,8 +16,9 @@ Contract::
 * ``consolidated_state_dict()`` / ``consolidated_grads()`` return full tensors under the
   model's original parameter names (a collective: call it on every rank).
 
-Pipeline: capture -> insert_dispatch -> split_stages -> af_pipe_schedule -> workers.
-The forward call runs the schedule's forward actions; ``loss.backward()`` runs the rest.
+Pipeline: capture -> plan -> insert_dispatch -> split_stages -> ``Plan.schedule()`` ->
+a :class:`~fxdisag.runtime.runner.StepRunner` with the rank's handler sets. The forward
+call runs the schedule's forward phase; ``loss.backward()`` runs the backward phase.
 """
 
 from __future__ import annotations
@@ -36,23 +37,16 @@ from fxdisag.capture import CapturedModel, capture
 from fxdisag.dump import maybe_dump_graph, maybe_dump_text
 from fxdisag.codegen.insert_dispatch import insert_dispatch
 from fxdisag.codegen.split_stages import StagedProgram, split_stages
-from fxdisag.runtime.ep import EPPlan, EPWorker, ep_schedule
-from fxdisag.runtime.executor import AttentionWorker, ExpertWorker
+from fxdisag.planner.plan import Plan
+from fxdisag.runtime.attention import AttentionHandlers
+from fxdisag.runtime.expert import ExpertHandlers
 from fxdisag.runtime.experts import local_experts
+from fxdisag.runtime.mailbox import Mailbox
 from fxdisag.runtime.routing import Routing
-from fxdisag.runtime.schedule import ActionKind, Schedule, af_pipe_schedule, format_grid, validate
+from fxdisag.runtime.runner import StepRunner
+from fxdisag.schedule import Schedule, format_grid
 
 __all__ = ["DisaggregatedModel", "DisaggregatedOutput", "disaggregate"]
-
-_BACKWARD_KINDS = {
-    ActionKind.B,
-    ActionKind.EB,
-    ActionKind.RECV_GD,
-    ActionKind.RECV_GC,
-    ActionKind.SEND_GC,
-    ActionKind.SEND_GD,
-    ActionKind.REDUCE,
-}
 
 
 @dataclass
@@ -114,12 +108,11 @@ class DisaggregatedModel(nn.Module):
         captured: CapturedModel,
         program: StagedProgram,
         schedule: Schedule,
-        plan,
+        plan: Plan,
         routing: Routing,
         device: torch.device,
         groups: dict,
         trace: bool,
-        mode: str = "afpipe",
         release_unused: bool = True,
     ):
         super().__init__()
@@ -129,30 +122,28 @@ class DisaggregatedModel(nn.Module):
         self.program = program
         self.rank = dist.get_rank()
         self.device = device
-        self.mode = mode
-        self.role = "EP" if mode == "ep" else schedule.role(self.rank)
+        self.mode = plan.kind
+        self.role = "EP" if plan.kind == "ep" else schedule.role(self.rank)
         self.__dict__["_model"] = captured.model
         self._anchor = torch.zeros((), requires_grad=True)
-        actions = schedule.actions[self.rank]
-        self._split = next((k for k, a in enumerate(actions) if a.kind in _BACKWARD_KINDS), len(actions))
         self._pending_backward = False
-        self.has_attention = self.role in ("A", "EP")
-        self.has_experts = self.role in ("E", "EP")
-        attention = experts = None
+        roles = schedule.roles(self.rank)
+        self.has_attention = "A" in roles
+        self.has_experts = "E" in roles
+        self.mailbox = Mailbox(device)
+        self.runner = StepRunner(schedule, self.rank, self.mailbox, trace)
+        recompute = plan.recompute
+        self._attention: AttentionHandlers | None = None
         if self.has_attention:
             self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
             for stage in program.stages:
                 maybe_dump_graph(f"attention_stage{stage.index}", stage.module)
-            attention = AttentionWorker(
-                program,
-                schedule,
-                self.rank,
-                routing.owner_slot(self.rank),
-                routing.local_id(self.rank),
-                device,
-                groups["attention"],
-                trace,
+            self._attention = AttentionHandlers(
+                program, self.rank, list(schedule.attention_ranks), list(schedule.expert_ranks),
+                schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
+                self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
             )
+            self.runner.register(self._attention)
         if self.has_experts:
             mine = routing.held(self.rank)
             model = captured.model
@@ -169,17 +160,12 @@ class DisaggregatedModel(nn.Module):
                 for ranks, shared in routing.replica_sets
                 if self.rank in ranks
             ]
-            experts = ExpertWorker(
-                list(self.local_experts),
-                schedule,
-                self.rank,
-                self.layout.hidden_size,
-                (dtype, dtype),
-                device,
-                trace,
-                replica_groups,
-            )
-        self.worker = EPWorker(attention, experts) if self.role == "EP" else (attention or experts)
+            self.runner.register(ExpertHandlers(
+                list(self.local_experts), list(schedule.attention_ranks), schedule.num_microbatches,
+                self.layout.hidden_size, (dtype, dtype), max(m.top_k for m in self.layout.moe), self.mailbox,
+                replica_groups, recompute=recompute.get("experts", False),
+            ))
+        self.runner.check_complete()
         if release_unused:
             self._release_unused_parameters()
 
@@ -203,53 +189,53 @@ class DisaggregatedModel(nn.Module):
                         torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
                     )
 
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """The parameters this rank all-reduces over the attention group (empty on expert ranks)."""
+        return list(self._attention.params) if self._attention is not None else []
+
+    def step_sent_bytes(self) -> dict[int, int]:
+        """Bytes this rank posted to each peer over the network in the last step (headers included)."""
+        return dict(self.mailbox.sent_bytes)
+
     # ---- training step
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        if "labels" not in batch:
+            raise ValueError("fxdisag trains with a loss: pass labels=... (input_ids are fine as labels for an LM)")
+        b = self.plan.microbatch_size
+        if b is None:
+            return
+        n_attn, m = len(self.schedule.attention_ranks), self.schedule.num_microbatches
+        for name, value in batch.items():
+            if value.shape[0] != n_attn * m * b:
+                raise ValueError(
+                    f"{name} has batch size {value.shape[0]}, but the plan binds micro-batches of {b} sequence(s): "
+                    f"{n_attn} attention rank(s) x {m} micro-batches x {b} = {n_attn * m * b} sequences per call. "
+                    "Pass batches of that size, or make the plan with microbatch_size=None to take it from the batch"
+                )
+
     def forward(self, **batch: torch.Tensor) -> DisaggregatedOutput:
         if self._pending_backward:
             raise RuntimeError(
                 "the previous step's loss.backward() was never called; fxdisag runs the pipeline's backward "
                 "half from it. Call loss.backward() after every forward (or run the forward under torch.no_grad())."
             )
-        if "labels" not in batch:
-            raise ValueError("fxdisag trains with a loss: pass labels=... (input_ids are fine as labels for an LM)")
-        w = self.worker
-        w.actions = self.schedule.actions[self.rank][: self._split]
-        w.action_offset = 0
-        if self.has_experts:
-            ids = batch["input_ids"]
-            per_message = ids.shape[0] // (len(self.schedule.attention_ranks) * self.schedule.num_microbatches)
-            experts = w.experts if self.role == "EP" else w
-            experts.capacity_rows = per_message * ids[0].numel() * max(m.top_k for m in self.layout.moe)
-        if self.has_attention:
-            local = w.step(batch)
-        else:
-            w.step()
-            local = torch.zeros(())
-        loss = local.to(self.device).reshape(())
+        self._check_batch(batch)
+        self.runner.start(batch)
+        self.runner.run("forward")
+        loss = self.runner.local_loss().to(self.device).reshape(())
         dist.all_reduce(loss)
         if torch.is_grad_enabled():
             self._pending_backward = True
             loss = _PipelineBackward.apply(self._anchor, loss.cpu(), self)
         else:
-            self._finish_without_backward()
+            self.runner.finish_without_backward()
         return DisaggregatedOutput(loss=loss)
 
-    def _run_backward(self, grad_scale: float) -> None:
-        w = self.worker
-        w.actions = self.schedule.actions[self.rank][self._split :]
-        w.action_offset = self._split
-        if self.has_attention:
-            w.loss_scale = [s * grad_scale for s in w.loss_scale]
-        w.begin_backward()
-        w._run_actions()
-        self._pending_backward = False
-        if self.has_attention:
-            w.clear()
-
-    def _finish_without_backward(self) -> None:
-        self.worker.mailbox.drain()
-        if self.has_attention:
-            self.worker.clear()
+    def _run_backward(self, loss_grad: float) -> None:
+        try:
+            self.runner.run("backward", loss_grad=loss_grad)
+        finally:
+            self._pending_backward = False
 
     # ---- checkpoints
     def _owned(self, grads: bool) -> dict[str, tuple[tuple[int, ...] | None, torch.Tensor]]:
@@ -291,10 +277,10 @@ class DisaggregatedModel(nn.Module):
 
         Needs ``disaggregate(..., trace=True)``.
         """
-        if not self.worker.trace_enabled:
+        if not self.runner.trace:
             raise RuntimeError("no timeline recorded: build the model with fxdisag.disaggregate(..., trace=True)")
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.worker.spans)
+        dist.all_gather_object(gathered, self.runner.spans)
         spans = [s for rank_spans in gathered for s in rank_spans]
         t0 = min((s.start for s in spans), default=0.0)
         return [dataclasses.replace(s, start=s.start - t0, end=s.end - t0) for s in spans]
@@ -319,20 +305,29 @@ class DisaggregatedModel(nn.Module):
         return self._consolidate(grads=True)
 
 
-def _list_actions(schedule: Schedule) -> str:
-    return "\n".join(f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in schedule.actions.items())
+def _check_schedule(schedule: Schedule, plan: Plan, num_moe_layers: int) -> None:
+    from fxdisag.schedule import validate
+
+    want = (tuple(sorted(plan.attention_ranks)), tuple(sorted(plan.expert_ranks)), num_moe_layers,
+            plan.num_microbatches)
+    got = (tuple(sorted(schedule.attention_ranks)), tuple(sorted(schedule.expert_ranks)), schedule.num_moe_layers,
+           schedule.num_microbatches)
+    if got != want:
+        raise ValueError(f"schedule= has (attention ranks, expert ranks, MoE layers, micro-batches) {got}; the plan "
+                         f"and model give {want}")
+    validate(schedule)
 
 
 def disaggregate(
     model: nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
-    plan: Any = "auto",
+    plan: Plan | str = "auto",
     cluster: Any = None,
     *,
     sync_params: bool = True,
     trace: bool = False,
-    mode: str = "afpipe",
     release_unused: bool = True,
+    schedule: Schedule | None = None,
 ) -> DisaggregatedModel:
     """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
 
@@ -344,24 +339,26 @@ def disaggregate(
     wrappers): the full experts on every rank, the attention side on expert ranks. Use
     ``consolidated_state_dict()`` for the full weights.
 
-    ``mode="ep"`` builds the expert-parallel baseline instead (``fxdisag.runtime.ep``):
-    every rank runs attention on its share of the batch and ``E/W`` experts, with
-    all-to-all dispatch and combine; ``plan`` then only gives ``num_microbatches``.
+    ``schedule`` runs a hand-written :class:`~fxdisag.schedule.Schedule` instead of the
+    plan's (same groups, MoE layers and micro-batches as the plan; it is validated).
+
+    ``plan=Plan.expert_parallel(world, E, m)`` builds the expert-parallel baseline
+    instead: every rank runs attention on its share of the batch and ``E/W`` experts,
+    with all-to-all dispatch and combine.
     """
-    if mode not in ("afpipe", "ep"):
-        raise ValueError(f"mode must be 'afpipe' or 'ep', got {mode!r}")
     _init_distributed()
     device = _device()
     captured = capture(model, example_inputs)
     plan = _resolve_plan(plan, captured, example_inputs, cluster)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a fxdisag Plan or 'auto', got {type(plan).__name__}")
     world = dist.get_world_size()
-    if mode == "ep":
-        plan = EPPlan(world, captured.layout.moe[0].num_experts, plan.num_microbatches)
     ranks = sorted(set(plan.attention_ranks) | set(plan.expert_ranks))
-    if mode == "afpipe" and sorted(list(plan.attention_ranks) + list(plan.expert_ranks)) != list(range(world)):
+    covered = sorted(plan.attention_ranks) if plan.kind == "ep" else sorted(plan.attention_ranks + plan.expert_ranks)
+    if covered != list(range(world)):
         raise ValueError(
             f"plan uses ranks {ranks} but the world has {world} ranks: attention_ranks + expert_ranks must "
-            f"cover 0..{world - 1} exactly once"
+            f"cover 0..{world - 1} exactly once" + (" (an expert-parallel plan: every rank once)" if plan.kind == "ep" else "")
         )
     if sync_params:
         for p in model.parameters():
@@ -377,15 +374,14 @@ def disaggregate(
     router = dist.get_rank() if dist.get_rank() in plan.attention_ranks else plan.attention_ranks[0]
     gm = insert_dispatch(captured.graph_module, captured.layout, routing.owner_slot(router), len(plan.expert_ranks))
     program = split_stages(gm)
-    if mode == "ep":
-        schedule = ep_schedule(range(world), len(program.boundaries), plan.num_microbatches)
+    if schedule is None:
+        schedule = plan.schedule(len(program.boundaries))
     else:
-        schedule = af_pipe_schedule(plan.attention_ranks, plan.expert_ranks, len(program.boundaries), plan.num_microbatches)
-        validate(schedule)
+        _check_schedule(schedule, plan, len(program.boundaries))
     # new_group is collective: every rank creates every group, in the same order.
     groups: dict = {"attention": dist.new_group(sorted(plan.attention_ranks))}
     for ranks, _ in routing.replica_sets:
         groups[ranks] = dist.new_group(list(ranks))
-    maybe_dump_text("schedule", format_grid(schedule) if mode == "afpipe" else _list_actions(schedule))
+    maybe_dump_text("schedule", format_grid(schedule))
     maybe_dump_text("plan", str(plan))
-    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, mode, release_unused)
+    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused)

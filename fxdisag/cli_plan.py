@@ -146,7 +146,7 @@ def simulate_plan(result):
 
     Returns (SimResult with the all-reduce, SimResult without it, step-time estimate for
     all rounds, (A', F'))."""
-    from fxdisag.runtime.schedule import ActionKind, af_pipe_schedule
+    from fxdisag.schedule import ActionKind, af_pipe_schedule
     from fxdisag.schedule.simulate import LinkModel, simulate
 
     t = result.breakdown
@@ -172,31 +172,26 @@ def simulate_plan(result):
         def latency(self, src: int, dst: int) -> float:
             return lat
 
-    K = ActionKind
-
     def compute_time(with_reduce: bool):
         def fn(rank: int, action) -> float:
             k, s = action.kind, action.stage
-            if k is K.F:
-                return (t["pre_f"] if s == 0 else 0.0) + (t["attn_f"] if s < J else 0.0) + (t["post_f"] if s == J else 0.0)
-            if k is K.B:
-                return (t["pre_b"] if s == 0 else 0.0) + (t["attn_b"] if s < J else 0.0) + (t["post_b"] if s == J else 0.0)
-            if k is K.EF:
-                return t["expert_f"]
-            if k is K.EB:
-                return t["expert_b"]
-            if k is K.REDUCE:
+            if k is ActionKind.REDUCE:
                 if not with_reduce:
                     return 0.0
                 return t["sync_attention"] if rank in attention_set else t["sync_experts"]
-            return 0.0
+            if not k.is_compute:
+                return 0.0
+            d = "b" if k.is_backward else "f"
+            if k.role == "E":
+                return t[f"expert_{d}"]
+            return (t[f"pre_{d}"] if s == 0 else 0.0) + (t[f"attn_{d}"] if s < J else 0.0) + (t[f"post_{d}"] if s == J else 0.0)
         return fn
 
-    per_message = {K.SEND_D: t["dispatch_bytes"], K.SEND_C: t["combine_bytes"],
-                   K.SEND_GC: t["combine_grad_bytes"], K.SEND_GD: t["dispatch_grad_bytes"]}
+    per_message = {"D": t["dispatch_bytes"], "C": t["combine_bytes"], "GC": t["combine_grad_bytes"],
+                   "GD": t["dispatch_grad_bytes"]}
 
     def message_bytes(src: int, action, dst: int) -> float:
-        return per_message[action.kind] / f  # an attention rank's rows split evenly over the experts
+        return per_message[action.kind.channel] / f  # an attention rank's rows split evenly over the experts
 
     schedule = af_pipe_schedule(attention, experts, J, m)
     link = _Link()

@@ -33,7 +33,7 @@ Plan for mixtral-like-8-layers on 2x8xa100, seq_len 4096, global batch 64
   attention ranks (3): 0-1,8
   expert ranks    (13): 2-7,9-15
   experts: 8, 1-2 per expert rank, 3 replica(s) each
-  micro-batches: 11 x 1 sequence(s) per attention rank, 2 accumulation round(s)
+  micro-batches: 11 x 1 sequence(s) per attention rank, gpipe schedule, 2 accumulation round(s)
   NICs per node (attention:experts): 5:3 x1 node(s), 3:5 x1 node(s)
 
                                    step (s)  speedup

@@ -34,21 +34,22 @@ CASES = [
 ]
 
 
-def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe") -> dict:
+def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
+           schedule_kind: str = "gpipe") -> dict:
     import fxdisag
     from fxdisag.testing.models import example_batch, tiny_model
     from fxdisag.planner.plan import Plan
-    from fxdisag.runtime.ep import EPPlan
 
     model = tiny_model(family, seed=0)
     reference = copy.deepcopy(model)
     batches = [example_batch(model, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
     if mode == "ep":
-        plan = EPPlan(world, num_experts, m)
+        plan = Plan.expert_parallel(world, num_experts, m)
     else:
-        plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=m)
-    dmodel = fxdisag.disaggregate(model, batches[0], plan, mode=mode)
+        plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=m,
+                           schedule_kind=schedule_kind)
+    dmodel = fxdisag.disaggregate(model, batches[0], plan)
     opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
     losses, grads0 = [], None
     for step, batch in enumerate(batches):
@@ -110,6 +111,19 @@ def test_nccl_receive_discipline_on_gloo_matches_eager():
     # FXDISAG_P2P_ORDERED=1: separate headers and per-peer FIFO receives, as with NCCL.
     env = {"FXDISAG_P2P_ORDERED": "1"}
     _check_against_eager(run_distributed(_train, 3, "qwen2_moe", 1, 4, timeout=240, env=env))
+
+
+ONE_F_ONE_B_CASES = [("qwen3_moe", 1, 1, 4, {}), ("deepseek_v3", 1, 2, 2, {}),
+                     ("qwen2_moe", 1, 2, 4, {"FXDISAG_P2P_ORDERED": "1"})]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, n_attn, n_exp, m, env", ONE_F_ONE_B_CASES,
+                         ids=[f"{c[0]}-{c[1]}a{c[2]}e-m{c[3]}{'-ordered' if c[4] else ''}" for c in ONE_F_ONE_B_CASES])
+def test_1f1b_training_matches_eager(family, n_attn, n_exp, m, env):
+    # backward inside the forward call, loss gradient applied in loss.backward()
+    _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, "afpipe", "1f1b",
+                                         timeout=240, env=env))
 
 
 EP_CASES = [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 1), ("gpt_oss", 2, 4)]

@@ -1,4 +1,4 @@
-"""Tests of fxdisag.runtime.schedule: the AF-Pipe builder, the grid and the validator."""
+"""Tests of fxdisag.schedule: the AF-Pipe builder, the grid and the validator."""
 
 import dataclasses
 import re
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxdisag.runtime.schedule import (
+from fxdisag.schedule import (
     Action,
     ActionKind,
     Schedule,
@@ -148,6 +148,27 @@ def test_generated_schedules_validate(n_attn, n_exp, J, m, rnd):
         assert sum(a.kind.is_compute for a in s.actions[r]) == 2 * J * m
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 8), st.integers(1, 4),
+       st.randoms(use_true_random=False))
+def test_generated_1f1b_schedules_validate_and_bound_the_micro_batches_in_flight(n_attn, n_exp, J, m, w, rnd):
+    from fxdisag.schedule import one_f_one_b_schedule
+
+    ranks = list(range(n_attn + n_exp))
+    rnd.shuffle(ranks)
+    s = one_f_one_b_schedule(ranks[:n_attn], ranks[n_attn:], J, m, in_flight=w)
+    validate(s)
+    assert all(s.defers_loss_grad(r) for r in ranks)
+    live, peak = set(), 0
+    for a in s.actions[ranks[0]]:  # an attention rank
+        if a.kind is K.F and a.stage == 0:
+            live.add(a.microbatch)
+        elif a.kind is K.B and a.stage == 0:
+            live.remove(a.microbatch)
+        peak = max(peak, len(live))
+    assert 1 <= peak <= min(w, m)
+
+
 class TestValidateRejects:
     def test_missing_recv(self):
         s = _copy(af_pipe_schedule([0], [1], 1, 2))
@@ -243,4 +264,72 @@ class TestValidateRejects:
         s = _copy(af_pipe_schedule([0], [1, 2], 1, 1))
         del s.actions[2]
         with pytest.raises(ScheduleError, match=r"no list for ranks \[2\]"):
+            validate(s)
+
+    def test_receive_posted_before_the_rows_are_routed(self):
+        # <C0.0 sizes its buffers from the rows F0.0 routed: it cannot come first
+        s = _copy(af_pipe_schedule([0], [1], 1, 1))
+        recv = s.actions[0].pop(_find(s, 0, "<C0.0"))
+        s.actions[0].insert(0, recv)
+        with pytest.raises(ScheduleError, match=r"`<C0.0` comes before `F0.0` \(action #1\), which must run first"):
+            validate(s)
+
+
+class TestPhases:
+    def test_forward_phase_must_end_before_reduce(self):
+        s = af_pipe_schedule([0], [1], 1, 1)
+        s.forward_len = {0: len(s.actions[0])}
+        with pytest.raises(ScheduleError, match="rank 0: forward phase of 9 actions: must end before REDUCE"):
+            validate(s)
+
+    def test_forward_phase_waiting_for_a_backward_phase_message(self):
+        # the expert rank's forward phase would wait for <GC sent in the attention rank's backward
+        s = af_pipe_schedule([0], [1], 1, 1)
+        s.forward_len = {1: len(s.actions[1]) - 1}
+        with pytest.raises(ScheduleError) as e:
+            validate(s)
+        assert "`EB0.0` waits in the forward phase for a message that is sent only in a backward phase" in str(e.value)
+        assert _marked_cell(str(e.value)).startswith("EB0.0")
+
+    def test_deferred_loss_grad_leaves_only_reduce_for_the_backward_phase(self):
+        s = af_pipe_schedule([0], [1], 1, 1)
+        n = _find(s, 0, "B1.0")  # attention forward phase ends after B1.0: B0.0 is left behind
+        s.forward_len = {0: n + 1}
+        with pytest.raises(ScheduleError, match=r"rank 0 action #5 `<GD0.0`: `<GD0.0` is in the backward phase, but the "
+                                                "forward phase already runs backward computation"):
+            validate(s)
+
+    def test_phases_of_the_gpipe_schedule(self):
+        s = af_pipe_schedule([0], [1], 1, 1)
+        assert [str(a) for a in s.phase(0, "forward")] == ["F0.0", "<C0.0", ">D0.0", "F1.0"]
+        assert [str(a) for a in s.phase(1, "backward")] == ["<GC0.0", "EB0.0", ">GD0.0", "R"]
+        assert not s.defers_loss_grad(0)
+        with pytest.raises(ValueError, match="phase must be 'forward' or 'backward'"):
+            s.phase(0, "middle")
+
+
+class TestExpertParallel(expecttest.TestCase):
+    def test_ep_schedules_validate_and_draw(self):
+        from fxdisag.schedule import ep_schedule
+
+        for world, J, m in ((2, 1, 1), (2, 2, 2), (4, 1, 2), (3, 2, 1)):
+            validate(ep_schedule(range(world), J, m))
+        s = ep_schedule([0, 1], 1, 1)
+        assert s.role(0) == "AE"
+        self.assertExpectedInline(str(s), """\
+step | 0:AE               | 1:AE
+   0 | <D0.0              | <D0.0
+   1 | F0.0 >D0.0 <C0.0   | F0.0 >D0.0 <C0.0
+   2 | EF0.0 >C0.0        | EF0.0 >C0.0
+   3 | F1.0 <GC0.0 <GD0.0 | F1.0 <GC0.0 <GD0.0
+   4 | B1.0 >GC0.0        | B1.0 >GC0.0
+   5 | EB0.0 >GD0.0       | EB0.0 >GD0.0
+   6 | B0.0 R             | B0.0 R""")
+
+    def test_ep_rank_missing_its_expert_half(self):
+        from fxdisag.schedule import ep_schedule
+
+        s = _copy(ep_schedule([0, 1], 1, 1))
+        s.actions[1] = [a for a in s.actions[1] if a.kind is not K.EB]
+        with pytest.raises(ScheduleError, match="rank 1: missing actions EB0.0; every attention\\+expert rank"):
             validate(s)

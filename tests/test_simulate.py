@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fxdisag.runtime.schedule import ActionKind, ScheduleError, af_pipe_schedule, format_grid, validate
+from fxdisag.schedule import ActionKind, ScheduleError, af_pipe_schedule, format_grid, validate
 from fxdisag.schedule.simulate import LinkModel, UniformLink, simulate
 from fxdisag.runtime.timeline import Span, chrome_trace, gantt_png
 

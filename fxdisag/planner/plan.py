@@ -2,10 +2,18 @@
 
 Contract
 --------
-A :class:`Plan` is plain data (it round-trips through ``to_json``/``from_json``) with at
-least the fields of docs/CONTRACTS.md:
+A :class:`Plan` is plain data (it round-trips through ``to_json``/``from_json``) in two
+parts. The *binding* part (:data:`BINDING_FIELDS`) is what the runtime does: it honours
+every binding field or refuses the plan with an error naming the field. The *advisory*
+part is what the planner predicted and why (times, memory, utilisation, NIC split,
+notes); the runtime never reads it. ``to_json`` writes the two parts as
+``{"binding": ..., "advisory": ...}``.
 
-* ``attention_ranks`` / ``expert_ranks`` -- disjoint lists of global ranks;
+Binding fields:
+
+* ``kind`` -- ``"afpipe"`` (disjoint attention and expert groups) or ``"ep"`` (expert
+  parallelism: every rank in both groups; :meth:`Plan.expert_parallel`);
+* ``attention_ranks`` / ``expert_ranks`` -- lists of global ranks (disjoint for afpipe);
 * ``expert_placement[e]`` -- the expert ranks holding a replica of expert ``e`` (the same
   for every MoE layer);
 * ``expert_owner(rank)[e]`` -- the expert rank that attention rank ``rank`` sends expert
@@ -13,8 +21,18 @@ least the fields of docs/CONTRACTS.md:
   Searched plans store it (``expert_owners``); otherwise the t-th attention rank of a
   routing domain (``routing_domains``, default: all ranks) uses replica t mod q of the
   domain's q replicas of ``e``;
-* ``num_microbatches`` m, ``microbatch_size`` (sequences per micro-batch per attention
-  rank) and ``grad_accumulation`` (rounds of m micro-batches per optimizer step);
+* ``num_microbatches`` m and ``microbatch_size`` (sequences per micro-batch per attention
+  rank; None: whatever the batch gives, ``batch / (attention ranks x m)``);
+* ``schedule_kind`` -- the schedule the runtime builds: ``"gpipe"`` (all forwards, then
+  all backwards) or ``"1f1b"`` (at most ``in_flight`` micro-batches in flight, backward
+  work first; AF-pipe plans only);
+* ``recompute`` -- activation recomputation per group (``{"attention": bool,
+  "experts": bool}``);
+* ``num_moe_layers`` -- when set, must match the model.
+
+``grad_accumulation`` (rounds of m micro-batches per optimizer step) binds the training
+loop, which calls forward/backward that many times per optimizer step; the runtime does
+not see optimizer steps.
 
 and, when made by the search (``fxdisag.planner.plan``), the predicted times
 (AF-pipe step, EP baseline step without and with overlap, speedups), per-group
@@ -32,7 +50,16 @@ from dataclasses import dataclass, field
 from fxdisag.planner.roofline import expert_owners
 from fxdisag.planner.roofline import explain as _explain
 
-__all__ = ["Plan", "contiguous_placement"]
+__all__ = ["BINDING_FIELDS", "PLAN_KINDS", "Plan", "SCHEDULE_KINDS", "contiguous_placement"]
+
+PLAN_KINDS = ("afpipe", "ep")
+SCHEDULE_KINDS = ("gpipe", "1f1b")  # what the runtime builds
+RECOMPUTE_GROUPS = ("attention", "experts")
+BINDING_FIELDS = (
+    "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
+    "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
+    "num_moe_layers",
+)
 
 
 def _even_blocks(total: int, parts: int) -> list[range]:
@@ -72,8 +99,11 @@ class Plan:
     expert_ranks: list[int]
     expert_placement: list[list[int]]
     num_microbatches: int
-    microbatch_size: int = 1
+    microbatch_size: int | None = None
     grad_accumulation: int = 1
+    kind: str = "afpipe"
+    schedule_kind: str = "gpipe"
+    in_flight: int | None = None  # 1f1b: micro-batches in flight (None: 2, the ring depth)
     num_moe_layers: int | None = None
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
@@ -95,17 +125,25 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"Plan: kind={self.kind!r}; must be one of {PLAN_KINDS}")
         both = sorted(set(self.attention_ranks) & set(self.expert_ranks))
-        if both:
-            raise ValueError(f"Plan: attention_ranks and expert_ranks overlap on {both}; they must be disjoint")
+        if self.kind == "afpipe" and both:
+            raise ValueError(f"Plan: attention_ranks and expert_ranks overlap on {both}; they must be disjoint "
+                             "(use Plan.expert_parallel for expert parallelism)")
+        if self.kind == "ep" and sorted(self.attention_ranks) != sorted(self.expert_ranks):
+            raise ValueError("Plan: an expert-parallel plan (kind='ep') has the same attention and expert ranks")
         if not self.attention_ranks or not self.expert_ranks:
             raise ValueError("Plan: needs at least one attention rank and one expert rank")
         experts = set(self.expert_ranks)
         for e, ranks in enumerate(self.expert_placement):
             if not ranks or not set(ranks) <= experts:
                 raise ValueError(f"Plan: expert {e} is placed on {ranks}; it needs >= 1 rank, all expert ranks")
-        if self.num_microbatches < 1 or self.microbatch_size < 1 or self.grad_accumulation < 1:
+        if self.num_microbatches < 1 or (self.microbatch_size or 1) < 1 or self.grad_accumulation < 1:
             raise ValueError("Plan: num_microbatches, microbatch_size and grad_accumulation must be >= 1")
+        unknown = sorted(set(self.recompute) - set(RECOMPUTE_GROUPS))
+        if unknown:
+            raise ValueError(f"Plan: recompute names groups {unknown}; the groups are {RECOMPUTE_GROUPS}")
         self.nic_split = [tuple(x) for x in self.nic_split]
 
     # ------------------------------------------------------------------ derived numbers
@@ -132,13 +170,16 @@ class Plan:
             raise ValueError(f"rank {attention_rank} is not an attention rank of this plan")
         if self.expert_owners:
             return tuple(self.expert_owners[str(attention_rank)])
+        if self.kind == "ep":
+            return tuple(ranks[0] for ranks in self.expert_placement)
         domains = self.routing_domains or [sorted(self.attention_ranks + self.expert_ranks)]
         return expert_owners(self.attention_ranks, self.expert_placement, domains)[attention_rank]
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def manual(cls, num_attention: int, num_expert: int, num_experts: int, num_microbatches: int, *,
-               num_moe_layers: int | None = None, microbatch_size: int = 1) -> "Plan":
+               num_moe_layers: int | None = None, microbatch_size: int | None = None,
+               schedule_kind: str = "gpipe", in_flight: int | None = None) -> "Plan":
         """Ranks 0..num_attention-1 run attention, the next num_expert ranks run experts,
         experts in contiguous blocks (:func:`contiguous_placement`). No predictions."""
         for name, value in (("num_attention", num_attention), ("num_expert", num_expert),
@@ -148,17 +189,55 @@ class Plan:
         attention = list(range(num_attention))
         experts = list(range(num_attention, num_attention + num_expert))
         return cls(attention, experts, contiguous_placement(num_experts, experts), num_microbatches,
-                   microbatch_size=microbatch_size, num_moe_layers=num_moe_layers, notes=["manual plan"])
+                   microbatch_size=microbatch_size, num_moe_layers=num_moe_layers, schedule_kind=schedule_kind,
+                   in_flight=in_flight, notes=["manual plan"])
+
+    @classmethod
+    def expert_parallel(cls, world: int, num_experts: int, num_microbatches: int) -> "Plan":
+        """The expert-parallel baseline: every rank runs attention on 1/world of the batch and a
+        contiguous block of ``num_experts / world`` experts (expert e on rank ``e * world // E``)."""
+        for name, value in (("world", world), ("num_experts", num_experts), ("num_microbatches", num_microbatches)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Plan.expert_parallel: {name} must be an int >= 1, got {value!r}")
+        if world > num_experts:
+            raise ValueError(f"Plan.expert_parallel: {world} ranks but {num_experts} experts; every rank needs "
+                             "at least one expert")
+        ranks = list(range(world))
+        placement = [[e * world // num_experts] for e in range(num_experts)]
+        return cls(ranks, list(ranks), placement, num_microbatches, kind="ep",
+                   notes=["expert-parallel baseline: attention on every rank, all-to-all dispatch and combine"])
 
     # ------------------------------------------------------------------ runtime
     def schedule(self, num_moe_layers: int | None = None):
-        """The AF-pipe action lists for this plan (``fxdisag.runtime.schedule.af_pipe_schedule``)."""
-        from fxdisag.runtime.schedule import af_pipe_schedule
+        """This plan's action lists (``af_pipe_schedule`` or ``ep_schedule``), validated."""
+        from fxdisag.schedule import af_pipe_schedule, ep_schedule, one_f_one_b_schedule, validate
 
         layers = num_moe_layers if num_moe_layers is not None else self.num_moe_layers
         if layers is None:
             raise ValueError("Plan.schedule: the plan does not know the number of MoE layers; pass num_moe_layers")
-        return af_pipe_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches)
+        if self.num_moe_layers is not None and layers != self.num_moe_layers:
+            raise ValueError(f"Plan.num_moe_layers={self.num_moe_layers} but the model has {layers} MoE layers: "
+                             "the plan was made for another model")
+        if self.schedule_kind not in SCHEDULE_KINDS:
+            raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the runtime builds {SCHEDULE_KINDS} "
+                             "schedules only")
+        if self.kind == "ep":
+            if self.schedule_kind != "gpipe":
+                raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the expert-parallel baseline runs "
+                                 "'gpipe' order only")
+            schedule = ep_schedule(self.attention_ranks, layers, self.num_microbatches)
+        elif self.schedule_kind == "1f1b":
+            schedule = one_f_one_b_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches,
+                                            self.in_flight)
+        else:
+            schedule = af_pipe_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches)
+        validate(schedule)
+        return schedule
+
+    def binding(self) -> dict:
+        """The fields the runtime honours (see the module docstring)."""
+        data = dataclasses.asdict(self)
+        return {k: data[k] for k in BINDING_FIELDS}
 
     # ------------------------------------------------------------------ printing
     def explain(self) -> str:
@@ -170,6 +249,8 @@ class Plan:
     def __str__(self) -> str:
         lines = []
         head = f"Plan for {self.model or '?'} on {self.cluster or '?'}"
+        if self.kind == "ep":
+            head = "Expert-parallel " + head
         if self.seq_len:
             head += f", seq_len {self.seq_len}, global batch {self.global_batch}"
         lines.append(head)
@@ -188,7 +269,9 @@ class Plan:
             lines.append(f"  routing domains: {len(self.routing_domains)} of {len(self.routing_domains[0])} ranks "
                          "(attention ranks route to the expert replicas of their own domain)")
         lines.append(
-            f"  micro-batches: {self.num_microbatches} x {self.microbatch_size} sequence(s) per attention rank, "
+            f"  micro-batches: {self.num_microbatches} x {self.microbatch_size or '(from the batch)'} "
+            f"sequence(s) per attention rank, {self.schedule_kind} schedule"
+            + (f" ({self.in_flight or 2} in flight)" if self.schedule_kind == "1f1b" else "") + ", "
             f"{self.grad_accumulation} accumulation round(s)"
         )
         if any(self.recompute.values()):
@@ -224,11 +307,15 @@ class Plan:
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self, **kwargs) -> str:
-        return json.dumps(dataclasses.asdict(self), **kwargs)
+        data = dataclasses.asdict(self)
+        advisory = {k: v for k, v in data.items() if k not in BINDING_FIELDS}
+        return json.dumps({"binding": self.binding(), "advisory": advisory}, **kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         data = json.loads(text)
+        if set(data) == {"binding", "advisory"}:
+            data = {**data["advisory"], **data["binding"]}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

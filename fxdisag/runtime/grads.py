@@ -4,6 +4,8 @@ Contract: between ``begin()`` (before the step's backward) and ``finish()`` (its
 only *this step's* gradient contributions are summed over each group; gradients that were
 already accumulated in ``.grad`` (gradient accumulation over several steps) are set aside
 and added back unchanged, so every group member ends with ``old + sum_over_group(new)``.
+``scale(g)`` multiplies this step's contributions by ``g`` before they are summed (a
+schedule that runs backward before the loss gradient is known seeds it with 1).
 
 * attention ranks: every attention parameter, summed over the attention group
   (data parallel);
@@ -54,11 +56,17 @@ class GradSync:
         self._stash: list[torch.Tensor | None] | None = None
 
     def begin(self) -> None:
-        if not self.groups:
-            return
         self._stash = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
+
+    def scale(self, factor: float) -> None:
+        """Multiply this step's gradient contributions (those since ``begin()``) by ``factor``."""
+        if self._stash is None:
+            raise RuntimeError("GradSync.scale() outside a step: call begin() first")
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
     def finish(self) -> None:
         for g in self.groups:

@@ -11,7 +11,12 @@ Contract:
 * sends are fire-and-forget until :meth:`Mailbox.drain`, which waits for all of them
   (their buffers are kept alive until then);
 * a message to the rank itself (expert parallelism keeps some rows local) never touches
-  the network: it is handed over in memory, matched by tag.
+  the network: it is handed over in memory, matched by tag;
+* tags are made here only (:func:`message_tag`): one per (channel, MoE layer,
+  micro-batch), always even, because in ``ordered`` mode a message with a header sends
+  the header on the tag and its payload on tag + 1;
+* :attr:`Mailbox.sent_bytes` counts the bytes posted to each peer over the network
+  (headers included, messages to itself excluded) since :meth:`Mailbox.reset_counters`.
 
 Two ways to receive a message of unknown size, chosen by the backend:
 
@@ -38,7 +43,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mailbox", "Receive", "pack_bytes", "unpack_bytes", "byte_size"]
+__all__ = ["Mailbox", "Receive", "byte_size", "message_tag", "pack_bytes", "unpack_bytes"]
+
+_CHANNELS = ("D", "C", "GC", "GD")
+MAX_LAYERS = 256
+MAX_MICROBATCHES = 4096
+
+
+def message_tag(channel: str, layer: int, microbatch: int) -> int:
+    """The tag of the message of ``channel`` ("D", "C", "GC", "GD") for one (layer, micro-batch).
+
+    Distinct per message: gloo matches on (source, tag); NCCL ignores tags and relies on
+    the per-pair FIFO order the schedule guarantees. Even, so ``tag + 1`` is free for the
+    payload that follows a header (``ordered`` mode).
+    """
+    if channel not in _CHANNELS:
+        raise ValueError(f"channel {channel!r} is not one of {_CHANNELS}")
+    if not 0 <= layer < MAX_LAYERS:
+        raise ValueError(f"MoE layer {layer} out of range: message tags encode at most {MAX_LAYERS} layers")
+    if not 0 <= microbatch < MAX_MICROBATCHES:
+        raise ValueError(f"micro-batch {microbatch} out of range: message tags encode at most "
+                         f"{MAX_MICROBATCHES} micro-batches")
+    return ((_CHANNELS.index(channel) * MAX_LAYERS + layer) * MAX_MICROBATCHES + microbatch) * 2
 
 
 _ALIGN = 8  # every part starts 8-byte aligned, so it can be viewed as int64/float64
@@ -127,6 +153,12 @@ class Mailbox:
         self.wait_seconds = 0.0  # time blocked in wait(): the timeline's recv-wait
         self.rank = dist.get_rank() if dist.is_initialized() else -1
         self._local: dict[int, tuple[int | None, torch.Tensor]] = {}  # tag -> (header, payload) sent to self
+        self.sent_bytes: dict[int, int] = {}  # peer -> bytes posted to it over the network
+
+    def reset_counters(self) -> None:
+        """Start a new count of :attr:`sent_bytes` and :attr:`wait_seconds` (each step)."""
+        self.sent_bytes = {}
+        self.wait_seconds = 0.0
 
     # ---- receives
     def post(self, receives: Sequence[Receive]) -> None:
@@ -239,6 +271,10 @@ class Mailbox:
             if peer == self.rank:
                 self._local[tag] = (header_value, payload)
                 continue
+            if tag % 2:
+                raise ValueError(f"tag {tag} is odd: make tags with message_tag()")
+            nbytes = payload.numel() + (_PREFIX if header_value is not None else 0)
+            self.sent_bytes[peer] = self.sent_bytes.get(peer, 0) + nbytes
             if header_value is not None and not self.ordered:
                 count = torch.tensor([header_value], dtype=torch.int64, device=self.device).view(torch.uint8)
                 payload = torch.cat([count, payload])

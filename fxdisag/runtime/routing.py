@@ -6,7 +6,7 @@ Contract: ``Routing.from_plan(plan, num_experts)`` gives
                       positions in this list);
 * ``owner_slot(a)``-- for attention rank ``a``, per expert, the slot (index into
                       ``expert_ranks``) of the replica ``a`` sends that expert's rows to
-                      (``plan.expert_owner(a)`` when the plan has one, else the first replica);
+                      (``plan.expert_owner(a)``);
 * ``local_id(a)``  -- per expert, its local id on that replica;
 * ``replica_sets`` -- each set of >= 2 expert ranks that share experts, with the shared
                       experts: their gradients are summed over the set after backward.
@@ -17,6 +17,10 @@ Every rank computes the same tables from the same plan, so no table is communica
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fxdisag.planner.plan import Plan
 
 __all__ = ["Routing"]
 
@@ -29,7 +33,7 @@ class Routing:
     owners: dict[int, list[int]]  # attention rank -> expert rank per expert
 
     @classmethod
-    def from_plan(cls, plan, num_experts: int) -> "Routing":
+    def from_plan(cls, plan: "Plan", num_experts: int) -> "Routing":
         placement = [list(p) for p in plan.expert_placement]
         if len(placement) != num_experts:
             raise ValueError(f"plan places {len(placement)} experts; the model has {num_experts} per MoE layer")
@@ -42,7 +46,7 @@ class Routing:
                 raise ValueError(f"plan places expert {e} on ranks {stray}, which are not expert ranks {experts}")
         owners = {}
         for a in plan.attention_ranks:
-            owner = list(plan.expert_owner(a)) if hasattr(plan, "expert_owner") else [p[0] for p in placement]
+            owner = list(plan.expert_owner(a))
             for e, r in enumerate(owner):
                 if r not in placement[e]:
                     raise ValueError(f"plan routes expert {e} of attention rank {a} to rank {r}, which does not hold it")

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fxdisag.runtime.schedule import Action
+from fxdisag.schedule import Action
 
 SPAN_KINDS = ("compute", "send", "recv-wait", "reduce")
 

@@ -1,0 +1,42 @@
+"""Schedules as plain data: every rank's action list for one training step.
+
+``actions`` (the kinds table, :class:`Action`, :class:`Schedule`) -> ``builders``
+(GPipe AF-Pipe, the expert-parallel baseline) -> ``validate`` (accept exactly what the
+runtime can run) -> ``grid`` (draw it) -> ``simulate`` (time it with the cost model).
+"""
+
+from fxdisag.schedule.actions import (
+    CHANNELS,
+    KINDS,
+    Action,
+    ActionKind,
+    KindInfo,
+    Schedule,
+    consumes,
+    produced_by,
+    required_actions,
+    required_before,
+)
+from fxdisag.schedule.builders import af_pipe_schedule, ep_schedule, one_f_one_b_schedule
+from fxdisag.schedule.grid import format_grid, grid_step
+from fxdisag.schedule.validate import ScheduleError, validate
+
+__all__ = [
+    "CHANNELS",
+    "KINDS",
+    "Action",
+    "ActionKind",
+    "KindInfo",
+    "Schedule",
+    "ScheduleError",
+    "af_pipe_schedule",
+    "consumes",
+    "ep_schedule",
+    "format_grid",
+    "grid_step",
+    "one_f_one_b_schedule",
+    "produced_by",
+    "required_actions",
+    "required_before",
+    "validate",
+]

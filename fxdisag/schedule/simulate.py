@@ -49,7 +49,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fxdisag.runtime.schedule import Action, ActionKind, Schedule, ScheduleError, consumes, validate
+from fxdisag.schedule import Action, ActionKind, Schedule, ScheduleError, consumes, validate
 from fxdisag.runtime.timeline import Span
 
 Message = tuple[int, int, str, int, int]  # (src, dst, channel, stage, microbatch)

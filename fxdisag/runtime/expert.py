@@ -1,0 +1,135 @@
+"""Expert handlers: the rank's local experts of every MoE layer, on the rows it receives.
+
+Contract: :class:`ExpertHandlers` registers RECV_D, EF, SEND_C, RECV_GC, EB and SEND_GD on
+a :class:`~fxdisag.runtime.runner.StepRunner`. After the step every local expert
+parameter's ``.grad`` holds its gradient accumulated over the rows it computed, summed
+over the replicas when several expert ranks hold the expert (``replica_groups``). With
+``recompute`` an expert call keeps only its inputs and runs again inside ``EB``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fxdisag.runtime.attention import row_messages
+from fxdisag.runtime.grads import GradSync, RowGroup
+from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, unpack_bytes
+from fxdisag.runtime.runner import Handler, StepState
+from fxdisag.schedule import Action, ActionKind
+
+__all__ = ["ExpertHandlers"]
+
+
+class ExpertHandlers:
+    role = "E"
+
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        attention_ranks: list[int],
+        num_microbatches: int,
+        hidden_size: int,
+        dtypes: tuple[torch.dtype, torch.dtype],
+        max_top_k: int,
+        mailbox: Mailbox,
+        replica_groups: list[tuple[list[int], dist.ProcessGroup]] = (),
+        recompute: bool = False,
+    ):
+        """``replica_groups``: (local ids of the shared experts, process group) per replica set."""
+        self.experts = experts
+        self.attention_ranks = list(attention_ranks)
+        self.num_microbatches = num_microbatches
+        self.hidden = hidden_size
+        self.xdtype, self.wdtype = dtypes
+        self.max_top_k = max_top_k
+        self.mailbox = mailbox
+        self.recompute = recompute
+        seen: dict[int, nn.Parameter] = {}
+        for mod in experts:
+            for p in mod.parameters():
+                seen.setdefault(id(p), p)
+        self.params = list(seen.values())
+        # Expert weights are [E_local, ...]: a replica set sums the rows of its shared experts.
+        self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows) for rows, g in replica_groups])
+
+    def handlers(self) -> dict[ActionKind, Handler]:
+        K = ActionKind
+        return {
+            K.RECV_D: self._post_dispatch,
+            K.EF: self._forward,
+            K.SEND_C: lambda st, a: self._send(st, "C", a, [st.results.pop((a.stage, a.microbatch))]),
+            K.RECV_GC: self._post_grad_combine,
+            K.EB: self._backward,
+            K.SEND_GD: lambda st, a: self._send(st, "GD", a, list(st.results.pop((a.stage, a.microbatch)))),
+        }
+
+    def prepare(self, state: StepState, batch: Mapping[str, torch.Tensor]) -> None:
+        """Size the dispatch receives: the most rows one attention rank sends per message."""
+        ids = batch.get("input_ids")
+        if ids is None or ids.dim() != 2:
+            raise ValueError("the batch needs input_ids of shape [batch, seq_len] (it sizes the expert receives)")
+        per_message = ids.shape[0] // (len(self.attention_ranks) * self.num_microbatches)
+        state.capacity_rows = per_message * ids.shape[1] * self.max_top_k
+
+    def _dispatch_layout(self, n: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [((n, self.hidden), self.xdtype), ((n, 1), self.wdtype), ((n, 1), torch.int64)]
+
+    def _post_dispatch(self, state: StepState, action: Action) -> None:
+        j, i = action.stage, action.microbatch
+        capacity = byte_size(self._dispatch_layout(state.capacity_rows))
+        tag = message_tag("D", j, i)
+        rs = [Receive(a, tag, size_of=lambda n: byte_size(self._dispatch_layout(n)), capacity=capacity)
+              for a in self.attention_ranks]
+        state.recvs[("D", j, i)] = rs
+        self.mailbox.post(rs)
+
+    def _forward(self, state: StepState, action: Action) -> None:
+        j, i = action.stage, action.microbatch
+        xs, ws, ids, counts = [], [], [], []
+        for r in state.recvs.pop(("D", j, i)):
+            self.mailbox.wait(r)
+            n = r.header_value  # the row count
+            x, w, e = unpack_bytes(r.payload, self._dispatch_layout(n))
+            xs.append(x)
+            ws.append(w)
+            ids.append(e)
+            counts.append(n)
+        x = torch.cat(xs).requires_grad_(state.grad_enabled)
+        w = torch.cat(ws).requires_grad_(state.grad_enabled)
+        e = torch.cat(ids)
+        if self.recompute and state.grad_enabled:
+            y = checkpoint(self.experts[j], x, e, w, use_reentrant=False)
+        else:
+            y = self.experts[j](x, e, w)
+        if state.grad_enabled:
+            state.saved[(j, i)] = (x, w, y)
+        state.recv_counts[(j, i)] = counts
+        state.results[(j, i)] = y.detach()
+
+    def _post_grad_combine(self, state: StepState, action: Action) -> None:
+        j, i = action.stage, action.microbatch
+        tag = message_tag("GC", j, i)
+        rs = [Receive(a, tag, nbytes=byte_size([((n, self.hidden), self.xdtype)]))
+              for a, n in zip(self.attention_ranks, state.recv_counts[(j, i)])]
+        state.recvs[("GC", j, i)] = rs
+        self.mailbox.post(rs)
+
+    def _backward(self, state: StepState, action: Action) -> None:
+        j, i = action.stage, action.microbatch
+        parts = []
+        for r, n in zip(state.recvs.pop(("GC", j, i)), state.recv_counts[(j, i)]):
+            self.mailbox.wait(r)
+            parts.append(unpack_bytes(r.payload, [((n, self.hidden), self.xdtype)])[0])
+        x, w, y = state.saved.pop((j, i))
+        torch.autograd.backward([y], [torch.cat(parts)])
+        state.results[(j, i)] = (x.grad, w.grad)
+
+    def _send(self, state: StepState, channel: str, action: Action, tensors: list[torch.Tensor]) -> None:
+        j, i = action.stage, action.microbatch
+        self.mailbox.send(row_messages(self.attention_ranks, state.recv_counts[(j, i)], tensors,
+                                       message_tag(channel, j, i)))

@@ -1,0 +1,243 @@
+"""Schedule validation: accept exactly the schedules the runtime can run.
+
+Contract: :func:`validate` accepts exactly the schedules that are complete, matched
+(every message has one sender and one receiver), FIFO-consistent per ordered rank pair,
+dependency-ordered on each rank, free of deadlock and phase-consistent, for any
+rank -> roles map (attention, experts, or both as in expert parallelism), and otherwise
+raises :class:`ScheduleError` with the grid, the failing cell marked ``!!``, and what is
+wrong. The runtime and the simulator run the lists verbatim.
+"""
+
+from __future__ import annotations
+
+from fxdisag.schedule.actions import (
+    Action,
+    ActionKind,
+    Key,
+    Schedule,
+    consumes,
+    key_str,
+    required_actions,
+    required_before,
+)
+from fxdisag.schedule.builders import check_groups
+from fxdisag.schedule.grid import format_grid, unit_run
+
+__all__ = ["ScheduleError", "validate"]
+
+
+class ScheduleError(ValueError):
+    """A schedule is invalid; the message holds the grid with the failing cell marked."""
+
+
+def _fail(schedule: Schedule, rank: int | None, index: int | None, what: str) -> ScheduleError:
+    mark = None
+    if rank is not None and rank in schedule.actions:
+        run = unit_run(schedule)
+        if index is not None and (rank, index) in run.step_of:
+            mark = (run.step_of[(rank, index)], rank)
+        elif rank in run.blocked:
+            mark = (run.num_steps, rank)
+    where = ""
+    if rank is not None:
+        where = f"rank {rank}"
+        if index is not None and rank in schedule.actions and index < len(schedule.actions[rank]):
+            where += f" action #{index} `{schedule.actions[rank][index]}`"
+        where += ": "
+    try:
+        grid = format_grid(schedule, mark)
+    except Exception as e:  # noqa: BLE001 - the grid is a diagnostic aid, the error is `what`
+        grid = f"(grid unavailable: {e})"
+    return ScheduleError(f"invalid schedule: {where}{what}\n{grid}")
+
+
+def _role_name(roles: frozenset[str]) -> str:
+    return {frozenset("A"): "attention", frozenset("E"): "expert"}.get(roles, "attention+expert")
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise :class:`ScheduleError` unless ``schedule`` is runnable (see module docstring).
+
+    Checks, in order: groups and rank lists; each rank executes exactly the actions its
+    role needs (once each) with well-formed peers; same-rank dependency order; the
+    round trip of every micro-batch returns from the ranks it went to; every SEND has
+    a matching RECV and vice versa; FIFO order per ordered pair; phase
+    lengths; no deadlock; the forward phases complete on their own.
+
+    Phases: the forward phase of every rank ends before REDUCE and completes on its own
+    (it never waits for a message sent in a backward phase); a rank that runs backward
+    computation in its forward phase has only REDUCE left for its backward phase.
+    """
+    S = schedule
+    J, m = S.num_moe_layers, S.num_microbatches
+    try:
+        check_groups(S.attention_ranks, S.expert_ranks, disjoint=False)
+    except ValueError as e:
+        raise ScheduleError(f"invalid schedule: {e}") from None
+    if J < 1:
+        raise ScheduleError(f"invalid schedule: num_moe_layers={J}, need >= 1")
+    if m < 1:
+        raise ScheduleError(f"invalid schedule: num_microbatches={m}, need >= 1")
+    A, E = set(S.attention_ranks), set(S.expert_ranks)
+    missing = sorted((A | E) - set(S.actions))
+    extra = sorted(set(S.actions) - (A | E))
+    if missing or extra:
+        raise ScheduleError(f"invalid schedule: actions has no list for ranks {missing} / "
+                            f"lists for ranks {extra} that are in neither group")
+    # A comm kind of role A talks to the expert ranks, one of role E to the attention ranks.
+    other = {"A": E, "E": A}
+
+    # (a) well-formed actions; exactly the required set, once each.
+    index: dict[int, dict[Key, int]] = {}
+    for r, acts in S.actions.items():
+        roles = S.roles(r)
+        what = _role_name(roles)
+        own = set().union(*({"A": A, "E": E}[x] for x in roles))
+        seen: dict[Key, int] = {}
+        for n, a in enumerate(acts):
+            if not isinstance(a, Action) or not isinstance(a.kind, ActionKind):
+                raise _fail(S, r, n, f"{a!r} is not an Action")
+            if a.kind.role != "*" and a.kind.role not in roles:
+                raise _fail(S, r, n, f"{a.kind.name} does not belong on an {what} rank")
+            if a.key in seen:
+                raise _fail(S, r, n, f"`{a}` appears twice (first as action #{seen[a.key]})")
+            seen[a.key] = n
+            if a.kind is ActionKind.REDUCE:
+                if set(a.peers) != own or len(a.peers) != len(own):
+                    raise _fail(S, r, n, f"REDUCE peers {a.peers} must be the rank's whole "
+                                f"group {tuple(sorted(own))}")
+                continue
+            hi = J + 1 if a.kind in (ActionKind.F, ActionKind.B) else J
+            if not (0 <= a.stage < hi and 0 <= a.microbatch < m):
+                raise _fail(S, r, n, f"stage {a.stage} / micro-batch {a.microbatch} out of "
+                            f"range (stage < {hi}, micro-batch < {m})")
+            if a.kind.is_compute and a.peers:
+                raise _fail(S, r, n, f"compute action has peers {a.peers}; must be empty")
+            if a.kind.is_comm:
+                peers_of = other[a.kind.role]
+                if not a.peers or len(set(a.peers)) != len(a.peers) or not set(a.peers) <= peers_of:
+                    raise _fail(S, r, n, f"peers {a.peers} must be distinct ranks of the "
+                                f"other group {tuple(sorted(peers_of))}, at least one")
+        need = required_actions(roles, J, m)
+        lacking = sorted(need - set(seen), key=lambda k: (k[1], k[2], k[0].value))
+        if lacking:
+            names = ", ".join(key_str(k) for k in lacking[:8])
+            more = f" (+{len(lacking) - 8} more)" if len(lacking) > 8 else ""
+            raise _fail(S, r, None, f"missing actions {names}{more}; every "
+                        f"{what} rank needs each once")
+        index[r] = seen
+
+    # (b) same-rank dependency order.
+    for r, acts in S.actions.items():
+        for n, a in enumerate(acts):
+            if a.kind is ActionKind.REDUCE and n != len(acts) - 1:
+                raise _fail(S, r, n, "REDUCE must be the rank's last action (gradients are "
+                            "complete only after every backward)")
+            for key in required_before(a, J):
+                if index[r][key] > n:
+                    why = ("consumes its data" if key[0].is_recv else
+                           "produces its data" if a.kind.is_send else "must run first")
+                    raise _fail(S, r, n, f"`{a}` comes before `{key_str(key)}` "
+                                f"(action #{index[r][key]}), which {why}")
+
+    # (c) round trip: a micro-batch's rows come back from (and its grads go to) the
+    # ranks it was dispatched to.
+    pairs = ((ActionKind.SEND_D, ActionKind.RECV_C), (ActionKind.RECV_C, ActionKind.SEND_GC),
+             (ActionKind.SEND_GC, ActionKind.RECV_GD), (ActionKind.RECV_D, ActionKind.SEND_C),
+             (ActionKind.SEND_C, ActionKind.RECV_GC), (ActionKind.RECV_GC, ActionKind.SEND_GD))
+    for r, acts in S.actions.items():
+        for first, second in pairs:
+            if (first, 0, 0) not in index[r]:
+                continue
+            for j in range(J):
+                for i in range(m):
+                    a, b = acts[index[r][(first, j, i)]], acts[index[r][(second, j, i)]]
+                    if set(a.peers) != set(b.peers):
+                        raise _fail(S, r, index[r][b.key], f"`{b}` has peers {b.peers} but "
+                                    f"`{a}` has {a.peers}; a micro-batch must return from "
+                                    "the ranks it went to")
+
+    # (d) matching, (e) FIFO per ordered pair.
+    out: dict[tuple[int, int], list[tuple[Key, int]]] = {}
+    inc: dict[tuple[int, int], list[tuple[Key, int]]] = {}
+    for r, acts in S.actions.items():
+        for n, a in enumerate(acts):
+            for p in a.peers if a.kind.is_comm else ():
+                msg = (a.kind.channel, a.stage, a.microbatch)
+                if a.kind.is_send:
+                    out.setdefault((r, p), []).append((msg, n))  # type: ignore[arg-type]
+                else:
+                    inc.setdefault((p, r), []).append((msg, n))  # type: ignore[arg-type]
+    for (src, dst) in sorted(set(out) | set(inc)):
+        sends, recvs = out.get((src, dst), []), inc.get((src, dst), [])
+        send_set, recv_set = {k for k, _ in sends}, {k for k, _ in recvs}
+        for msg, n in sends:
+            if msg not in recv_set:
+                raise _fail(S, src, n, f"sends to rank {dst}, but rank {dst} posts no "
+                            f"matching {ActionKind.comm('recv', msg[0]).name}({msg[1]}, {msg[2]}) from rank {src}")
+        for msg, n in recvs:
+            if msg not in send_set:
+                raise _fail(S, dst, n, f"receives from rank {src}, but rank {src} posts no "
+                            f"matching {ActionKind.comm('send', msg[0]).name}({msg[1]}, {msg[2]}) to rank {dst}")
+        for q, ((ms, ns), (mr, nr)) in enumerate(zip(sends, recvs)):
+            if ms != mr:
+                raise _fail(S, dst, nr, f"FIFO order broken on {src} -> {dst}: message #{q} "
+                            f"is `{key_str((ActionKind.comm('send', ms[0]), ms[1], ms[2]))}` on rank {src} "
+                            f"(action #{ns}) but `{key_str((ActionKind.comm('recv', mr[0]), mr[1], mr[2]))}` "
+                            f"on rank {dst}; both sides must issue them in the same order")
+
+    # (f) phases: the forward call runs every rank's forward phase to its end (the loss is
+    # all-reduced there), then loss.backward() runs the backward phases.
+    for r, acts in S.actions.items():
+        n_fwd = S.forward_length(r)
+        if not 0 <= n_fwd < len(acts):
+            raise _fail(S, r, None, f"forward phase of {n_fwd} actions: must end before REDUCE "
+                        f"(0 <= forward_len < {len(acts)})")
+        if S.defers_loss_grad(r):
+            late = [n for n, a in enumerate(acts[n_fwd:], n_fwd) if a.kind is not ActionKind.REDUCE]
+            if late:
+                raise _fail(S, r, late[0], f"`{acts[late[0]]}` is in the backward phase, but the "
+                            "forward phase already runs backward computation (with the loss "
+                            "gradient deferred): then the backward phase may hold only REDUCE")
+        elif any(a.kind.is_compute and a.kind.is_backward for a in acts[:n_fwd]):  # pragma: no cover
+            raise AssertionError("defers_loss_grad disagrees with the forward phase")
+    # (g) deadlock.
+    run = unit_run(S)
+    if run.blocked:
+        waits = []
+        for r, n in sorted(run.blocked.items()):
+            a = S.actions[r][n]
+            key = consumes(a, J)
+            if a.kind is ActionKind.REDUCE:
+                waits.append(f"rank {r} waits at `R` for its group")
+            elif key is not None:
+                ch = key[0].channel
+                senders = [p for p in S.actions[r][index[r][key]].peers
+                           if (p, r, ch, key[1], key[2]) not in run.sent]
+                waits.append(f"rank {r} waits at `{a}` for {ch}{key[1]}.{key[2]} from "
+                             f"rank(s) {senders}")
+        first = min(run.blocked)
+        raise _fail(S, first, run.blocked[first], "deadlock: no rank can progress; "
+                    + "; ".join(waits))
+
+    # (h) the forward call returns on its own (checked after (g): a schedule that
+    # deadlocks anyway is reported as a deadlock).
+    forward_only = Schedule(S.attention_ranks, S.expert_ranks, J, m,
+                            {r: S.phase(r, "forward") for r in S.actions})
+    stuck = unit_run(forward_only).blocked
+    if stuck:
+        r = min(stuck)
+        raise _fail(S, r, stuck[r], f"`{S.actions[r][stuck[r]]}` waits in the forward phase for a "
+                    "message that is sent only in a backward phase (after the forward call returns)")
+
+    # (i) under torch.no_grad() a forward phase runs only its forward-kind actions.
+    if any(S.defers_loss_grad(r) for r in S.actions):
+        kept = {r: [n for n, a in enumerate(S.phase(r, "forward")) if not a.kind.is_backward] for r in S.actions}
+        projected = Schedule(S.attention_ranks, S.expert_ranks, J, m,
+                             {r: [S.actions[r][n] for n in kept[r]] for r in S.actions})
+        stuck = unit_run(projected).blocked
+        if stuck:
+            r = min(stuck)
+            n = kept[r][stuck[r]]
+            raise _fail(S, r, n, f"`{S.actions[r][n]}` deadlocks a forward under torch.no_grad(), which runs "
+                        "only the forward-kind actions of the forward phase")
