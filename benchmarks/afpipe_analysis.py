@@ -12,11 +12,11 @@ Contract (used by ``bench_afpipe_vs_ep.py``; every function is pure except where
   experts run on the same rank, one after the other, so that rank's sum counts;
   ``efficiency = bound / measured step``;
 * :func:`predict_afpipe` / :func:`predict_ep` -- the partitioner's cost model
-  (``fxdisag.planner.roofline``; no formula is re-written here) on a measured
-  ``ClusterSpec``: *a priori* from the profile's FLOPs at the measured matmul rate, and
-  *stage-calibrated*, with every region's FLOPs scaled so that the model's compute time
-  equals the compute measured in the same run (attention side and experts separately),
-  which leaves only the pipeline/transfer composition to the model.
+  (``fxdisag.planner.cost_afpipe`` / ``fxdisag.planner.cost_ep``; no formula is re-written
+  here) on a measured ``ClusterSpec``: *a priori* from the profile's FLOPs at the measured
+  matmul rate, and *stage-calibrated*, with every region's FLOPs scaled so that the model's
+  compute time equals the compute measured in the same run (attention side and experts
+  separately), which leaves only the pipeline/transfer composition to the model.
 
 Pseudo-code of the calibration::
 
@@ -188,7 +188,7 @@ def _attention_busy(times: Mapping[str, float], num_layers: int, m: int) -> floa
 
 def layout_of(plan, cluster, num_experts: int):
     """The partitioner's GroupLayout that produced ``plan``'s placement (one device per node)."""
-    from fxdisag.planner.roofline import STRATEGIES, GroupLayout
+    from fxdisag.planner.placement import STRATEGIES, GroupLayout
 
     domains = plan.routing_domains or [sorted(plan.attention_ranks + plan.expert_ranks)]
     domain_nodes = len(domains[0]) // cluster.devices_per_node
@@ -204,7 +204,7 @@ def predict_afpipe(work, cluster, layout, seqs_per_mb: int, m: int, measured_att
                    measured_experts: float | None = None) -> Prediction:
     """AF-pipe step: a priori, and calibrated to the measured compute per step (seconds,
     busiest attention rank / busiest expert rank) when given."""
-    from fxdisag.planner.roofline import afpipe_stage_times, afpipe_times
+    from fxdisag.planner.cost_afpipe import afpipe_stage_times, afpipe_times
 
     a_priori = afpipe_times(work, cluster, layout, seqs_per_mb, m, 1)["step"]
     if measured_attention is None or measured_experts is None:
@@ -222,7 +222,8 @@ def predict_ep(work, cluster, world: int, seqs_per_rank: int, m: int, measured_a
                measured_experts: float | None = None) -> Prediction:
     """EP step as the runtime runs it: EP degree = world, m micro-batches one after the
     other (``rounds=m``), no overlap, gradient all-reduce exposed (``step_no_overlap``)."""
-    from fxdisag.planner.roofline import attention_times, ep_times, expert_time
+    from fxdisag.planner.cost_afpipe import attention_times, expert_time
+    from fxdisag.planner.cost_ep import ep_times
 
     if seqs_per_rank % m:
         raise ValueError(f"predict_ep: {seqs_per_rank} sequences per rank do not split into {m} micro-batches")

@@ -197,7 +197,7 @@ def run_worker(out_json: str, out_dir: str, steps: int, warmup: int) -> None:
     import fxdisag
     from fxdisag.testing.models import example_batch
     from fxdisag.planner import ClusterSpec
-    from fxdisag.planner.roofline import Workload
+    from fxdisag.planner.workload import Workload
     from fxdisag.testing import throttle
 
     rank, world = dist.get_rank(), dist.get_world_size()

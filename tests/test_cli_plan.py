@@ -61,7 +61,7 @@ def test_simulate_accepts_a_cluster_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_simulator_agrees_with_the_pipeline_formula_without_communication(m):
-    # Two independent implementations (roofline.PIPELINE_TIME and runtime.simulate's event
+    # Two independent implementations (formulas.PIPELINE_TIME and runtime.simulate's event
     # loop) must agree when only compute remains: (L m + 1) t per phase, m >= 2.
     profile = synthetic_profile(num_layers=3, hidden_size=64, num_experts=4, top_k=2, params_per_expert=1000,
                                 attention_flops_per_token=4000.0, seq_len=128, dtype_bytes=4)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fxdisag.planner import ClusterSpec, Plan, PlanError, plan
 from fxdisag.planner.profile import synthetic_profile
-from fxdisag.planner.roofline import GroupLayout, domain_owners
+from fxdisag.planner.placement import GroupLayout, domain_owners
 
 
 def mixtral_like(**kw):

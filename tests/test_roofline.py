@@ -6,7 +6,7 @@ import pytest
 
 from fxdisag.planner import ClusterSpec, plan
 from fxdisag.planner.profile import synthetic_profile
-from fxdisag.planner.roofline import (
+from fxdisag.planner.formulas import (
     ALLREDUCE_TIME,
     PIPELINE_TIME,
     REGION_TIME,
@@ -161,7 +161,7 @@ def test_attention_flops_grow_with_seq_len_squared_in_the_plan():
 
 
 def test_compute_action_adds_the_overhead_once():
-    from fxdisag.planner.roofline import COMPUTE_ACTION
+    from fxdisag.planner.formulas import COMPUTE_ACTION
 
     assert COMPUTE_ACTION(t_work=2.5, overhead=0.5) == 3.0
     assert COMPUTE_ACTION(t_work=2.5, overhead=0.0) == 2.5

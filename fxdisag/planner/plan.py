@@ -47,8 +47,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from fxdisag.planner.roofline import expert_owners
-from fxdisag.planner.roofline import explain as _explain
+from fxdisag.planner.formulas import explain as _explain
+from fxdisag.planner.placement import expert_owners
 
 __all__ = ["BINDING_FIELDS", "PLAN_KINDS", "Plan", "SCHEDULE_KINDS", "contiguous_placement"]
 

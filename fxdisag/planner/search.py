@@ -3,7 +3,7 @@
 Contract
 --------
 ``plan(profile, cluster, global_batch, ...)`` returns the :class:`Plan` minimising the
-predicted AF-pipe step time (forward + backward + gradient all-reduce, roofline.py)
+predicted AF-pipe step time (forward + backward + gradient all-reduce, cost_afpipe.py)
 over
 
 * A attention devices and F = W - A expert devices (all W devices used, A <= global batch),
@@ -11,7 +11,7 @@ over
 * routing domains of d consecutive nodes (d divides the node count): each domain holds a
   replica of every expert and its attention ranks route only to those replicas, so a
   small d keeps the traffic inside nodes at the price of more expert replicas;
-* the expert placement and routing inside each domain (roofline.domain_owners): "pairs"
+* the expert placement and routing inside each domain (placement.domain_owners): "pairs"
   (the (attention rank, expert) pairs spread round-robin over the expert ranks: balanced
   load, more experts per rank) or "replicas" (ceil(E/F) experts per rank round-robin,
   attention ranks take the replicas in turn: fewest experts per rank);
@@ -39,22 +39,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fxdisag.planner.plan import Plan
-from fxdisag.planner.roofline import (
-    STRATEGIES,
-    GroupLayout,
-    Recorder,
-    Workload,
-    afpipe_memory,
+from fxdisag.planner.cost_afpipe import (
     afpipe_stage_times,
     afpipe_step,
     afpipe_sync,
     afpipe_sync_parts,
     attention_times,
-    ep_memory,
-    ep_times,
-    optimizer_bytes_per_param,
 )
+from fxdisag.planner.cost_ep import ep_times
+from fxdisag.planner.formulas import Recorder
+from fxdisag.planner.memory import afpipe_memory, ep_memory
+from fxdisag.planner.placement import STRATEGIES, GroupLayout
+from fxdisag.planner.plan import Plan
+from fxdisag.planner.workload import Workload, optimizer_bytes_per_param
 
 __all__ = ["plan", "PlanError", "attention_layout"]
 

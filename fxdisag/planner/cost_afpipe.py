@@ -1,0 +1,197 @@
+"""AF-pipe step time (seconds) from a :class:`Workload`, a cluster and a :class:`GroupLayout`.
+
+Contract
+--------
+:func:`afpipe_times` gives the predicted step and its parts: per-micro-batch stage times
+(:func:`afpipe_stage_times`), the gradient all-reduce (:func:`afpipe_sync`), then
+:func:`afpipe_step` (ATTENTION_STAGE, PIPELINE_TIME per phase, STEP_TIME with o = 1),
+with utilisation per group and the bubble. :func:`attention_times` and
+:func:`expert_time` are the compute actions (COMPUTE_ACTION of REGION_TIMEs), shared
+with the EP baseline (``cost_ep.py``). All formulas are in ``formulas.py``; times are
+seconds per device, per micro-batch unless said otherwise.
+
+The model:
+
+* **AF-pipe**: attention group and expert group are the two compute resources, the
+  dispatch and combine directions the two network resources; stages per MoE layer
+  t_a (attention side, ATTENTION_STAGE), t_d (dispatch), t_e (experts), t_c (combine),
+  so t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c; backward likewise with
+  the gradient transfers.
+
+Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
+recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
+layer) or each routed row's input (experts: H per row), and re-runs the forward of that
+layer during backward (backward = 3 x forward for those regions instead of 2 x; the
+recomputed unit's full activations are a transient). Nothing is re-sent over the network:
+the expert side keeps its received rows.
+
+Assumptions: backward FLOPs and bytes are 2x forward (3x for the recomputed regions);
+bytes per region = weights + activations read and written by the region's leaf modules
+(no caching across regions); the optimizer update itself is not timed.
+"""
+
+from __future__ import annotations
+
+from fxdisag.planner.formulas import (
+    ALLREDUCE_TIME,
+    ATTENTION_STAGE,
+    COMPUTE_ACTION,
+    PIPELINE_TIME,
+    REGION_TIME,
+    STEP_TIME,
+)
+from fxdisag.planner.placement import GroupLayout, afpipe_transfer, group_span
+from fxdisag.planner.workload import RegionCost, Workload
+
+__all__ = [
+    "afpipe_stage_times",
+    "afpipe_step",
+    "afpipe_sync",
+    "afpipe_sync_parts",
+    "afpipe_times",
+    "attention_times",
+    "expert_time",
+]
+
+
+def _stage_time(cluster, dtype: str, regions: list[RegionCost], seqs: float, backward: bool,
+                recompute: bool = False) -> float:
+    peak, bw = cluster.peak(dtype), cluster.memory_bandwidth
+    total = 0.0
+    for r in regions:
+        flops = seqs * (r.bwd_flops if backward else r.fwd_flops)
+        # backward reads the weights and writes their gradients; activations: read + grad written
+        moved = (2.0 if backward else 1.0) * (r.weight_bytes + seqs * r.io_bytes)
+        if backward and recompute and r.layered:
+            flops += seqs * r.fwd_flops
+            moved += r.weight_bytes + seqs * r.io_bytes
+        total += REGION_TIME(F=flops, peak=peak, B=moved, mem_bw=bw)
+    return total
+
+
+def attention_times(work: Workload, cluster, seqs: float, recorder=None, recompute: bool = False) -> dict[str, float]:
+    """Attention-side compute per micro-batch of ``seqs`` sequences: pre, one MoE layer's
+    stage (mean over layers) and post, forward and backward (+ recomputation).
+
+    ``attn_*`` and ``post_*`` are COMPUTE_ACTIONs (each one stage action, with the per-action
+    overhead); ``pre_*`` is pure work, since it runs inside the first layer's stage action."""
+    out = {}
+    overhead = cluster.action_overhead
+    for bwd in (False, True):
+        sfx = "b" if bwd else "f"
+        direction = "bwd" if bwd else "fwd"
+        out[f"pre_{sfx}"] = _stage_time(cluster, work.dtype, work.pre, seqs, bwd, recompute)
+        post = _stage_time(cluster, work.dtype, work.post, seqs, bwd, recompute)
+        per_layer = [_stage_time(cluster, work.dtype, regs, seqs, bwd, recompute) for regs in work.layers]
+        out[f"attn_{sfx}"] = COMPUTE_ACTION(recorder, f"attention stage action (mean over layers), {direction}, "
+                                            f"{seqs:g} seq", t_work=sum(per_layer) / len(per_layer),
+                                            overhead=overhead)
+        out[f"post_{sfx}"] = COMPUTE_ACTION(recorder, f"post stage action, {direction}, {seqs:g} seq",
+                                            t_work=post, overhead=overhead)
+    if recorder is not None:  # record one representative region evaluation per stage kind
+        for name, regs in (("pre", work.pre), ("attention stage", work.layers[0]), ("post", work.post)):
+            if regs:
+                r = max(regs, key=lambda x: x.fwd_flops)
+                REGION_TIME(recorder, f"largest region of {name}, fwd, {seqs:g} seq",
+                            F=seqs * r.fwd_flops, peak=cluster.peak(work.dtype),
+                            B=r.weight_bytes + seqs * r.io_bytes, mem_bw=cluster.memory_bandwidth)
+    return out
+
+
+def expert_time(work: Workload, cluster, rows: float, experts_held: int, backward: bool, recorder=None,
+                label: str = "experts", recompute: bool = False) -> float:
+    """One expert action (EF or EB) of one micro-batch and MoE layer: COMPUTE_ACTION of its
+    roofline time."""
+    k = (3.0 if recompute else 2.0) if backward else 1.0
+    work_time = REGION_TIME(
+        recorder, label,
+        F=k * rows * work.expert_flops_per_row,
+        peak=cluster.peak(work.dtype),
+        B=k * (experts_held * work.expert_weight_bytes + rows * work.expert_io_per_row),
+        mem_bw=cluster.memory_bandwidth,
+    )
+    return COMPUTE_ACTION(recorder, f"{label}, one action", t_work=work_time, overhead=cluster.action_overhead)
+
+
+def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
+                       attn: dict | None = None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+    """Per-micro-batch stage times of AF-pipe: attention side (pre, per layer, post), the
+    busiest expert device, and the four transfers (slowest node), forward and backward.
+    ``recompute`` = (attention side recomputes, experts recompute)."""
+    S = work.seq_len
+    t = dict(attn or attention_times(work, cluster, seqs_per_mb, recorder, recompute[0]))
+    tokens = seqs_per_mb * S  # per attention device per micro-batch
+    rows = tokens * work.top_k * layout.max_load  # on the busiest expert device
+    held = layout.experts_per_device
+    t["expert_f"] = expert_time(work, cluster, rows, held, False, recorder, "experts fwd, busiest device")
+    t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device",
+                                recompute[1])
+    for key, per_token, toward in (("dispatch", work.dispatch_per_token, True),
+                                   ("combine", work.combine_per_token, False),
+                                   ("combine_grad", work.combine_grad_per_token, True),
+                                   ("dispatch_grad", work.dispatch_grad_per_token, False)):
+        t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
+                                 label=f"{key} per micro-batch (slowest node)")
+    return t
+
+
+def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, sync: float,
+                recorder=None) -> dict[str, float]:
+    """AF-pipe step time from stage times (module docstring), with utilisation per group."""
+    L = work.num_moe_layers
+    t = dict(stages)
+    for sfx in ("f", "b"):
+        t[f"stage_{sfx}"] = ATTENTION_STAGE(recorder, f"attention stage, {'fwd' if sfx == 'f' else 'bwd'}",
+                                            t_attn=t[f"attn_{sfx}"], t_pre=t[f"pre_{sfx}"],
+                                            t_post=t[f"post_{sfx}"], L=L)
+    fwd_stages = (t["stage_f"], t["dispatch"], t["expert_f"], t["combine"])
+    bwd_stages = (t["stage_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
+    for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
+        t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(st), R=sum(st))
+    t["sync"] = sync
+    t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
+    busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
+    busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"])
+    t["util_attention"] = busy_a / t["step"] if t["step"] > 0 else 0.0
+    t["util_experts"] = busy_e / t["step"] if t["step"] > 0 else 0.0
+    # ideal: every stage perfectly overlapped, only the busiest resource counts
+    t["bubble"] = 1.0 - max(busy_a, busy_e) / t["step"] if t["step"] > 0 else 0.0
+    return t
+
+
+def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int, m: int, rounds: int,
+                 recorder=None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+    """Predicted AF-pipe step (seconds) and its parts."""
+    stages = afpipe_stage_times(work, cluster, layout, seqs_per_mb, recorder, recompute=recompute)
+    return afpipe_step(work, stages, m, rounds, afpipe_sync(work, cluster, layout, recorder), recorder)
+
+
+def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
+    """Gradient all-reduce time: the slower of the two groups' (:func:`afpipe_sync_parts`)."""
+    return max(afpipe_sync_parts(work, cluster, layout, recorder))
+
+
+def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=None) -> tuple[float, float]:
+    """(attention, experts) gradient all-reduce: attention parameters over the attention
+    group, replicated experts over their replicas (each group on its own NIC share)."""
+    dpn = cluster.devices_per_node
+    nodes = layout.nodes
+    g, k = group_span(layout.attention_ranks, dpn)
+    nics = min(n.nics_attention * g / n.attention for n in nodes if n.attention)
+    t_attn = ALLREDUCE_TIME(
+        recorder, "all-reduce attention grads", bytes=work.attention_params * work.dtype_bytes,
+        g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
+        lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
+    )
+    if layout.min_replicas <= 1:
+        return t_attn, 0.0
+    g, k = group_span(layout.replica_group(0), dpn)
+    nics = min(n.nics_experts * g / n.experts for n in nodes if n.experts)
+    held = layout.experts_per_device
+    t_exp = ALLREDUCE_TIME(
+        recorder, "all-reduce replicated expert grads", bytes=held * work.params_per_expert * work.num_moe_layers
+        * work.dtype_bytes, g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth,
+        bw_nic=cluster.nic_bandwidth, lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
+    )
+    return t_attn, t_exp
+

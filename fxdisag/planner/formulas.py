@@ -1,0 +1,250 @@
+"""The cost model's formulas: every formula once, as a sympy expression, and the record of
+its evaluations.
+
+Contract
+--------
+Each :class:`Formula` below is the single definition of one quantity. Numbers are
+computed by calling the formula (a ``sympy.lambdify`` of the same expression), never by
+a second hand-written copy, and :class:`Recorder` keeps the inputs and outputs of the
+calls that produced a plan so that ``plan.explain()`` can print expression, values and
+result side by side (:func:`explain`). ``FORMULAS`` maps each name to its formula.
+
+Formulas (all times in seconds, bytes in bytes, per device unless said otherwise)::
+
+    REGION_TIME     t = max(F / peak, B / mem_bw)                 roofline of one region
+    COMPUTE_ACTION  t = t_work + overhead
+                    one compute action (F, B, EF or EB of one micro-batch at one stage): the
+                    sum of its regions' REGION_TIMEs plus the fixed per-action cost
+                    ClusterSpec.action_overhead (framework dispatch, kernel launches). It is
+                    paid once per (stage, micro-batch): AF-pipe runs L + 1 attention stages
+                    (stage 0 = pre + first MoE layer's attention, stage L = post) and L expert
+                    stages per micro-batch and direction; so t_attn and t_post below carry
+                    one overhead each, t_pre none, and each expert stage one. EP pays the same
+                    per micro-step (and per half micro-step with overlap), so more
+                    micro-batches trade a smaller bubble for more overhead.
+    TRANSFER_TIME   t = max(nic_out / (n_out bw_nic), nic_in / (n_in bw_nic),
+                            link_out / bw_link, link_in / bw_link) + latency
+                    (one node; the slowest node sets the time; NVLink and NIC run in parallel)
+    ATTENTION_STAGE t_a = t_attn + (t_pre + t_post) / L
+                    the work outside the MoE layers (embedding, leading dense layers, final
+                    norm, head, loss) runs on the attention group; spreading it over the L
+                    laps is exact when attention is the bottleneck (it adds m (t_pre + t_post)
+                    per phase) and when the round trip is (it adds t_pre + t_post once)
+    PIPELINE_TIME   T = (L - 1) max(m t_b, R) + (m - 1) t_b + R
+                    L laps (MoE layers) of m micro-batches around a cycle of stages whose
+                    round trip is R = sum of stage times and whose busiest resource needs
+                    t_b per micro-batch: steady state max(m t_b, R) per lap, then the last
+                    lap drains.
+    STEP_TIME       T = r (T_fwd + T_bwd) + max(0, t_sync - o T_bwd)
+                    r gradient-accumulation rounds; the gradient all-reduce hides behind
+                    the last backward when o = 1, is fully exposed when o = 0
+    ALLREDUCE_TIME  hierarchical ring: 2 (g-1)/g bytes / bw_link + 2 (k-1)/k bytes / (nics bw_nic)
+                    + 2 (g-1) lat_link + 2 (k-1) lat_nic      (g devices per node, k nodes)
+    MEMORY          M = P (w + g) + P o / s + A                   params P, bytes/param of weights
+                    w, grads g, optimizer o (sharded s ways), activations A
+    ACTIVATIONS     A = n keep + transient                        n sequences / rows in flight
+
+The cost model built from them: the inputs (``workload.py``: :class:`Workload`), where
+the two groups sit and what their transfers cost (``placement.py``), the step-time
+models (``cost_afpipe.py``: AF-pipe; ``cost_ep.py``: the EP baseline, without and with
+overlap) and per-device memory (``memory.py``).
+
+Assumptions of the whole cost model, stated once: uniform routing (every expert gets the
+same share of a token's top_k rows); an attention rank sends all rows of one expert to
+one expert rank (the routing table ``Plan.expert_owner``, which is what the runtime's
+dispatch supports), so replicas balance load only across attention ranks; dispatch
+sends top_k rows per token (no per-device de-duplication); backward FLOPs and bytes are
+2x forward; bytes per region = weights + activations read and written by the region's
+leaf modules (no caching across regions); NIC sharing between devices of a node
+(PXN-style) is free; a NIC shared by both groups of a node counts half for each; the
+optimizer update itself is not timed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import sympy as sp
+
+__all__ = [
+    "Formula",
+    "Recorder",
+    "REGION_TIME",
+    "COMPUTE_ACTION",
+    "TRANSFER_TIME",
+    "PIPELINE_TIME",
+    "ATTENTION_STAGE",
+    "STEP_TIME",
+    "ALLREDUCE_TIME",
+    "MEMORY",
+    "ACTIVATIONS",
+    "FORMULAS",
+    "Evaluation",
+    "explain",
+]
+
+
+@dataclass(frozen=True)
+class Formula:
+    """One named sympy expression; calling it evaluates the expression numerically."""
+
+    name: str
+    expr: sp.Expr
+    doc: str
+
+    @cached_property
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(sorted(s.name for s in self.expr.free_symbols))
+
+    @cached_property
+    def _fn(self):
+        syms = [sp.Symbol(n) for n in self.symbols]
+        return sp.lambdify(syms, self.expr, modules=[{"Max": max, "Min": min}, "math"])
+
+    def __call__(self, recorder: "Recorder | None" = None, label: str | None = None, **values: float) -> float:
+        try:
+            result = float(self._fn(**values))
+        except TypeError as exc:
+            raise TypeError(f"formula {self.name}({', '.join(self.symbols)}) called with {sorted(values)}: {exc}") from exc
+        if recorder is not None:
+            recorder.record(label or self.name, self, values, result)
+        return result
+
+    def __str__(self) -> str:
+        return f"{self.name} = {sp.sstr(self.expr)}"
+
+
+def _s(names: str):
+    return sp.symbols(names, nonnegative=True)
+
+
+_F, _peak, _B, _mem_bw = _s("F peak B mem_bw")
+REGION_TIME = Formula(
+    "REGION_TIME",
+    sp.Max(_F / _peak, _B / _mem_bw),
+    "roofline time of one region: F FLOPs at peak FLOP/s, or B bytes at memory bandwidth",
+)
+
+_twork, _overhead = _s("t_work overhead")
+COMPUTE_ACTION = Formula(
+    "COMPUTE_ACTION",
+    _twork + _overhead,
+    "one compute action (F, B, EF or EB of one micro-batch at one stage): the roofline time of its "
+    "regions plus a fixed overhead per action (ClusterSpec.action_overhead: dispatch, kernel launches)",
+)
+
+_no, _ni, _n_out, _n_in, _bw_nic, _lo, _li, _bw_link, _lat = _s(
+    "nic_out nic_in n_out n_in bw_nic link_out link_in bw_link latency"
+)
+TRANSFER_TIME = Formula(
+    "TRANSFER_TIME",
+    sp.Max(_no / (_n_out * _bw_nic), _ni / (_n_in * _bw_nic), _lo / _bw_link, _li / _bw_link) + _lat,
+    "one node's share of a transfer: bytes leaving/entering the node over the NICs its group uses "
+    "(n_out, n_in of bw_nic each), bytes a device sends/receives inside the node (bw_link), plus latency",
+)
+
+_L, _m, _tb, _R = _s("L m t_b R")
+PIPELINE_TIME = Formula(
+    "PIPELINE_TIME",
+    (_L - 1) * sp.Max(_m * _tb, _R) + (_m - 1) * _tb + _R,
+    "L laps of m micro-batches around a stage cycle with round trip R and busiest resource t_b "
+    "per micro-batch",
+)
+
+_tattn, _tpre, _tpost = _s("t_attn t_pre t_post")
+ATTENTION_STAGE = Formula(
+    "ATTENTION_STAGE",
+    _tattn + (_tpre + _tpost) / _L,
+    "attention-side stage of one MoE layer, with the pre (embedding, leading dense layers) and post "
+    "(final norm, head, loss) work spread evenly over the L laps",
+)
+
+_r, _Tf, _Tb, _tsync, _o = _s("r T_fwd T_bwd t_sync o")
+STEP_TIME = Formula(
+    "STEP_TIME",
+    _r * (_Tf + _Tb) + sp.Max(0, _tsync - _o * _Tb),
+    "r gradient-accumulation rounds, then the gradient all-reduce (hidden behind the last backward "
+    "when o = 1)",
+)
+
+_bytes, _g, _k, _nics, _lat_link, _lat_nic = _s("bytes g k nics lat_link lat_nic")
+ALLREDUCE_TIME = Formula(
+    "ALLREDUCE_TIME",
+    2 * (_g - 1) / _g * _bytes / _bw_link
+    + 2 * (_k - 1) / _k * _bytes / (_nics * _bw_nic)
+    + 2 * (_g - 1) * _lat_link
+    + 2 * (_k - 1) * _lat_nic,
+    "hierarchical ring all-reduce of `bytes` over g devices per node on k nodes using `nics` NICs per node",
+)
+
+_P, _w, _gr, _opt, _shard, _act = _s("P w grad opt shard act")
+MEMORY = Formula(
+    "MEMORY",
+    _P * (_w + _gr) + _P * _opt / _shard + _act,
+    "device memory: P parameters with w bytes of weight, grad bytes of gradient and opt bytes of "
+    "optimizer state each (sharded over `shard` replicas), plus activations kept for backward",
+)
+
+_n, _keep, _transient = _s("n keep transient")
+ACTIVATIONS = Formula(
+    "ACTIVATIONS",
+    _n * _keep + _transient,
+    "activation bytes: n units (sequences or expert rows) in flight keep `keep` bytes each; with "
+    "recomputation, the one unit being recomputed needs `transient` more",
+)
+
+FORMULAS: dict[str, Formula] = {
+    f.name: f
+    for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
+}
+
+
+@dataclass
+class Evaluation:
+    label: str
+    formula: str
+    inputs: dict[str, float]
+    result: float
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "formula": self.formula, "inputs": self.inputs, "result": self.result}
+
+
+@dataclass
+class Recorder:
+    """Keeps the formula evaluations that produced a plan (for ``Plan.explain``)."""
+
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+    def record(self, label: str, formula: Formula, values: dict[str, float], result: float) -> None:
+        self.evaluations.append(Evaluation(label, formula.name, {k: float(v) for k, v in values.items()}, result))
+
+
+def explain(evaluations: list[dict]) -> str:
+    """Formulas, then every recorded evaluation: label, inputs and result."""
+    used = []
+    for ev in evaluations:
+        if ev["formula"] not in used:
+            used.append(ev["formula"])
+    lines = ["Formulas (fxdisag/planner/formulas.py):"]
+    for name in used:
+        f = FORMULAS[name]
+        lines.append(f"  {f}")
+        lines.append(f"      {f.doc}")
+    lines.append("")
+    lines.append("Evaluations:")
+    for ev in evaluations:
+        inputs = ", ".join(f"{k}={_fmt(v)}" for k, v in ev["inputs"].items())
+        lines.append(f"  {ev['label']}: {ev['formula']}({inputs}) = {_fmt(ev['result'])}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "inf"
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
