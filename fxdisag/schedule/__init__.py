@@ -1,7 +1,8 @@
 """Schedules as plain data: every rank's action list for one training step.
 
 ``actions`` (the kinds table, :class:`Action`, :class:`Schedule`) -> ``builders``
-(GPipe AF-Pipe, the expert-parallel baseline) -> ``validate`` (accept exactly what the
+(GPipe and 1F1B AF-Pipe at p = 1, the expert-parallel baseline), ``ring`` (p
+groups of each kind) -> ``validate`` (accept exactly what the
 runtime can run) -> ``grid`` (draw it) -> ``simulate`` (time it with the cost model).
 """
 
@@ -12,13 +13,14 @@ from fxdisag.schedule.actions import (
     ActionKind,
     KindInfo,
     Schedule,
+    Stages,
     consumes,
     produced_by,
-    required_actions,
     required_before,
 )
 from fxdisag.schedule.builders import af_pipe_schedule, ep_schedule, one_f_one_b_schedule
 from fxdisag.schedule.grid import format_grid, grid_step
+from fxdisag.schedule.ring import ring_schedule
 from fxdisag.schedule.validate import ScheduleError, validate
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ActionKind",
     "KindInfo",
     "Schedule",
+    "Stages",
     "ScheduleError",
     "af_pipe_schedule",
     "consumes",
@@ -36,7 +39,7 @@ __all__ = [
     "grid_step",
     "one_f_one_b_schedule",
     "produced_by",
-    "required_actions",
     "required_before",
+    "ring_schedule",
     "validate",
 ]

@@ -66,9 +66,9 @@ __all__ = [
     "Key",
     "KindInfo",
     "Schedule",
+    "Stages",
     "consumes",
     "produced_by",
-    "required_actions",
     "required_before",
 ]
 
@@ -77,8 +77,9 @@ __all__ = [
 class KindInfo:
     role: str  # "A" (attention ranks), "E" (expert ranks) or "*" (every rank)
     direction: str  # "compute" | "send" | "recv" | "collective"
-    channel: str | None  # "D" | "C" | "GC" | "GD" for comm kinds
+    channel: str | None  # "D" | "C" | "GC" | "GD" | "H" | "GH" for comm kinds
     backward: bool  # part of the backward pass
+    peer_role: str | None = None  # the role of a comm kind's peers
 
 
 class ActionKind(str, Enum):
@@ -94,6 +95,10 @@ class ActionKind(str, Enum):
     RECV_GC = "RECV_GC"
     SEND_GD = "SEND_GD"
     RECV_GD = "RECV_GD"
+    SEND_H = "SEND_H"
+    RECV_H = "RECV_H"
+    SEND_GH = "SEND_GH"
+    RECV_GH = "RECV_GH"
     REDUCE = "REDUCE"
 
     @property
@@ -144,18 +149,23 @@ KINDS: dict[ActionKind, KindInfo] = {
     _K.B: KindInfo("A", "compute", None, True),
     _K.EF: KindInfo("E", "compute", None, False),
     _K.EB: KindInfo("E", "compute", None, True),
-    _K.SEND_D: KindInfo("A", "send", "D", False),
-    _K.RECV_D: KindInfo("E", "recv", "D", False),
-    _K.SEND_C: KindInfo("E", "send", "C", False),
-    _K.RECV_C: KindInfo("A", "recv", "C", False),
-    _K.SEND_GC: KindInfo("A", "send", "GC", True),
-    _K.RECV_GC: KindInfo("E", "recv", "GC", True),
-    _K.SEND_GD: KindInfo("E", "send", "GD", True),
-    _K.RECV_GD: KindInfo("A", "recv", "GD", True),
+    _K.SEND_D: KindInfo("A", "send", "D", False, "E"),
+    _K.RECV_D: KindInfo("E", "recv", "D", False, "A"),
+    _K.SEND_C: KindInfo("E", "send", "C", False, "A"),
+    _K.RECV_C: KindInfo("A", "recv", "C", False, "E"),
+    _K.SEND_GC: KindInfo("A", "send", "GC", True, "E"),
+    _K.RECV_GC: KindInfo("E", "recv", "GC", True, "A"),
+    _K.SEND_GD: KindInfo("E", "send", "GD", True, "A"),
+    _K.RECV_GD: KindInfo("A", "recv", "GD", True, "E"),
+    # The hop of the attention side's live values between pipeline stages (p > 1).
+    _K.SEND_H: KindInfo("A", "send", "H", False, "A"),
+    _K.RECV_H: KindInfo("A", "recv", "H", False, "A"),
+    _K.SEND_GH: KindInfo("A", "send", "GH", True, "A"),
+    _K.RECV_GH: KindInfo("A", "recv", "GH", True, "A"),
     _K.REDUCE: KindInfo("*", "collective", None, True),
 }
 _COMM = {(i.direction, i.channel): k for k, i in KINDS.items() if i.channel is not None}
-CHANNELS: tuple[str, ...] = ("D", "C", "GC", "GD")
+CHANNELS: tuple[str, ...] = ("D", "C", "GC", "GD", "H", "GH")
 
 # (kind, stage, microbatch): identifies an action on one rank.
 Key = tuple[ActionKind, int, int]
@@ -185,6 +195,111 @@ def key_str(key: Key) -> str:
     return str(Action(*key))
 
 
+def _even_blocks(total: int, parts: int) -> list[range]:
+    base, extra = divmod(total, parts)
+    blocks, start = [], 0
+    for k in range(parts):
+        size = base + (1 if k < extra else 0)
+        blocks.append(range(start, start + size))
+        start += size
+    return blocks
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Which group runs which stage: p attention groups, p expert groups, and the maps.
+
+    ``stage_group[s]`` (s = 0..J) is the attention group of attention stage s (stage s <
+    J holds MoE layer s's attention; stage J the final norm, head and loss);
+    ``layer_group[j]`` (j = 0..J-1) the expert group of MoE layer j. Ranks inside a group
+    are interchangeable: attention ranks are data-parallel replicas (slot t of every
+    attention group handles the same share of the batch), expert ranks shard the experts.
+    A cut ``s`` with ``stage_group[s] != stage_group[s+1]`` is a *hop*: the attention
+    side's live values travel from group to group (channels H forward, GH backward).
+    """
+
+    attention_groups: tuple[tuple[int, ...], ...]
+    expert_groups: tuple[tuple[int, ...], ...]
+    stage_group: tuple[int, ...]
+    layer_group: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_groups", tuple(tuple(sorted(g)) for g in self.attention_groups))
+        object.__setattr__(self, "expert_groups", tuple(tuple(sorted(g)) for g in self.expert_groups))
+        object.__setattr__(self, "stage_group", tuple(self.stage_group))
+        object.__setattr__(self, "layer_group", tuple(self.layer_group))
+        sizes = {len(g) for g in self.attention_groups}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"attention groups {self.attention_groups} must be non-empty and of one size "
+                             "(slot t of every group handles the same share of the batch)")
+        if len(self.stage_group) != len(self.layer_group) + 1:
+            raise ValueError(f"stage_group has {len(self.stage_group)} entries, layer_group "
+                             f"{len(self.layer_group)}: need J+1 and J")
+        if any(not 0 <= g < len(self.attention_groups) for g in self.stage_group):
+            raise ValueError(f"stage_group {self.stage_group} names a group outside 0..{len(self.attention_groups) - 1}")
+        if any(not 0 <= g < len(self.expert_groups) for g in self.layer_group):
+            raise ValueError(f"layer_group {self.layer_group} names a group outside 0..{len(self.expert_groups) - 1}")
+
+    @classmethod
+    def single(cls, attention_ranks, expert_ranks, num_moe_layers: int) -> "Stages":
+        """p = 1: one attention group holding every stage, one expert group every layer."""
+        return cls((tuple(attention_ranks),), (tuple(expert_ranks),), (0,) * (num_moe_layers + 1),
+                   (0,) * num_moe_layers)
+
+    @classmethod
+    def dealt(cls, attention_groups, expert_groups, num_moe_layers: int, assignment: str = "round_robin",
+              loss_group: int | None = None) -> "Stages":
+        """Layers dealt over p groups: ``"round_robin"`` (layer l -> group l mod p) or
+        ``"contiguous"`` (blocks of consecutive layers). Attention stage s < J goes with MoE
+        layer s; stage J (head and loss) to ``loss_group`` (default: where the next layer would go)."""
+        p, J = len(attention_groups), num_moe_layers
+        if len(expert_groups) != p:
+            raise ValueError(f"{len(attention_groups)} attention groups but {len(expert_groups)} expert groups: "
+                             "the pipeline depth is one value for both kinds")
+        if assignment == "round_robin":
+            layer = [j % p for j in range(J)]
+            last = J % p
+        elif assignment == "contiguous":
+            if J < p:
+                raise ValueError(f"contiguous assignment of {J} MoE layers over {p} groups leaves a group empty")
+            layer = [g for g, block in enumerate(_even_blocks(J, p)) for _ in block]
+            last = p - 1
+        else:
+            raise ValueError(f"layer assignment {assignment!r}: use 'round_robin' or 'contiguous'")
+        if loss_group is not None:
+            last = loss_group
+        return cls(tuple(attention_groups), tuple(expert_groups), tuple(layer) + (last,), tuple(layer))
+
+    @property
+    def depth(self) -> int:
+        return len(self.attention_groups)
+
+    @property
+    def hops(self) -> frozenset[int]:
+        """Cuts s where stages s and s+1 run on different attention groups."""
+        sg = self.stage_group
+        return frozenset(s for s in range(len(sg) - 1) if sg[s] != sg[s + 1])
+
+    def attention_slot(self, rank: int) -> tuple[int, int]:
+        """(group, slot) of an attention rank."""
+        for g, ranks in enumerate(self.attention_groups):
+            if rank in ranks:
+                return g, ranks.index(rank)
+        raise KeyError(f"rank {rank} is in no attention group")
+
+    def expert_group_of(self, rank: int) -> int:
+        for g, ranks in enumerate(self.expert_groups):
+            if rank in ranks:
+                return g
+        raise KeyError(f"rank {rank} is in no expert group")
+
+    def stages_of(self, group: int) -> list[int]:
+        return [s for s, g in enumerate(self.stage_group) if g == group]
+
+    def layers_of(self, group: int) -> list[int]:
+        return [j for j, g in enumerate(self.layer_group) if g == group]
+
+
 @dataclass
 class Schedule:
     """Every rank's action list for one step, and where its forward phase ends.
@@ -195,6 +310,8 @@ class Schedule:
     (1F1B-like) runs them with the loss gradient taken as 1 and rescales the step's
     gradients once the real one is known; its backward phase may then hold no other
     backward computation than REDUCE (:func:`fxdisag.schedule.validate.validate`).
+
+    ``stages`` says which group runs which stage (None: p = 1, :meth:`Stages.single`).
     """
 
     attention_ranks: tuple[int, ...]
@@ -204,10 +321,17 @@ class Schedule:
     actions: dict[int, list[Action]] = field(default_factory=dict)
     forward_len: dict[int, int] | None = None
     name: str = "gpipe"
+    stages: Stages | None = None
 
     def __post_init__(self) -> None:
         self.attention_ranks = tuple(self.attention_ranks)
         self.expert_ranks = tuple(self.expert_ranks)
+        if self.stages is None:
+            self.stages = Stages.single(self.attention_ranks, self.expert_ranks, self.num_moe_layers)
+
+    @property
+    def hops(self) -> frozenset[int]:
+        return self.stages.hops  # type: ignore[union-attr]
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -225,6 +349,60 @@ class Schedule:
     def role(self, rank: int) -> str:
         """``"A"``, ``"E"``, or ``"AE"`` for a rank with both roles."""
         return "".join(sorted(self.roles(rank)))
+
+    def required_keys(self, rank: int) -> set[Key]:
+        """Every key ``rank`` must run exactly once (its stages' computes and messages)."""
+        st, K, m = self.stages, ActionKind, self.num_microbatches
+        J, hops = self.num_moe_layers, self.hops
+        keys: set[Key] = {(K.REDUCE, -1, -1)}
+        kinds: list[tuple[ActionKind, int]] = []
+        roles = self.roles(rank)
+        if "A" in roles:
+            g, _ = st.attention_slot(rank)  # type: ignore[union-attr]
+            for s in st.stages_of(g):  # type: ignore[union-attr]
+                kinds += [(K.F, s), (K.B, s)]
+                if s < J:
+                    kinds += [(K.SEND_D, s), (K.RECV_GD, s)]
+                if s > 0:
+                    kinds += [(K.RECV_C, s - 1), (K.SEND_GC, s - 1)]
+                if s in hops:
+                    kinds += [(K.SEND_H, s), (K.RECV_GH, s)]
+                if s - 1 in hops:
+                    kinds += [(K.RECV_H, s - 1), (K.SEND_GH, s - 1)]
+        if "E" in roles:
+            g = st.expert_group_of(rank)  # type: ignore[union-attr]
+            for j in st.layers_of(g):  # type: ignore[union-attr]
+                kinds += [(k, j) for k in (K.RECV_D, K.EF, K.SEND_C, K.RECV_GC, K.EB, K.SEND_GD)]
+        keys |= {(k, s, i) for k, s in kinds for i in range(m)}
+        return keys
+
+    def peers(self, rank: int, kind: ActionKind, stage: int) -> tuple[int, ...]:
+        """The ranks on the other side of comm ``kind`` at ``stage`` for ``rank`` (sorted)."""
+        st, K = self.stages, ActionKind
+        assert st is not None
+        info = KINDS[kind]
+        if info.channel in ("H", "GH"):
+            _, slot = st.attention_slot(rank)
+            toward_next = (kind is K.SEND_H) or (kind is K.RECV_GH)  # stage s's rank talks to stage s+1's
+            group = st.stage_group[stage + 1] if toward_next else st.stage_group[stage]
+            return (st.attention_groups[group][slot],)
+        if info.role == "A":
+            return st.expert_groups[st.layer_group[stage]]
+        # expert side: dispatch and its gradient with stage j's group, combine with stage j+1's
+        group = st.stage_group[stage] if info.channel in ("D", "GD") else st.stage_group[stage + 1]
+        return st.attention_groups[group]
+
+    def reduce_peers(self, rank: int) -> tuple[int, ...]:
+        """The ranks ``rank``'s REDUCE syncs gradients with: the replicas of its own parameters,
+        i.e. its attention group and/or its expert group (p = 1: every rank of its roles)."""
+        st = self.stages
+        assert st is not None
+        own: set[int] = set()
+        if rank in self.attention_ranks:
+            own |= set(st.attention_groups[st.attention_slot(rank)[0]])
+        if rank in self.expert_ranks:
+            own |= set(st.expert_groups[st.expert_group_of(rank)])
+        return tuple(sorted(own))
 
     def phase(self, rank: int, phase: str) -> list[Action]:
         """The actions ``rank`` runs in ``phase`` (``"forward"`` or ``"backward"``)."""
@@ -255,75 +433,74 @@ class Schedule:
 # ---------------------------------------------------------------- dependencies
 
 
-def consumes(action: Action, num_moe_layers: int) -> Key | None:
-    """The key of the RECV whose data the compute ``action`` waits for, or None.
+def consumes(action: Action, num_moe_layers: int, hops: frozenset[int] = frozenset()) -> tuple[Key, ...]:
+    """The keys of the RECVs whose data the compute ``action`` waits for (maybe none).
 
-    F(s,i) <- RECV_C(s-1,i) for s > 0; B(s,i) <- RECV_GD(s,i) for s < J;
-    EF(j,i) <- RECV_D(j,i); EB(j,i) <- RECV_GC(j,i).
+    F(s,i) <- RECV_C(s-1,i) for s > 0, and RECV_H(s-1,i) when s-1 is a hop;
+    B(s,i) <- RECV_GD(s,i) for s < J, and RECV_GH(s,i) when s is a hop;
+    EF(j,i) <- RECV_D(j,i); EB(j,i) <- RECV_GC(j,i). ``hops``: :attr:`Stages.hops`.
     """
+    K = ActionKind
     k, s, i = action.kind, action.stage, action.microbatch
-    if k is ActionKind.F:
-        return (ActionKind.RECV_C, s - 1, i) if s > 0 else None
-    if k is ActionKind.B:
-        return (ActionKind.RECV_GD, s, i) if s < num_moe_layers else None
-    if k is ActionKind.EF:
-        return (ActionKind.RECV_D, s, i)
-    if k is ActionKind.EB:
-        return (ActionKind.RECV_GC, s, i)
-    return None
+    if k is K.F:
+        if s == 0:
+            return ()
+        return ((K.RECV_C, s - 1, i), (K.RECV_H, s - 1, i)) if s - 1 in hops else ((K.RECV_C, s - 1, i),)
+    if k is K.B:
+        keys = ((K.RECV_GD, s, i),) if s < num_moe_layers else ()
+        return keys + (((K.RECV_GH, s, i),) if s in hops else ())
+    if k is K.EF:
+        return ((K.RECV_D, s, i),)
+    if k is K.EB:
+        return ((K.RECV_GC, s, i),)
+    return ()
 
 
 def produced_by(action: Action) -> Key | None:
     """The key of the compute whose output the SEND ``action`` carries, or None."""
+    K = ActionKind
     k, j, i = action.kind, action.stage, action.microbatch
     return {
-        ActionKind.SEND_D: (ActionKind.F, j, i),
-        ActionKind.SEND_C: (ActionKind.EF, j, i),
-        ActionKind.SEND_GC: (ActionKind.B, j + 1, i),
-        ActionKind.SEND_GD: (ActionKind.EB, j, i),
+        K.SEND_D: (K.F, j, i),
+        K.SEND_C: (K.EF, j, i),
+        K.SEND_GC: (K.B, j + 1, i),
+        K.SEND_GD: (K.EB, j, i),
+        K.SEND_H: (K.F, j, i),
+        K.SEND_GH: (K.B, j + 1, i),
     }.get(k)
 
 
-def required_before(action: Action, num_moe_layers: int) -> list[Key]:
+def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = frozenset(),
+                    local: set[Key] | None = None) -> list[Key]:
     """Keys of the actions that must come earlier on the same rank than ``action``.
 
-    Data: a compute after the receive it consumes and after the compute whose
-    activations or gradients it needs; a send after the compute it carries. Sizes: a
-    receive whose row counts are known only from routing after the compute that routed
-    them (``<C``, ``<GD`` after ``F``; ``<GC`` after ``EF``).
+    Data: a compute after the receives it consumes and after the compute on this rank
+    whose activations or gradients it needs; a send after the compute it carries. Sizes:
+    a receive whose row counts are known only from routing after the compute that routed
+    them (``<C``, ``<GD`` after ``F``; ``<GC`` after ``EF``) when that compute runs on this
+    rank (``local``, the rank's keys; None: every key is local). Across a hop the combine
+    carries its row count instead (``<C`` then has no size dependency).
 
     (REDUCE has none here: the validator requires it to be the rank's last action.)
     """
+    K = ActionKind
     J = num_moe_layers
     k, s, i = action.kind, action.stage, action.microbatch
-    before: list[Key] = []
-    recv = consumes(action, J)
-    if recv is not None:
-        before.append(recv)
-    if k is ActionKind.F and s > 0:
-        before.append((ActionKind.F, s - 1, i))
-    elif k is ActionKind.B:
-        before.append((ActionKind.F, s, i))  # saved activations
-        if s < J:
-            before.append((ActionKind.B, s + 1, i))  # residual-stream gradient
-    elif k is ActionKind.EB:
-        before.append((ActionKind.EF, s, i))
+    before: list[Key] = list(consumes(action, J, hops))
+    if k is K.F and s > 0 and s - 1 not in hops:
+        before.append((K.F, s - 1, i))
+    elif k is K.B:
+        before.append((K.F, s, i))  # saved activations
+        if s < J and s not in hops:
+            before.append((K.B, s + 1, i))  # residual-stream gradient
+    elif k is K.EB:
+        before.append((K.EF, s, i))
     elif k.is_send:
         before.append(produced_by(action))  # type: ignore[arg-type]
-    elif k in (ActionKind.RECV_C, ActionKind.RECV_GD):
-        before.append((ActionKind.F, s, i))  # sizes its buffers from the rows F(s, i) dispatched
-    elif k is ActionKind.RECV_GC:
-        before.append((ActionKind.EF, s, i))  # sizes its buffers from the rows EF(s, i) received
+    elif k in (K.RECV_C, K.RECV_GD):
+        sizer = (K.F, s, i)  # sizes its buffers from the rows F(s, i) dispatched
+        if local is None or sizer in local:
+            before.append(sizer)
+    elif k is K.RECV_GC:
+        before.append((K.EF, s, i))  # sizes its buffers from the rows EF(s, i) received
     return before
-
-
-def required_actions(roles: frozenset[str] | str, num_moe_layers: int, num_microbatches: int) -> set[Key]:
-    """Every key a rank with ``roles`` (``{"A"}``, ``{"E"}`` or both) must run exactly once."""
-    J, m = num_moe_layers, num_microbatches
-    keys: set[Key] = {(ActionKind.REDUCE, -1, -1)}
-    for kind, info in KINDS.items():
-        if info.role not in roles:
-            continue
-        stages = J + 1 if kind in (ActionKind.F, ActionKind.B) else J
-        keys |= {(kind, s, i) for s in range(stages) for i in range(m)}
-    return keys

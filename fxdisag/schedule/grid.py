@@ -32,6 +32,7 @@ def unit_run(schedule: Schedule) -> UnitRun:
     ranks = list(schedule.actions)
     lists = schedule.actions
     J = schedule.num_moe_layers
+    hops = schedule.hops
     pc = {r: 0 for r in ranks}
     sent: dict[tuple[int, int, str, int, int], int] = {}    # (src, dst, ch, j, i) -> step
     posted_recv: dict[int, dict[Key, Action]] = {r: {} for r in ranks}
@@ -53,14 +54,14 @@ def unit_run(schedule: Schedule) -> UnitRun:
             posted_recv[r].setdefault(a.key, a)
 
     def ready(r: int, a: Action, t: int) -> bool:
-        key = consumes(a, J)
-        if key is None:
-            return True
-        recv = posted_recv[r].get(key)
-        if recv is None:
-            return False
-        ch = key[0].channel
-        return all(sent.get((p, r, ch, key[1], key[2]), t) < t for p in recv.peers)
+        for key in consumes(a, J, hops):
+            recv = posted_recv[r].get(key)
+            if recv is None:
+                return False
+            ch = key[0].channel
+            if not all(sent.get((p, r, ch, key[1], key[2]), t) < t for p in recv.peers):
+                return False
+        return True
 
     def reduce_ok(a: Action) -> bool:
         for q in a.peers:

@@ -223,13 +223,12 @@ def simulate(schedule: Schedule, compute_time: Callable[[int, Action], float],
                         push(start + length, q)
                 del at_reduce[group]
                 continue
-            key = consumes(a, J)
             need: list[Message] = []
-            if key is not None:
+            for key in consumes(a, J, S.hops):
                 recv = recv_action[r].get(key)
                 if recv is None:  # validate() rules this out; reached only with check=False
                     raise ScheduleError(f"rank {r}: `{a}` runs before its receive is posted")
-                need = [(p, r, key[0].channel, key[1], key[2]) for p in recv.peers]
+                need += [(p, r, key[0].channel, key[1], key[2]) for p in recv.peers]
             if not all(m in arrival for m in need):
                 waiting[r] = need
                 return

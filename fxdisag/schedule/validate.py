@@ -17,7 +17,6 @@ from fxdisag.schedule.actions import (
     Schedule,
     consumes,
     key_str,
-    required_actions,
     required_before,
 )
 from fxdisag.schedule.builders import check_groups
@@ -59,8 +58,8 @@ def validate(schedule: Schedule) -> None:
     """Raise :class:`ScheduleError` unless ``schedule`` is runnable (see module docstring).
 
     Checks, in order: groups and rank lists; each rank executes exactly the actions its
-    role needs (once each) with well-formed peers; same-rank dependency order; the
-    round trip of every micro-batch returns from the ranks it went to; every SEND has
+    role needs (once each) with exactly the peers its stage names (:meth:`Schedule.peers`,
+    so a micro-batch returns from the ranks it went to); same-rank dependency order; every SEND has
     a matching RECV and vice versa; FIFO order per ordered pair; phase
     lengths; no deadlock; the forward phases complete on their own.
 
@@ -84,15 +83,15 @@ def validate(schedule: Schedule) -> None:
     if missing or extra:
         raise ScheduleError(f"invalid schedule: actions has no list for ranks {missing} / "
                             f"lists for ranks {extra} that are in neither group")
-    # A comm kind of role A talks to the expert ranks, one of role E to the attention ranks.
-    other = {"A": E, "E": A}
+    hops = S.hops
 
     # (a) well-formed actions; exactly the required set, once each.
     index: dict[int, dict[Key, int]] = {}
+    need_of: dict[int, set[Key]] = {}
     for r, acts in S.actions.items():
         roles = S.roles(r)
         what = _role_name(roles)
-        own = set().union(*({"A": A, "E": E}[x] for x in roles))
+        own = set(S.reduce_peers(r))
         seen: dict[Key, int] = {}
         for n, a in enumerate(acts):
             if not isinstance(a, Action) or not isinstance(a.kind, ActionKind):
@@ -114,11 +113,15 @@ def validate(schedule: Schedule) -> None:
             if a.kind.is_compute and a.peers:
                 raise _fail(S, r, n, f"compute action has peers {a.peers}; must be empty")
             if a.kind.is_comm:
-                peers_of = other[a.kind.role]
-                if not a.peers or len(set(a.peers)) != len(a.peers) or not set(a.peers) <= peers_of:
-                    raise _fail(S, r, n, f"peers {a.peers} must be distinct ranks of the "
-                                f"other group {tuple(sorted(peers_of))}, at least one")
-        need = required_actions(roles, J, m)
+                want = S.peers(r, a.kind, a.stage)
+                if tuple(sorted(set(a.peers))) != want or len(a.peers) != len(want):
+                    raise _fail(S, r, n, f"peers {a.peers} must be {want}: the ranks of the group that "
+                                f"stage {a.stage} puts on the other side of {a.kind.name}")
+        need = S.required_keys(r)
+        stray = sorted(set(seen) - need, key=lambda k: (k[1], k[2], k[0].value))
+        if stray:
+            raise _fail(S, r, seen[stray[0]], f"`{key_str(stray[0])}` is not this rank's: its group runs "
+                        "other stages")
         lacking = sorted(need - set(seen), key=lambda k: (k[1], k[2], k[0].value))
         if lacking:
             names = ", ".join(key_str(k) for k in lacking[:8])
@@ -126,6 +129,7 @@ def validate(schedule: Schedule) -> None:
             raise _fail(S, r, None, f"missing actions {names}{more}; every "
                         f"{what} rank needs each once")
         index[r] = seen
+        need_of[r] = need
 
     # (b) same-rank dependency order.
     for r, acts in S.actions.items():
@@ -133,29 +137,12 @@ def validate(schedule: Schedule) -> None:
             if a.kind is ActionKind.REDUCE and n != len(acts) - 1:
                 raise _fail(S, r, n, "REDUCE must be the rank's last action (gradients are "
                             "complete only after every backward)")
-            for key in required_before(a, J):
+            for key in required_before(a, J, hops, need_of[r]):
                 if index[r][key] > n:
                     why = ("consumes its data" if key[0].is_recv else
                            "produces its data" if a.kind.is_send else "must run first")
                     raise _fail(S, r, n, f"`{a}` comes before `{key_str(key)}` "
                                 f"(action #{index[r][key]}), which {why}")
-
-    # (c) round trip: a micro-batch's rows come back from (and its grads go to) the
-    # ranks it was dispatched to.
-    pairs = ((ActionKind.SEND_D, ActionKind.RECV_C), (ActionKind.RECV_C, ActionKind.SEND_GC),
-             (ActionKind.SEND_GC, ActionKind.RECV_GD), (ActionKind.RECV_D, ActionKind.SEND_C),
-             (ActionKind.SEND_C, ActionKind.RECV_GC), (ActionKind.RECV_GC, ActionKind.SEND_GD))
-    for r, acts in S.actions.items():
-        for first, second in pairs:
-            if (first, 0, 0) not in index[r]:
-                continue
-            for j in range(J):
-                for i in range(m):
-                    a, b = acts[index[r][(first, j, i)]], acts[index[r][(second, j, i)]]
-                    if set(a.peers) != set(b.peers):
-                        raise _fail(S, r, index[r][b.key], f"`{b}` has peers {b.peers} but "
-                                    f"`{a}` has {a.peers}; a micro-batch must return from "
-                                    "the ranks it went to")
 
     # (d) matching, (e) FIFO per ordered pair.
     out: dict[tuple[int, int], list[tuple[Key, int]]] = {}
@@ -207,15 +194,15 @@ def validate(schedule: Schedule) -> None:
         waits = []
         for r, n in sorted(run.blocked.items()):
             a = S.actions[r][n]
-            key = consumes(a, J)
             if a.kind is ActionKind.REDUCE:
                 waits.append(f"rank {r} waits at `R` for its group")
-            elif key is not None:
+            for key in consumes(a, J, hops):
                 ch = key[0].channel
                 senders = [p for p in S.actions[r][index[r][key]].peers
                            if (p, r, ch, key[1], key[2]) not in run.sent]
-                waits.append(f"rank {r} waits at `{a}` for {ch}{key[1]}.{key[2]} from "
-                             f"rank(s) {senders}")
+                if senders:
+                    waits.append(f"rank {r} waits at `{a}` for {ch}{key[1]}.{key[2]} from "
+                                 f"rank(s) {senders}")
         first = min(run.blocked)
         raise _fail(S, first, run.blocked[first], "deadlock: no rank can progress; "
                     + "; ".join(waits))
@@ -223,7 +210,7 @@ def validate(schedule: Schedule) -> None:
     # (h) the forward call returns on its own (checked after (g): a schedule that
     # deadlocks anyway is reported as a deadlock).
     forward_only = Schedule(S.attention_ranks, S.expert_ranks, J, m,
-                            {r: S.phase(r, "forward") for r in S.actions})
+                            {r: S.phase(r, "forward") for r in S.actions}, stages=S.stages)
     stuck = unit_run(forward_only).blocked
     if stuck:
         r = min(stuck)
@@ -234,7 +221,7 @@ def validate(schedule: Schedule) -> None:
     if any(S.defers_loss_grad(r) for r in S.actions):
         kept = {r: [n for n, a in enumerate(S.phase(r, "forward")) if not a.kind.is_backward] for r in S.actions}
         projected = Schedule(S.attention_ranks, S.expert_ranks, J, m,
-                             {r: [S.actions[r][n] for n in kept[r]] for r in S.actions})
+                             {r: [S.actions[r][n] for n in kept[r]] for r in S.actions}, stages=S.stages)
         stuck = unit_run(projected).blocked
         if stuck:
             r = min(stuck)
