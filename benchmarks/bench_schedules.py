@@ -1,25 +1,36 @@
-"""GPipe vs 1F1B on one AF-pipe split: step time, peak memory per rank, timelines.
+"""Schedules and pipeline depths, each on its own ranks: step time, parameter bytes and
+peak memory per rank, timelines.
 
-What it guarantees: every figure is measured in this run. Each schedule runs in its own
-``torchrun`` job (so a process's peak RSS belongs to one schedule), on the model of
-``bench_afpipe_vs_ep.py`` with the same plan except ``schedule_kind``, on the same
-global batches. Per schedule and rank it reports
+What it guarantees: every figure is measured in this run, except the predicted parameter
+bytes (the planner's ``rank_parameter_bytes`` on a profile of the model). Each
+configuration runs in its own ``torchrun`` job (so a process's peak RSS belongs to one
+configuration), on the model of ``bench_afpipe_vs_ep.py``, on the same global batches:
+
+* ``--ranks 2``: GPipe and 1F1B on 1A+1E, m = ``--microbatches``;
+* ``--ranks 4``: p = 1 (2A+2E, GPipe), p = 2 (one 1A+1E group per layer, GPipe and
+  1F1B) and EP on 4 ranks (m = 2).
+
+Per configuration and rank it reports
 
 * the median step (forward + ``loss.backward()``, optimizer excluded; slowest rank's
   wall time from a barrier) over ``--steps`` steps after ``--warmup``;
+* the parameter bytes the rank holds, and the planner's prediction;
 * the peak RSS of the rank's process (``getrusage``: model, optimizer state and the
-  Python baseline included, which are the same for both schedules);
+  Python baseline included);
 * the peak bytes of activations autograd held for backward (``saved_tensors_hooks``:
   every saved tensor that is not a parameter or a view of one, counted per storage);
-* the loss of every step (the two schedules must agree: they compute the same thing);
+* the loss of every step (all configurations must agree: they compute the same thing);
 * a Chrome trace (and a PNG with matplotlib) of the last step.
 
 The link is emulated in-process (``FXDISAG_THROTTLE``, ``fxdisag.testing.throttle``;
-``--rate unlimited`` for none): no root needed. Two ranks share this machine's 2 cores.
+``--rate unlimited`` for none; it paces point-to-point sends, not the gradient
+all-reduce): no root needed. The ranks share this machine's 2 cores: at 4 ranks each
+computes about 2x slower than at 2.
 
 Usage::
 
     python benchmarks/bench_schedules.py                         # 1A+1E, m=8, 400mbit
+    python benchmarks/bench_schedules.py --ranks 4               # p=1 vs p=2 vs EP
     python benchmarks/bench_schedules.py --microbatches 4 --rate unlimited --steps 3
 """
 
@@ -40,6 +51,29 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 SCHEDULES = ("gpipe", "1f1b")
+EP_MICROBATCHES = 2
+
+
+def configurations(ranks: int, m: int) -> list[str]:
+    if ranks == 2:
+        return ["gpipe-1a1e", "1f1b-1a1e"]
+    if ranks == 4:
+        return ["gpipe-p1-2a2e", "gpipe-p2-1a1e", "1f1b-p2-1a1e", "ep4"]
+    raise SystemExit(f"bench_schedules.py: --ranks {ranks}: choose 2 or 4")
+
+
+def make_plan(name: str, world: int, m: int):
+    import fxdisag
+    from bench_afpipe_vs_ep import MODEL
+
+    E = MODEL["num_experts"]
+    if name == "ep4":
+        return fxdisag.Plan.expert_parallel(world, E, EP_MICROBATCHES)
+    kind = name.split("-")[0]
+    if "-p2-" in name:
+        return fxdisag.Plan.manual(1, 1, E, m, schedule_kind=kind, pipeline_depth=2)
+    a = 2 if "2a2e" in name else 1
+    return fxdisag.Plan.manual(a, world - a, E, m, schedule_kind=kind)
 
 
 class SavedActivations:
@@ -85,7 +119,7 @@ class _Saved:
         self.owner._release(self.ptr)
 
 
-def worker(schedule: str, m: int, steps: int, warmup: int, out: str) -> None:
+def worker(config: str, m: int, steps: int, warmup: int, out: str) -> None:
     import resource
 
     import torch
@@ -101,9 +135,13 @@ def worker(schedule: str, m: int, steps: int, warmup: int, out: str) -> None:
     install_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = model_config()
-    plan = fxdisag.Plan.manual(1, world - 1, MODEL["num_experts"], m, schedule_kind=schedule)
+    plan = make_plan(config, world, m)
     batches = [example_batch(cfg, GLOBAL_BATCH, SEQ_LEN, seed=s) for s in range(warmup + steps)]
     dmodel = fxdisag.disaggregate(make_model(cfg), batches[0], plan, trace=True)
+    from fxdisag.planner.memory import rank_parameter_bytes
+
+    prof = fxdisag.profile(fxdisag.capture(make_model(cfg), batches[0]), 1, SEQ_LEN, torch.float32)
+    predicted = rank_parameter_bytes(prof, dmodel.plan)[rank]
     meter = SavedActivations(dmodel.parameters())
     times, losses = [], []
     for k, batch in enumerate(batches):
@@ -119,7 +157,7 @@ def worker(schedule: str, m: int, steps: int, warmup: int, out: str) -> None:
         if k >= warmup:
             times.append(elapsed.item())
             losses.append(float(out_.loss.detach()))
-    stem = Path(out) / f"timeline_{schedule}_m{m}"
+    stem = Path(out) / f"timeline_{config}_m{m}"
     png = None
     try:
         import matplotlib  # noqa: F401
@@ -128,26 +166,28 @@ def worker(schedule: str, m: int, steps: int, warmup: int, out: str) -> None:
     except ImportError:
         pass
     dmodel.write_timeline(trace_json=str(stem) + ".json", png=png)
-    mine = {"rank": rank, "role": dmodel.role, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    held = sum(p.numel() * p.element_size() for p in dmodel.parameters())
+    mine = {"rank": rank, "role": dmodel.role, "param_mb": held / 2**20, "predicted_param_mb": predicted / 2**20,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_saved_mb": meter.peak / 2**20}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        Path(out, f"{schedule}_m{m}.json").write_text(json.dumps(
-            {"schedule": schedule, "m": m, "median_step_s": statistics.median(times), "times": times,
+        Path(out, f"{config}_m{m}.json").write_text(json.dumps(
+            {"config": config, "m": EP_MICROBATCHES if config == "ep4" else m, "median_step_s": statistics.median(times), "times": times,
              "losses": losses, "ranks": gathered, "rate": os.environ.get("FXDISAG_THROTTLE", "unlimited")}, indent=1))
     dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=2, help="1 attention rank + ranks-1 expert ranks")
+    ap.add_argument("--ranks", type=int, default=2, help="2: GPipe vs 1F1B on 1A+1E; 4: p=1 vs p=2 vs EP")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--rate", default="400mbit", help="emulated link rate (FXDISAG_THROTTLE), or 'unlimited'")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "out_schedules"))
-    ap.add_argument("--worker", choices=SCHEDULES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker, args.microbatches, args.steps, args.warmup, args.out)
@@ -157,24 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate != "unlimited":
         env["FXDISAG_THROTTLE"] = args.rate
     results = []
-    for schedule in SCHEDULES:
+    for config in configurations(args.ranks, args.microbatches):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
-               str(Path(__file__).resolve()), "--worker", schedule, "--microbatches", str(args.microbatches),
+               str(Path(__file__).resolve()), "--worker", config, "--microbatches", str(args.microbatches),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", args.out]
-        print(f"running {schedule} ...", flush=True)
+        print(f"running {config} ...", flush=True)
         subprocess.run(cmd, env=env, check=True, timeout=900)
-        results.append(json.loads(Path(args.out, f"{schedule}_m{args.microbatches}.json").read_text()))
-    print(f"\n1A+{args.ranks - 1}E, m={args.microbatches}, link {args.rate}, {args.steps} steps "
-          f"(median), {os.cpu_count()} cores shared by {args.ranks} ranks")
-    print(f"{'schedule':<8} {'step (s)':>9}  " + "  ".join(
-        f"{'rank ' + str(r['rank']) + ' (' + r['role'] + ')':>26}" for r in results[0]["ranks"]))
-    print(f"{'':<8} {'':>9}  " + "  ".join(f"{'RSS MB / saved act. MB':>26}" for _ in results[0]["ranks"]))
+        results.append(json.loads(Path(args.out, f"{config}_m{args.microbatches}.json").read_text()))
+    print(f"\n{args.ranks} ranks, m={args.microbatches} (EP: m={EP_MICROBATCHES}), link {args.rate}, {args.steps} "
+          f"steps (median), {os.cpu_count()} cores shared by {args.ranks} ranks")
+    print(f"{'configuration':<14} {'step (s)':>9}  " + "  ".join(f"{'rank ' + str(r):>34}" for r in range(args.ranks)))
+    print(f"{'':<14} {'':>9}  " + "  ".join(f"{'role params/pred MB RSS / act MB':>34}" for _ in range(args.ranks)))
     for res in results:
-        cells = "  ".join(f"{r['peak_rss_mb']:>14.0f} / {r['peak_saved_mb']:>9.1f}" for r in res["ranks"])
-        print(f"{res['schedule']:<8} {res['median_step_s']:>9.3f}  {cells}")
-    same = all(abs(a - b) <= 1e-5 for a, b in zip(results[0]["losses"], results[1]["losses"]))
-    print(f"losses agree across schedules (<= 1e-5): {same}")
-    return 0 if same else 1
+        cells = "  ".join(f"{r['role']:>4} {r['param_mb']:>5.2f}/{r['predicted_param_mb']:<5.2f} {r['peak_rss_mb']:>6.0f} / "
+                          f"{r['peak_saved_mb']:>5.1f}" for r in res["ranks"])
+        print(f"{res['config']:<14} {res['median_step_s']:>9.3f}  {cells}")
+    base = results[0]["losses"]
+    same = all(abs(a - b) <= 1e-5 for res in results[1:] for a, b in zip(base, res["losses"]))
+    exact = all(abs(r["param_mb"] - r["predicted_param_mb"]) < 1e-9 for res in results for r in res["ranks"])
+    print(f"losses agree across configurations (<= 1e-5): {same}")
+    print(f"parameter bytes held == predicted on every rank: {exact}")
+    return 0 if same and exact else 1
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe",
                    help="gpipe: all forwards, then all backwards; 1f1b: at most 2 micro-batches in flight, backward "
                         "first (bounded activation memory); manual plans only")
+    p.add_argument("--pipeline-depth", type=int, default=1,
+                   help="p attention groups and p expert groups, layers dealt round-robin (world = p x group)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds the model weights and the batches")
     p.add_argument("--num-layers", type=int, default=4, help="decoder layers")
@@ -169,11 +171,18 @@ def make_plan(
     seq_len: int,
     model_name: str = "",
     schedule_kind: str = "gpipe",
+    pipeline_depth: int = 1,
 ) -> Plan:
     """Ranks 0..attention_ranks-1 run attention; the rest hold the experts in contiguous blocks.
+    With ``pipeline_depth`` p the world is p groups of each kind and ``attention_ranks`` is
+    per group (layers dealt round-robin over the groups).
 
     The one place the demo's plan is made: swap in ``fxdisag.planner`` search here.
     """
+    if pipeline_depth < 1 or world_size % pipeline_depth:
+        raise ValueError(f"--pipeline-depth {pipeline_depth} does not divide the {world_size} ranks into equal "
+                         "groups; launch a multiple of it with torchrun --nproc-per-node")
+    world_size //= pipeline_depth
     num_expert_ranks = world_size - attention_ranks
     if num_expert_ranks < 1:
         raise ValueError(
@@ -186,9 +195,10 @@ def make_plan(
             f"keeps one copy of each: raise --attention-ranks to >= {world_size - num_experts} or launch fewer ranks"
         )
     plan = Plan.manual(attention_ranks, num_expert_ranks, num_experts, num_microbatches,
-                       microbatch_size=batch_size // (attention_ranks * num_microbatches), schedule_kind=schedule_kind)
+                       microbatch_size=batch_size // (attention_ranks * num_microbatches), schedule_kind=schedule_kind,
+                       pipeline_depth=pipeline_depth)
     # Descriptive fields only (they title str(plan)); the runtime does not read them.
-    plan.model, plan.cluster = model_name, f"CPU/gloo x{world_size}"
+    plan.model, plan.cluster = model_name, f"CPU/gloo x{world_size * pipeline_depth}"
     plan.seq_len, plan.global_batch = seq_len, batch_size
     return plan
 
@@ -431,7 +441,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             plan = make_plan(world, args.attention_ranks, num_experts, args.microbatches,
                              batch_size=args.batch_size, seq_len=args.seq_len, model_name=f"byte-level {args.family}",
-                             schedule_kind=args.schedule)
+                             schedule_kind=args.schedule, pipeline_depth=args.pipeline_depth)
         except ValueError as e:
             raise SystemExit(f"train.py: {e}") from None
 

@@ -42,7 +42,7 @@ from fxdisag.runtime.attention import AttentionHandlers
 from fxdisag.runtime.expert import ExpertHandlers
 from fxdisag.runtime.experts import local_experts
 from fxdisag.runtime.mailbox import Mailbox
-from fxdisag.runtime.routing import Routing
+from fxdisag.runtime.routing import Routing, SlotRouting
 from fxdisag.runtime.runner import StepRunner
 from fxdisag.schedule import Schedule, format_grid
 
@@ -134,37 +134,54 @@ class DisaggregatedModel(nn.Module):
         self.runner = StepRunner(schedule, self.rank, self.mailbox, trace)
         recompute = plan.recompute
         self._attention: AttentionHandlers | None = None
+        multi = plan.pipeline_depth > 1
+        stage_map = schedule.stages if multi else None
+        self.stage_map = stage_map
+        first = captured.model.get_submodule(self.layout.moe[0].experts)
+        dtype = next(first.parameters()).dtype
+        top_k = max(m.top_k for m in self.layout.moe)
         if self.has_attention:
-            self.stages = nn.ModuleList([s.module for s in program.stages]).to(device)
-            for stage in program.stages:
-                maybe_dump_graph(f"attention_stage{stage.index}", stage.module)
+            mine = stage_map.stages_of(stage_map.attention_slot(self.rank)[0]) if multi else range(len(program.stages))
+            _check_parameters_stay_in_group(program, schedule) if multi else None
+            self.stages = nn.ModuleList([program.stages[s].module for s in mine]).to(device)
+            for s in mine:
+                maybe_dump_graph(f"attention_stage{s}", program.stages[s].module)
+            own_group = sorted(stage_map.attention_groups[stage_map.attention_slot(self.rank)[0]]) if multi \
+                else list(schedule.attention_ranks)
             self._attention = AttentionHandlers(
-                program, self.rank, list(schedule.attention_ranks), list(schedule.expert_ranks),
+                program, self.rank, own_group, list(schedule.expert_ranks),
                 schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
                 self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
+                stages=stage_map, row_format=(self.layout.hidden_size, dtype, top_k),
             )
             self.runner.register(self._attention)
         if self.has_experts:
             mine = routing.held(self.rank)
             model = captured.model
+            self.expert_layers = stage_map.layers_of(stage_map.expert_group_of(self.rank)) if multi \
+                else list(range(len(self.layout.moe)))
             self.local_experts = nn.ModuleList(
-                [local_experts(model.get_submodule(m.experts), mine) for m in self.layout.moe]
+                [local_experts(model.get_submodule(self.layout.moe[j].experts), mine) for j in self.expert_layers]
             ).to(device)
             self.expert_ids = mine
-            for b in program.boundaries:
-                maybe_dump_graph(f"expert_boundary{b.index}", b.module)
-            first = model.get_submodule(self.layout.moe[0].experts)
-            dtype = next(first.parameters()).dtype
+            for j in self.expert_layers:
+                maybe_dump_graph(f"expert_boundary{j}", program.boundaries[j].module)
             replica_groups = [
                 ([mine.index(e) for e in shared], groups[ranks])
                 for ranks, shared in routing.replica_sets
                 if self.rank in ranks
             ]
+            one_group = sorted(stage_map.attention_groups[0]) if multi else list(schedule.attention_ranks)
             self.runner.register(ExpertHandlers(
-                list(self.local_experts), list(schedule.attention_ranks), schedule.num_microbatches,
-                self.layout.hidden_size, (dtype, dtype), max(m.top_k for m in self.layout.moe), self.mailbox,
+                dict(zip(self.expert_layers, self.local_experts)), one_group, schedule.num_microbatches,
+                self.layout.hidden_size, (dtype, dtype), top_k, self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
+                hops=stage_map.hops if multi else frozenset(),
             ))
+        # This rank's data-parallel replicas (its attention group) and, per set of experts it
+        # shares with replicas, (local indices, process group); None / [] where not a member.
+        self.attention_group = groups["attention"] if self.has_attention else None
+        self.expert_replica_groups = replica_groups if self.has_experts else []
         self.runner.check_complete()
         if release_unused:
             self._release_unused_parameters()
@@ -182,6 +199,9 @@ class DisaggregatedModel(nn.Module):
         drop = {id(p) for mod in experts for p in mod.parameters()}
         if not self.has_attention:
             drop |= {id(p) for p in model.parameters()}
+        elif self.stage_map is not None:  # only this group's stages
+            keep = {id(p) for p in self._attention.params}
+            drop |= {id(p) for p in model.parameters() if id(p) not in keep}
         for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None and id(p) in drop and not p.is_meta:
@@ -192,6 +212,10 @@ class DisaggregatedModel(nn.Module):
     def attention_parameters(self) -> list[nn.Parameter]:
         """The parameters this rank all-reduces over the attention group (empty on expert ranks)."""
         return list(self._attention.params) if self._attention is not None else []
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's slices of the routed experts, every MoE layer it holds (empty on attention-only ranks)."""
+        return list(self.local_experts.parameters()) if self.has_experts else []
 
     def step_sent_bytes(self) -> dict[int, int]:
         """Bytes this rank posted to each peer over the network in the last step (headers included)."""
@@ -204,7 +228,7 @@ class DisaggregatedModel(nn.Module):
         b = self.plan.microbatch_size
         if b is None:
             return
-        n_attn, m = len(self.schedule.attention_ranks), self.schedule.num_microbatches
+        n_attn, m = len(self.plan.attention_ranks) // self.plan.pipeline_depth, self.schedule.num_microbatches
         for name, value in batch.items():
             if value.shape[0] != n_attn * m * b:
                 raise ValueError(
@@ -241,18 +265,31 @@ class DisaggregatedModel(nn.Module):
     def _owned(self, grads: bool) -> dict[str, tuple[tuple[int, ...] | None, torch.Tensor]]:
         owned: dict[str, tuple[tuple[int, ...] | None, torch.Tensor]] = {}
         experts = {m.experts for m in self.layout.moe}
-        if self.has_attention and self.rank == self.schedule.attention_ranks[0]:
+        if self.has_attention and self._writes_attention():
+            keep = {id(p) for p in self._attention.params}
+            staged = {id(p) for st in self.program.stages for p in st.module.parameters()}
             for name, p in self._model.named_parameters():
                 if name.rsplit(".", 1)[0] in experts:
                     continue
+                if self.stage_map is not None and id(p) not in keep and (
+                        id(p) in staged or self.stage_map.attention_slot(self.rank)[0] != 0):
+                    continue  # another group's stage holds it (a parameter in no stage: group 0 writes it)
                 t = p.grad if grads else p.detach()
                 owned[name] = (None, None if t is None else t.detach().cpu())
         if self.has_experts:
-            for m, mod in zip(self.layout.moe, self.local_experts):
+            for m, mod in zip([self.layout.moe[j] for j in self.expert_layers], self.local_experts):
                 for pname, p in mod.named_parameters(recurse=False):
                     t = p.grad if grads else p.detach()
                     owned[f"{m.experts}.{pname}"] = (mod.fxdisag_expert_ids, None if t is None else t.detach().cpu())
         return owned
+
+    def _writes_attention(self) -> bool:
+        """Whether this rank contributes the attention side to a consolidated dict: the first
+        rank of its attention group (every group at p > 1: each holds other stages)."""
+        if self.stage_map is None:
+            return self.rank == self.schedule.attention_ranks[0]
+        g, slot = self.stage_map.attention_slot(self.rank)
+        return slot == 0
 
     def _consolidate(self, grads: bool) -> dict[str, torch.Tensor | None]:
         pieces: list[Any] = [None] * dist.get_world_size()
@@ -303,6 +340,36 @@ class DisaggregatedModel(nn.Module):
 
     def consolidated_grads(self) -> dict[str, torch.Tensor | None]:
         return self._consolidate(grads=True)
+
+
+def _check_parameters_stay_in_group(program: StagedProgram, schedule: Schedule) -> None:
+    """A parameter read by stages of two attention groups would need its gradient summed
+    across groups (tied input and output embeddings, for one): not built."""
+    stage_map = schedule.stages
+    where: dict[int, set[int]] = {}
+    for stage in program.stages:
+        for p in stage.module.parameters():
+            where.setdefault(id(p), set()).add(stage_map.stage_group[stage.index])
+    shared = [pid for pid, gs in where.items() if len(gs) > 1]
+    if shared:
+        names = [n for st in program.stages for n, p in st.module.named_parameters() if id(p) in shared]
+        raise NotImplementedError(
+            f"parameter(s) {sorted(set(names))[:4]} are read by stages on different attention groups "
+            f"(groups {sorted(where[shared[0]])}); pipeline_depth > 1 does not sum a gradient across groups. "
+            "Untie them (e.g. tie_word_embeddings=False), or use pipeline_depth=1")
+
+
+def _group_routing(plan: Plan, num_experts: int) -> tuple[Routing, dict[int, int]]:
+    """p > 1: the routing tables of group 0 (every group has the same slot pattern, which
+    the plan checks), and for every rank the rank of the same slot in group 0."""
+    att0, exp0 = sorted(plan.attention_groups()[0]), sorted(plan.expert_groups()[0])
+    sub = Plan(att0, exp0, plan.group_placement(0), plan.num_microbatches)
+    same_slot: dict[int, int] = {}
+    for groups, first in ((plan.attention_groups(), att0), (plan.expert_groups(), exp0)):
+        for g in groups:
+            for t, r in enumerate(sorted(g)):
+                same_slot[r] = first[t]
+    return Routing.from_plan(sub, num_experts), same_slot
 
 
 def _check_schedule(schedule: Schedule, plan: Plan, num_moe_layers: int) -> None:
@@ -369,19 +436,41 @@ def disaggregate(
     num_experts = {m.num_experts for m in captured.layout.moe}
     if len(num_experts) != 1:
         raise NotImplementedError(f"MoE layers with different expert counts {sorted(num_experts)}")
-    routing = Routing.from_plan(plan, num_experts.pop())
+    rank = dist.get_rank()
+    if plan.pipeline_depth > 1:
+        base, same_slot = _group_routing(plan, num_experts.pop())
+        routing = SlotRouting(base, rank, same_slot[rank])
+        group_experts = len(base.expert_ranks)
+    else:
+        base = routing = Routing.from_plan(plan, num_experts.pop())
+        group_experts = len(plan.expert_ranks)
     # An expert rank never runs pack(); any attention rank's table gives it a valid graph.
-    router = dist.get_rank() if dist.get_rank() in plan.attention_ranks else plan.attention_ranks[0]
-    gm = insert_dispatch(captured.graph_module, captured.layout, routing.owner_slot(router), len(plan.expert_ranks))
+    router = rank if rank in plan.attention_ranks else base.attention_ranks[0]
+    gm = insert_dispatch(captured.graph_module, captured.layout, routing.owner_slot(router), group_experts)
     program = split_stages(gm)
     if schedule is None:
         schedule = plan.schedule(len(program.boundaries))
     else:
         _check_schedule(schedule, plan, len(program.boundaries))
     # new_group is collective: every rank creates every group, in the same order.
-    groups: dict = {"attention": dist.new_group(sorted(plan.attention_ranks))}
-    for ranks, _ in routing.replica_sets:
-        groups[ranks] = dist.new_group(list(ranks))
+    groups: dict = {}
+    if plan.pipeline_depth > 1:
+        for g in plan.attention_groups():
+            pg = dist.new_group(sorted(g))
+            if rank in g:
+                groups["attention"] = pg
+        for g in plan.expert_groups():  # the replica sets of group 0, slot for slot in every group
+            slot_rank = {same_slot[r]: r for r in g}
+            for ranks, _ in base.replica_sets:
+                mapped = tuple(sorted(slot_rank[r] for r in ranks))
+                pg = dist.new_group(list(mapped))
+                if rank in mapped:
+                    groups[routing.rename(ranks)] = pg  # the name the rank's view gives the set
+        groups.setdefault("attention", None)
+    else:
+        groups["attention"] = dist.new_group(sorted(plan.attention_ranks))
+        for ranks, _ in routing.replica_sets:
+            groups[ranks] = dist.new_group(list(ranks))
     maybe_dump_text("schedule", format_grid(schedule))
     maybe_dump_text("plan", str(plan))
     return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused)

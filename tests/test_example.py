@@ -78,6 +78,23 @@ def test_demo_runs_under_torchrun():
     assert "rank 1: experts 0-7" in out, out
 
 
+@pytest.mark.dist
+def test_demo_runs_with_pipeline_depth_2_on_4_ranks():
+    # 2 layers dealt over 2 groups of 1 attention + 1 expert rank: every hop of the ring is crossed.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(EXAMPLES / "train.py"), *SMALL, "--pipeline-depth", "2", "--schedule", "1f1b"]
+    result = _run_with_timeout(cmd, timeout=180)
+    out = result.stdout
+    assert result.returncode == 0, out
+    parity = re.search(r"parity vs eager: loss (\S+) vs (\S+) .*max grad rel err (\S+) .*: OK", out)
+    assert parity, out
+    assert abs(float(parity[1]) - float(parity[2])) <= 1e-5
+    assert float(parity[3]) <= 1e-4
+    assert "pipeline depth 2" in out, out
+    heldout = re.search(r"held-out loss: (\d+\.\d+) before -> (\d+\.\d+) after 3 steps", out)
+    assert heldout and float(heldout[2]) < float(heldout[1]), out
+
+
 def _main_with_skewed_reference(rank: int, world_size: int, argv: list[str]) -> int:
     """train.main where rank 0's eager reference computes logits x 1.01 (same initial weights)."""
     import train as demo
@@ -106,7 +123,7 @@ def test_help_lists_options():
     result = _run_with_timeout([sys.executable, str(EXAMPLES / "train.py"), "--help"], timeout=60)
     assert result.returncode == 0, result.stdout
     for option in ("--family", "--steps", "--batch-size", "--seq-len", "--microbatches", "--attention-ranks",
-                   "--lr", "--seed", "--plot", "--trace", "--quiet"):
+                   "--pipeline-depth", "--schedule", "--lr", "--seed", "--plot", "--trace", "--quiet"):
         assert option in result.stdout, option
 
 
@@ -178,6 +195,10 @@ def test_make_plan_layout_and_errors():
     plan = train.make_plan(4, 2, 8, 4, batch_size=16, seq_len=32)
     assert (plan.attention_ranks, plan.expert_ranks, plan.num_microbatches, plan.microbatch_size) == ([0, 1], [2, 3], 4, 2)
     assert plan.expert_placement == [[2]] * 4 + [[3]] * 4
+    deep = train.make_plan(4, 1, 8, 2, batch_size=4, seq_len=32, pipeline_depth=2)
+    assert (deep.attention_groups(), deep.expert_groups(), deep.microbatch_size) == ([[0], [1]], [[2], [3]], 2)
+    with pytest.raises(ValueError, match="does not divide the 4 ranks"):
+        train.make_plan(4, 1, 8, 2, batch_size=4, seq_len=32, pipeline_depth=3)
     with pytest.raises(ValueError, match="leaves no expert rank"):
         train.make_plan(2, 2, 8, 1, batch_size=4, seq_len=8)
     with pytest.raises(ValueError, match="raise --attention-ranks to >= 2"):

@@ -1,5 +1,7 @@
 """Plan: data contract, JSON round trip, manual plans, routing, the table, memory safety."""
 
+import json
+
 import expecttest
 import pytest
 from hypothesis import example, HealthCheck, assume, given, settings
@@ -216,3 +218,156 @@ def test_search_never_exceeds_memory(layers, hidden, experts, top_k, expert_para
         assert used <= cap * (1 + 1e-9), (device, used, cap)
     assert result.memory_per_device["attention"] <= cap * (1 + 1e-9)
     assert result.memory_per_device["experts"] <= cap * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------- pipeline depth (#8)
+
+
+def test_manual_pipeline_depth_groups_and_placement():
+    p = Plan.manual(2, 3, 8, 4, pipeline_depth=2)
+    assert p.pipeline_depth == 2 and p.layer_assignment == "round_robin" and p.loss_group is None
+    assert p.attention_ranks == [0, 1, 2, 3] and p.expert_ranks == [4, 5, 6, 7, 8, 9]  # world 2 x (2 + 3)
+    assert p.attention_groups() == [[0, 1], [2, 3]] and p.expert_groups() == [[4, 5, 6], [7, 8, 9]]
+    assert p.group_placement(0) == [[4], [4], [4], [5], [5], [5], [6], [6]]
+    assert p.group_placement(1) == [[7], [7], [7], [8], [8], [8], [9], [9]]
+    assert p.expert_placement == [[4, 7], [4, 7], [4, 7], [5, 8], [5, 8], [5, 8], [6, 9], [6, 9]]
+    replicated = Plan.manual(1, 5, 2, 1, pipeline_depth=3)
+    assert replicated.expert_groups()[2] == [13, 14, 15, 16, 17]
+    assert replicated.group_placement(2) == [[13, 14, 15], [16, 17]]
+    stages = p.stages(4)
+    assert stages.depth == 2 and stages.layer_group == (0, 1, 0, 1) and stages.stage_group == (0, 1, 0, 1, 0)
+    blocks = Plan.manual(2, 3, 8, 4, pipeline_depth=2, layer_assignment="contiguous", loss_group=0).stages(5)
+    assert blocks.layer_group == (0, 0, 0, 1, 1) and blocks.stage_group[-1] == 0
+    single = Plan.manual(2, 3, 8, 4).stages(3)
+    assert single.depth == 1 and single.attention_groups == ((0, 1),) and single.expert_groups == ((2, 3, 4),)
+
+
+def test_pipeline_depth_one_is_todays_plan():
+    today = Plan.manual(2, 3, 8, 4, num_moe_layers=2, schedule_kind="1f1b")
+    explicit = Plan.manual(2, 3, 8, 4, num_moe_layers=2, schedule_kind="1f1b", pipeline_depth=1,
+                           layer_assignment="round_robin", loss_group=None)
+    assert explicit == today and explicit.to_json() == today.to_json() and str(explicit) == str(today)
+    assert today.attention_ranks == [0, 1] and today.expert_ranks == [2, 3, 4]
+    assert today.expert_placement == [[2], [2], [2], [3], [3], [3], [4], [4]]
+    assert today.attention_groups() == [[0, 1]] and today.group_placement(0) == today.expert_placement
+    assert today.schedule().name == "1f1b"  # the p = 1 builder, not the ring
+    assert "group 0:" not in str(today) and "pipeline depth" not in str(today)
+
+
+def test_old_json_without_pipeline_fields_loads():
+    data = json.loads(Plan.manual(2, 3, 8, 4).to_json())
+    for name in ("pipeline_depth", "layer_assignment", "loss_group"):
+        del data["binding"][name]
+    back = Plan.from_json(json.dumps(data))
+    assert back == Plan.manual(2, 3, 8, 4) and back.pipeline_depth == 1
+
+
+def test_pipeline_json_round_trip():
+    p = Plan.manual(2, 3, 8, 4, pipeline_depth=2, layer_assignment="contiguous", loss_group=0, num_moe_layers=4)
+    data = json.loads(p.to_json())
+    assert data["binding"]["pipeline_depth"] == 2 and data["binding"]["layer_assignment"] == "contiguous"
+    assert data["binding"]["loss_group"] == 0
+    back = Plan.from_json(p.to_json())
+    assert back == p and str(back) == str(p) and back.stages() == p.stages()
+
+
+def test_pipeline_table():
+    text = str(Plan.manual(2, 3, 8, 4, pipeline_depth=2, num_moe_layers=5))
+    assert "  experts: 8, 2-3 per expert rank, 1 replica(s) each in every expert group" in text
+    assert "  pipeline depth 2: layers dealt round_robin (MoE layer j on group j mod 2)" in text
+    assert "  group 0: attention ranks 0-1, expert ranks 4-6, MoE layers [0, 2, 4]" in text
+    assert "  group 1: attention ranks 2-3, expert ranks 7-9, MoE layers [1, 3]" in text
+    assert "  loss (final norm, head): attention group 1" in text
+    unknown = str(Plan.manual(1, 1, 4, 2, pipeline_depth=3, schedule_kind="1f1b"))
+    assert "  group 2: attention ranks 2, expert ranks 5, MoE layers 2, 5, 8, ..." in unknown
+    assert "attention group J mod 3" in unknown and "1f1b schedule (9 in flight)" in unknown
+    blocks = str(Plan.manual(1, 1, 4, 2, pipeline_depth=2, layer_assignment="contiguous"))
+    assert "  group 1: attention ranks 1, expert ranks 3, MoE layers block 1 of 2" in blocks
+    assert "  loss (final norm, head): attention group 1" in blocks
+    assert "loss (final norm, head): attention group 0" in str(
+        Plan.manual(1, 1, 4, 2, pipeline_depth=2, loss_group=0))
+
+
+def test_pipeline_errors_name_the_field():
+    base = dict(attention_ranks=[0, 1], expert_ranks=[2, 3], expert_placement=[[2, 3], [2, 3]], num_microbatches=2)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"pipeline_depth=.*int >= 1"):
+            Plan(**base, pipeline_depth=bad)
+    with pytest.raises(ValueError, match=r"pipeline_depth=2 but attention_ranks has 3 ranks.*multiple of 2"):
+        Plan([0, 1, 2], [3, 4], [[3, 4]], 1, pipeline_depth=2)
+    with pytest.raises(ValueError, match=r"pipeline_depth=2 but expert_ranks has 3 ranks"):
+        Plan([0, 1], [2, 3, 4], [[2, 3, 4]], 1, pipeline_depth=2)
+    with pytest.raises(ValueError, match=r"layer_assignment='zigzag'"):
+        Plan(**base, layer_assignment="zigzag")
+    for bad in (2, -1, "0"):
+        with pytest.raises(ValueError, match=r"loss_group=.*0\.\.1"):
+            Plan(**base, pipeline_depth=2, loss_group=bad)
+    with pytest.raises(ValueError, match=r"loss_group=1; .*0\.\.0"):
+        Plan(**base, loss_group=1)
+    with pytest.raises(ValueError, match=r"pipeline_depth=2 needs kind='afpipe'"):
+        Plan([0, 1], [0, 1], [[0, 1]], 1, kind="ep", pipeline_depth=2)
+    with pytest.raises(ValueError, match=r"expert_owners is not supported with pipeline_depth > 1"):
+        Plan(**base, pipeline_depth=2, expert_owners={"0": [2, 2], "1": [3, 3]})
+    with pytest.raises(ValueError, match=r"routing_domains is not supported with pipeline_depth > 1"):
+        Plan(**base, pipeline_depth=2, routing_domains=[[0, 2], [1, 3]])
+    with pytest.raises(ValueError, match=r"expert_placement: expert 1 has no replica in expert group 1"):
+        Plan([0, 1], [2, 3], [[2, 3], [2]], 1, pipeline_depth=2)
+    four = dict(attention_ranks=[0, 1], expert_ranks=[2, 3, 4, 5], num_microbatches=1, pipeline_depth=2)
+    with pytest.raises(ValueError, match=r"expert_placement: expert 0 is on slots \[1\] of expert group 1"):
+        Plan(**four, expert_placement=[[2, 5], [3, 5]])
+    with pytest.raises(ValueError, match=r"expert_placement: expert 0 .* same order"):
+        Plan(**four, expert_placement=[[2, 3, 5, 4], [2, 4]])
+    Plan(**four, expert_placement=[[2, 3, 4, 5], [3, 5]])  # the same pattern in both groups is fine
+    with pytest.raises(ValueError, match=r"pipeline_depth=3 but the model has 2 MoE layers: group 2 would hold "
+                                         r"no layer; use pipeline_depth <= 2"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=3).stages(2)
+    with pytest.raises(ValueError, match=r"pipeline_depth=3 but the model has 2 MoE layers"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=3, num_moe_layers=2)  # refused when the plan is made
+    with pytest.raises(ValueError, match=r"pipeline_depth=3 but the model has 2 MoE layers"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=3, layer_assignment="contiguous").schedule(2)
+    with pytest.raises(ValueError, match=r"Plan.manual: pipeline_depth must be an int >= 1"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=0)
+    with pytest.raises(ValueError, match=r"Plan.stages: the plan does not know the number of MoE layers"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=2).stages()
+    with pytest.raises(ValueError, match=r"group=2: the plan has expert groups 0\.\.1"):
+        Plan.manual(1, 1, 2, 1, pipeline_depth=2).group_placement(2)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("assignment", ["round_robin", "contiguous"])
+def test_pipeline_schedule_is_the_validated_ring(kind, assignment):
+    from fxdisag.schedule import ring_schedule, validate
+
+    p = Plan.manual(2, 2, 4, 3, pipeline_depth=2, schedule_kind=kind, layer_assignment=assignment)
+    schedule = p.schedule(num_moe_layers=3)
+    validate(schedule)
+    assert schedule.name == f"{kind}-p2" and schedule.stages == p.stages(3)
+    assert schedule.attention_ranks == (0, 1, 2, 3) and schedule.expert_ranks == (4, 5, 6, 7)
+    assert schedule.actions == ring_schedule(p.stages(3), 3, kind, None).actions
+    if kind == "1f1b":
+        p.in_flight = 2
+        assert p.schedule(3).actions == ring_schedule(p.stages(3), 3, kind, 2).actions
+
+
+def test_pipeline_expert_owner_is_the_p1_rule_per_group():
+    one = Plan.manual(2, 3, 8, 4)
+    two = Plan.manual(2, 3, 8, 4, pipeline_depth=2)
+    for rank in two.attention_ranks:
+        slot = rank % 2
+        for g, experts in enumerate(two.expert_groups()):
+            owners = two.expert_owner(rank, layer_group=g)
+            assert set(owners) <= set(experts)
+            assert all(r in two.expert_placement[e] for e, r in enumerate(owners))
+            shift = experts[0] - one.expert_ranks[0]
+            assert owners == tuple(r + shift for r in one.expert_owner(slot))  # p = 1's table, moved
+    assert two.expert_owner(1) == two.expert_owner(1, 0) == (4, 4, 4, 5, 5, 5, 6, 6)
+    # replicas taken in turn by slot, in every group
+    rep = Plan.manual(2, 4, 2, 1, pipeline_depth=2)
+    assert rep.expert_owner(0, 0) == (4, 6) and rep.expert_owner(1, 0) == (5, 7)
+    assert rep.expert_owner(2, 1) == (8, 10) and rep.expert_owner(3, 1) == (9, 11)
+    assert rep.expert_owner(2, 0) == rep.expert_owner(0, 0)
+    assert one.expert_owner(1, 0) == one.expert_owner(1) == (2, 2, 2, 3, 3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"layer_group=2: the plan has expert groups 0\.\.1"):
+        two.expert_owner(0, 2)
+    with pytest.raises(ValueError, match="not an attention rank"):
+        two.expert_owner(4)

@@ -103,3 +103,26 @@ def test_full_size_meta_deepseek_mla_matches_hand_counts():
     assert (moe.layer, moe.num_experts, moe.top_k) == (3, 256, 8)
     assert moe.fwd_flops_per_row == 2 * 3 * 7168 * 2048
     assert moe.dispatch_bytes_per_token == 8 * (7168 * 2 + 6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_stage_params_are_what_each_split_stage_reads(family):
+    # Two derivations: the profile walks the captured graph, split_stages cuts it with
+    # torch.fx.passes.split_module. Shared experts sit on either side of the cut by family.
+    from fxdisag.codegen.insert_dispatch import insert_dispatch
+    from fxdisag.codegen.split_stages import split_stages
+
+    model = tiny_model(family, seed=0, num_layers=3)
+    captured = capture(model, example_batch(model, 2, 8))
+    prof = profile(captured, batch_size=1, seq_len=8, dtype=torch.float32)
+    E = captured.layout.moe[0].num_experts
+    program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [0] * E, 1))
+    seen, want = set(), []
+    for stage in program.stages:
+        fresh = [p for p in stage.module.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in fresh}
+        want.append(sum(p.numel() for p in fresh))
+    assert prof.stage_params == want
+    experts = sum(p.numel() for m in captured.layout.moe for p in model.get_submodule(m.experts).parameters())
+    assert sum(prof.stage_params) + experts == sum(p.numel() for p in model.parameters())
+    assert ModelProfile.from_dict(prof.to_dict()).stage_params == want

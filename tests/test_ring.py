@@ -94,6 +94,16 @@ def test_ring_schedule_is_valid(p, a, e, J, m, kind, assignment, data):
                 assert stages.stage_group[act.stage] == stages.attention_slot(r)[0]
             elif act.kind in (K.EF, K.EB):
                 assert stages.layer_group[act.stage] == stages.expert_group_of(r)
+    # The runner executes phase("forward") then phase("backward"), each in list order; the
+    # simulator must run the computes and REDUCEs in that same order on every rank.
+    timed = simulate(s, lambda r, a: unit_costs(r, a) or (0.5 if a.kind is K.REDUCE else 0.0), lambda *_: 1,
+                     UniformLink(1e3, 1e-3))
+    for r in s.ranks:
+        runner_order = [a for ph in ("forward", "backward") for a in s.phase(r, ph)]
+        assert runner_order == list(s.actions[r])
+        sim_order = [sp.action for sp in sorted((sp for sp in timed.spans if sp.rank == r
+                                                 and sp.kind in ("compute", "reduce")), key=lambda sp: sp.start)]
+        assert sim_order == [a for a in runner_order if a.kind in (K.F, K.B, K.EF, K.EB, K.REDUCE)]
 
 
 @pytest.mark.parametrize("p,J", [(2, 4), (3, 6)])
@@ -161,17 +171,17 @@ class TestRingGrid(expecttest.TestCase):
     def test_two_groups_two_layers(self):
         att, exp = groups(2, 1, 1)
         self.assertExpectedInline(str(ring_schedule(Stages.dealt(att, exp, 2), 2, "1f1b")), """\
-step | 0:A                                   | 1:A                                   | 2:E                | 3:E
-   0 | <C1.0 <H1.0 <C1.1 <H1.1 <GH0.0 <GH0.1 | <C0.0 <H0.0 <C0.1 <H0.1 <GH1.0 <GH1.1 | <D0.0 <D0.1        | <D1.0 <D1.1
-   1 | F0.0 <GD0.0 >D0.0 >H0.0               |                                       |                    |
-   2 | F0.1 <GD0.1 >D0.1 >H0.1               |                                       | EF0.0 <GC0.0 >C0.0 |
-   3 |                                       | F1.0 <GD1.0 >D1.0 >H1.0               | EF0.1 <GC0.1 >C0.1 |
-   4 |                                       | F1.1 <GD1.1 >D1.1 >H1.1               |                    | EF1.0 <GC1.0 >C1.0
-   5 | F2.0                                  |                                       |                    | EF1.1 <GC1.1 >C1.1
-   6 | B2.0 >GC1.0 >GH1.0                    |                                       |                    |
-   7 | F2.1                                  |                                       |                    | EB1.0 >GD1.0
-   8 | B2.1 >GC1.1 >GH1.1                    | B1.0 >GC0.0 >GH0.0                    |                    |
-   9 |                                       |                                       | EB0.0 >GD0.0       | EB1.1 >GD1.1 R
-  10 | B0.0                                  | B1.1 >GC0.1 >GH0.1 R                  |                    |
-  11 |                                       |                                       | EB0.1 >GD0.1 R     |
-  12 | B0.1 R                                |                                       |                    |""")
+step | 0:A                            | 1:A                            | 2:E                | 3:E
+   0 | <C1.0 <H1.0 <C1.1 <H1.1        | <C0.0 <H0.0 <C0.1 <H0.1        | <D0.0 <D0.1        | <D1.0 <D1.1
+   1 | F0.0 <GD0.0 >D0.0 >H0.0 <GH0.0 |                                |                    |
+   2 | F0.1 <GD0.1 >D0.1 >H0.1 <GH0.1 |                                | EF0.0 <GC0.0 >C0.0 |
+   3 |                                | F1.0 <GD1.0 >D1.0 >H1.0 <GH1.0 | EF0.1 <GC0.1 >C0.1 |
+   4 |                                | F1.1 <GD1.1 >D1.1 >H1.1 <GH1.1 |                    | EF1.0 <GC1.0 >C1.0
+   5 | F2.0                           |                                |                    | EF1.1 <GC1.1 >C1.1
+   6 | B2.0 >GC1.0 >GH1.0             |                                |                    |
+   7 | F2.1                           |                                |                    | EB1.0 >GD1.0
+   8 | B2.1 >GC1.1 >GH1.1             | B1.0 >GC0.0 >GH0.0             |                    |
+   9 |                                |                                | EB0.0 >GD0.0       | EB1.1 >GD1.1 R
+  10 | B0.0                           | B1.1 >GC0.1 >GH0.1 R           |                    |
+  11 |                                |                                | EB0.1 >GD0.1 R     |
+  12 | B0.1 R                         |                                |                    |""")

@@ -6,7 +6,9 @@ eagerly in one process on the same global batch:
 * the loss of step 0 (<= 1e-5) and every consolidated gradient (relative error <= 1e-4);
 * the loss trajectory of 5 AdamW steps (<= 1e-4 each);
 * the consolidated parameters after those steps (what a checkpoint would save;
-  max-abs error <= 5e-4, 5% of one AdamW step: see ``_train``).
+  max-abs error <= 5e-4, 5% of one AdamW step: see ``_train``);
+* the parameter bytes every rank holds, against the planner's prediction
+  (``planner.memory.rank_parameter_bytes`` on a profile of the model).
 """
 
 from __future__ import annotations
@@ -35,22 +37,31 @@ CASES = [
 
 
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
-           schedule_kind: str = "gpipe") -> dict:
+           schedule_kind: str = "gpipe", depth: int = 1, num_layers: int = 2, assignment: str = "round_robin",
+           optimizer: str = "adamw") -> dict:
     import fxdisag
     from fxdisag.testing.models import example_batch, tiny_model
     from fxdisag.planner.plan import Plan
 
-    model = tiny_model(family, seed=0)
+    model = tiny_model(family, seed=0, num_layers=num_layers)
     reference = copy.deepcopy(model)
     batches = [example_batch(model, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
     if mode == "ep":
         plan = Plan.expert_parallel(world, num_experts, m)
     else:
-        plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=m,
-                           schedule_kind=schedule_kind)
+        plan = Plan.manual(num_attention=n_attn, num_expert=world // depth - n_attn, num_experts=num_experts,
+                           num_microbatches=m, schedule_kind=schedule_kind, pipeline_depth=depth,
+                           layer_assignment=assignment)
     dmodel = fxdisag.disaggregate(model, batches[0], plan)
-    opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
+    if optimizer == "zero":  # the README's recipe: attention-side state sharded over the replicas
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opts = [ZeroRedundancyOptimizer(dmodel.attention_parameters(), torch.optim.AdamW,
+                                        process_group=dmodel.attention_group, lr=1e-2)] if dmodel.has_attention else []
+        opts += [torch.optim.AdamW(dmodel.expert_parameters(), lr=1e-2)] if dmodel.has_experts else []
+    else:
+        opts = [torch.optim.AdamW(dmodel.parameters(), lr=1e-2)]
     losses, grads0 = [], None
     for step, batch in enumerate(batches):
         out = dmodel(**batch)
@@ -58,17 +69,27 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         if step == 0:
             grads0 = dmodel.consolidated_grads()
         losses.append(float(out.loss))
-        opt.step()
-        opt.zero_grad()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
     final = dmodel.consolidated_state_dict()
     # Weights a rank never computes with are released (meta): full experts everywhere, and
     # the attention side on expert-only ranks.
     experts = {m.experts for m in dmodel.layout.moe}
     on_meta = {n: p.is_meta for n, p in model.named_parameters()}
-    expected_meta = {n: n.rsplit(".", 1)[0] in experts or not dmodel.has_attention for n in on_meta}
+    own = {id(p) for p in dmodel.attention_parameters()}  # p > 1: only the group's stages
+    expected_meta = {n: n.rsplit(".", 1)[0] in experts or not dmodel.has_attention or (depth > 1 and id(p) not in own)
+                     for n, p in model.named_parameters()}
     released = on_meta == expected_meta and not any(p.is_meta for p in dmodel.parameters())
+    held = sum(p.numel() * p.element_size() for p in dmodel.parameters())
     if rank != 0:
-        return {"losses": losses, "released": released}
+        return {"losses": losses, "released": released, "param_bytes": held}
+    # The planner's prediction, from a profile of a fresh copy (not from the runtime's objects).
+    from fxdisag.planner.memory import rank_parameter_bytes
+    from fxdisag.planner.profile import profile
+
+    fresh = tiny_model(family, seed=0, num_layers=num_layers)
+    predicted = rank_parameter_bytes(profile(fxdisag.capture(fresh, batches[0]), 1, 12, torch.float32), plan)
 
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     ref_losses, ref_grads0 = [], None
@@ -92,6 +113,8 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     return {
         "losses": losses,
         "released": released,
+        "param_bytes": held,
+        "predicted_param_bytes": [predicted[r] for r in range(world)],
         "ref_losses": ref_losses,
         "grad_err": grad_err,
         "param_err": param_err,
@@ -126,6 +149,30 @@ def test_1f1b_training_matches_eager(family, n_attn, n_exp, m, env):
                                          timeout=240, env=env))
 
 
+# p = 2: 4 ranks (one attention and one expert rank per group), every hop crossed. The
+# families cover shared experts (qwen2_moe, deepseek_v3) and leading dense layers
+# (deepseek_v3); 3 layers give an odd number of MoE layers per group.
+MULTI_STAGE_CASES = [("qwen3_moe", 3, "gpipe", "round_robin", {}), ("qwen2_moe", 2, "1f1b", "round_robin", {}),
+                     ("deepseek_v3", 3, "gpipe", "round_robin", {"FXDISAG_P2P_ORDERED": "1"}),
+                     ("mixtral", 4, "1f1b", "contiguous", {})]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, layers, kind, assignment, env", MULTI_STAGE_CASES,
+                         ids=[f"{c[0]}-L{c[1]}-{c[2]}-{c[3]}{'-ordered' if c[4] else ''}" for c in MULTI_STAGE_CASES])
+def test_two_stage_pipeline_matches_eager(family, layers, kind, assignment, env):
+    _check_against_eager(run_distributed(_train, 4, family, 1, 2, "afpipe", kind, 2, layers, assignment,
+                                         timeout=300, env=env))
+
+
+@pytest.mark.dist
+def test_zero_sharded_attention_optimizer_matches_eager():
+    # 2 attention replicas: torch's ZeroRedundancyOptimizer over dmodel.attention_group keeps
+    # half of the attention side's AdamW state on each, and the trajectory is eager's.
+    _check_against_eager(run_distributed(_train, 4, "qwen3_moe", 2, 2, "afpipe", "gpipe", 1, 2, "round_robin",
+                                         "zero", timeout=240))
+
+
 EP_CASES = [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 1), ("gpt_oss", 2, 4)]
 
 
@@ -146,6 +193,7 @@ def _check_against_eager(results: list[dict]) -> None:
     for r in results[1:]:  # the loss is the global loss on every rank
         assert r["losses"] == r0["losses"]
     assert [r["released"] for r in results] == [True] * len(results)
+    assert [r["param_bytes"] for r in results] == r0["predicted_param_bytes"]
     worst = max(r0["param_err"], key=r0["param_err"].get)
     assert r0["param_err"][worst] <= 5e-4, (worst, r0["param_err"][worst])
 

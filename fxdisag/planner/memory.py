@@ -16,6 +16,11 @@ over the data-parallel replicas when ``shard_optimizer``, and the activations ke
 backward: of all m in-flight micro-batches for AF-pipe (GPipe-style), of one micro-step
 for EP.
 
+:func:`rank_parameter_bytes` gives the weight bytes each rank of a runnable plan holds,
+from a measured profile: an attention rank the attention-side parameters of its group's
+stages (``profile.stage_params``), an expert rank its experts' slices in its group's MoE
+layers. The runtime holds exactly these (tested).
+
 Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
 recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
 layer) or each routed row's input (experts: H per row), and re-runs the forward of that
@@ -30,7 +35,7 @@ from fxdisag.planner.formulas import ACTIVATIONS, MEMORY
 from fxdisag.planner.placement import GroupLayout
 from fxdisag.planner.workload import Workload, optimizer_bytes_per_param
 
-__all__ = ["afpipe_memory", "ep_memory", "param_bytes"]
+__all__ = ["afpipe_memory", "ep_memory", "param_bytes", "rank_parameter_bytes"]
 
 
 def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
@@ -89,3 +94,39 @@ def ep_memory(work: Workload, cluster, ep: int, seqs: int, optimizer: str, shard
     experts = MEMORY(recorder, "EP memory: experts part", P=work.num_experts // ep * work.params_per_expert * L,
                      w=w, grad=g, opt=o, shard=W // ep if shard_optimizer else 1, act=act_e)
     return attention + experts
+
+
+def rank_parameter_bytes(profile, plan) -> dict[int, int]:
+    """Weight bytes (at ``profile.dtype``) of the parameters each rank of ``plan`` holds.
+
+    Attention rank of group g: the attention-side parameters of the stages group g runs.
+    Expert rank of group g: for each MoE layer of group g, one expert's parameters for every
+    expert the rank holds. Expert-parallel plans: every rank holds every stage and its own
+    experts of every layer.
+    """
+    if not profile.stage_params:
+        raise ValueError(f"the profile of {profile.model} has no per-stage parameter counts (a synthetic or older "
+                         "profile): profile the captured model with fxdisag.planner.profile")
+    J = len(profile.moe)
+    if len(profile.stage_params) != J + 1:
+        raise ValueError(f"profile.stage_params has {len(profile.stage_params)} stages; {J} MoE layers need {J + 1}")
+    size = profile.dtype_bytes
+    per_expert = [m.params_per_expert for m in profile.moe]
+    out: dict[int, int] = {}
+    if plan.kind == "ep":
+        for r in plan.attention_ranks:
+            held = sum(r in ranks for ranks in plan.expert_placement)
+            out[r] = size * (sum(profile.stage_params) + held * sum(per_expert))
+        return out
+    stages = plan.stages(J)
+    for g, ranks in enumerate(stages.attention_groups):
+        own = sum(profile.stage_params[s] for s in stages.stages_of(g))
+        for r in ranks:
+            out[r] = size * own
+    for g, ranks in enumerate(stages.expert_groups):
+        layers = stages.layers_of(g)
+        placement = plan.group_placement(g) if plan.pipeline_depth > 1 else plan.expert_placement
+        for r in ranks:
+            held = sum(r in replicas for replicas in placement)
+            out[r] = size * held * sum(per_expert[j] for j in layers)
+    return out

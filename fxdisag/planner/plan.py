@@ -15,14 +15,27 @@ Binding fields:
   parallelism: every rank in both groups; :meth:`Plan.expert_parallel`);
 * ``attention_ranks`` / ``expert_ranks`` -- lists of global ranks (disjoint for afpipe);
 * ``expert_placement[e]`` -- the expert ranks holding a replica of expert ``e`` (the same
-  for every MoE layer);
-* ``expert_owner(rank)[e]`` -- the expert rank that attention rank ``rank`` sends expert
-  ``e``'s rows to (the runtime's routing table; one rank per (attention rank, expert)).
-  Searched plans store it (``expert_owners``); otherwise the t-th attention rank of a
-  routing domain (``routing_domains``, default: all ranks) uses replica t mod q of the
-  domain's q replicas of ``e``;
+  for every MoE layer of an expert group);
+* ``pipeline_depth`` p -- the attention ranks and the expert ranks are each cut into p
+  equal groups, in list order (attention group g = ``attention_ranks[g*a:(g+1)*a]``,
+  a = len / p; the same for expert groups), and the MoE layers are dealt over the groups
+  (:meth:`Plan.stages`). A rank's *slot* is its position in its sorted group; slot t of
+  every attention group handles the same share of the batch. p > 1 needs kind
+  ``"afpipe"``, no ``expert_owners`` or ``routing_domains``, and the same placement in
+  every expert group (expert e on the same slots, in the same order);
+* ``layer_assignment`` -- how layers are dealt for p > 1: ``"round_robin"`` (layer j on
+  group j mod p) or ``"contiguous"`` (p blocks of consecutive layers);
+* ``loss_group`` -- the attention group running the final norm, head and loss (None:
+  where the next layer would go, ``Stages.dealt``'s default);
+* ``expert_owner(rank, layer_group)[e]`` -- the expert rank that attention rank ``rank``
+  sends expert ``e``'s rows to in the layers of expert group ``layer_group`` (the
+  runtime's routing table; one rank per (attention rank, expert)). Searched plans store
+  it (``expert_owners``); otherwise the t-th attention rank of a routing domain
+  (``routing_domains``, default: all ranks) uses replica t mod q of the domain's q
+  replicas of ``e`` (p > 1: slot t of any attention group, inside expert group
+  ``layer_group``);
 * ``num_microbatches`` m and ``microbatch_size`` (sequences per micro-batch per attention
-  rank; None: whatever the batch gives, ``batch / (attention ranks x m)``);
+  rank; None: whatever the batch gives, ``batch / (attention ranks of one group x m)``);
 * ``schedule_kind`` -- the schedule the runtime builds: ``"gpipe"`` (all forwards, then
   all backwards) or ``"1f1b"`` (at most ``in_flight`` micro-batches in flight, backward
   work first; AF-pipe plans only);
@@ -38,7 +51,8 @@ and, when made by the search (``fxdisag.planner.plan``), the predicted times
 (AF-pipe step, EP baseline step without and with overlap, speedups), per-group
 utilisation, memory per device and the formula evaluations behind them
 (``explain()``). ``Plan.manual`` builds one by hand, with no predictions.
-``schedule()`` gives the runtime's action lists (``af_pipe_schedule``).
+``schedule()`` gives the runtime's action lists (``af_pipe_schedule`` at p = 1,
+``ring_schedule`` over ``stages()`` for p > 1).
 """
 
 from __future__ import annotations
@@ -46,19 +60,24 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fxdisag.planner.formulas import explain as _explain
 from fxdisag.planner.placement import expert_owners
 
-__all__ = ["BINDING_FIELDS", "PLAN_KINDS", "Plan", "SCHEDULE_KINDS", "contiguous_placement"]
+if TYPE_CHECKING:  # fxdisag.schedule is imported where used (it is the heavier side)
+    from fxdisag.schedule import Stages
+
+__all__ = ["BINDING_FIELDS", "LAYER_ASSIGNMENTS", "PLAN_KINDS", "Plan", "SCHEDULE_KINDS", "contiguous_placement"]
 
 PLAN_KINDS = ("afpipe", "ep")
 SCHEDULE_KINDS = ("gpipe", "1f1b")  # what the runtime builds
 RECOMPUTE_GROUPS = ("attention", "experts")
+LAYER_ASSIGNMENTS = ("round_robin", "contiguous")  # how MoE layers are dealt over p > 1 groups
 BINDING_FIELDS = (
     "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
     "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
-    "num_moe_layers",
+    "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group",
 )
 
 
@@ -105,6 +124,9 @@ class Plan:
     schedule_kind: str = "gpipe"
     in_flight: int | None = None  # 1f1b: micro-batches in flight (None: 2, the ring depth)
     num_moe_layers: int | None = None
+    pipeline_depth: int = 1  # p attention groups and p expert groups, layers dealt over them
+    layer_assignment: str = "round_robin"  # p > 1: "round_robin" | "contiguous"
+    loss_group: int | None = None  # attention group of the final norm/head/loss (None: Stages.dealt's default)
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
@@ -145,6 +167,57 @@ class Plan:
         if unknown:
             raise ValueError(f"Plan: recompute names groups {unknown}; the groups are {RECOMPUTE_GROUPS}")
         self.nic_split = [tuple(x) for x in self.nic_split]
+        self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        """pipeline_depth, layer_assignment and loss_group: p equal groups of each kind, and
+        one placement pattern in every expert group (the runtime maps group 0's routing
+        tables slot for slot onto the other groups)."""
+        p = self.pipeline_depth
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"Plan: pipeline_depth={p!r}; it must be an int >= 1 (1: one attention group and one "
+                             "expert group)")
+        for name, ranks in (("attention_ranks", self.attention_ranks), ("expert_ranks", self.expert_ranks)):
+            if len(ranks) % p:
+                raise ValueError(f"Plan: pipeline_depth={p} but {name} has {len(ranks)} ranks, which do not split "
+                                 f"into {p} equal groups; use a multiple of {p} ranks or another pipeline_depth")
+        if self.layer_assignment not in LAYER_ASSIGNMENTS:
+            raise ValueError(f"Plan: layer_assignment={self.layer_assignment!r}; must be one of {LAYER_ASSIGNMENTS}")
+        g = self.loss_group
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < p):
+            raise ValueError(f"Plan: loss_group={g!r}; must be None or an attention group 0..{p - 1} "
+                             f"(pipeline_depth={p})")
+        if p == 1:
+            return
+        if self.kind != "afpipe":
+            raise ValueError(f"Plan: pipeline_depth={p} needs kind='afpipe', got kind={self.kind!r}; use "
+                             "pipeline_depth=1 for expert parallelism")
+        for name in ("expert_owners", "routing_domains"):
+            if getattr(self, name):
+                raise ValueError(f"Plan: {name} is not supported with pipeline_depth > 1 (each expert group routes "
+                                 f"by slot, from expert_placement); leave {name} empty or use pipeline_depth=1")
+        first = None
+        for g in range(p):
+            pattern = self._slot_pattern(g)
+            for e, slots in enumerate(pattern):
+                if not slots:
+                    raise ValueError(f"Plan: expert_placement: expert {e} has no replica in expert group {g} "
+                                     f"(ranks {sorted(self.expert_groups()[g])}); with pipeline_depth={p} every "
+                                     "expert group holds every expert")
+                if first is not None and slots != first[e]:
+                    raise ValueError(
+                        f"Plan: expert_placement: expert {e} is on slots {slots} of expert group {g} but on slots "
+                        f"{first[e]} of group 0; with pipeline_depth={p} every expert group must hold each expert "
+                        "on the same slots, in the same order (a slot = position in the sorted group)")
+            if g == 0:
+                first = pattern
+        if self.num_moe_layers is not None:
+            self.stages(self.num_moe_layers)  # refuses a depth the model's layers cannot fill
+
+    def _slot_pattern(self, group: int) -> list[list[int]]:
+        """Per expert, the slots (positions in the sorted expert group) of its replicas in ``group``."""
+        slot = {r: t for t, r in enumerate(sorted(self.expert_groups()[group]))}
+        return [[slot[r] for r in ranks] for ranks in self.group_placement(group)]
 
     # ------------------------------------------------------------------ derived numbers
     @property
@@ -164,10 +237,72 @@ class Plan:
     def num_experts(self) -> int:
         return len(self.expert_placement)
 
-    def expert_owner(self, attention_rank: int) -> tuple[int, ...]:
-        """For each expert, the expert rank that ``attention_rank`` sends its rows to."""
+    # ------------------------------------------------------------------ pipeline groups
+    def _groups(self, ranks: list[int]) -> list[list[int]]:
+        size = len(ranks) // self.pipeline_depth
+        return [list(ranks[g * size:(g + 1) * size]) for g in range(self.pipeline_depth)]
+
+    def attention_groups(self) -> list[list[int]]:
+        """The p attention groups: consecutive, equal slices of ``attention_ranks`` (p = 1: all of them)."""
+        return self._groups(self.attention_ranks)
+
+    def expert_groups(self) -> list[list[int]]:
+        """The p expert groups: consecutive, equal slices of ``expert_ranks`` (p = 1: all of them)."""
+        return self._groups(self.expert_ranks)
+
+    def group_placement(self, group: int) -> list[list[int]]:
+        """``expert_placement`` restricted to expert group ``group``'s ranks (replica order kept)."""
+        if not isinstance(group, int) or not 0 <= group < self.pipeline_depth:
+            raise ValueError(f"group={group!r}: the plan has expert groups 0..{self.pipeline_depth - 1}")
+        members = set(self.expert_groups()[group])
+        return [[r for r in ranks if r in members] for ranks in self.expert_placement]
+
+    def _layers(self, num_moe_layers: int | None, who: str) -> int:
+        """The model's MoE layer count: the argument, else the plan's; they must agree."""
+        layers = num_moe_layers if num_moe_layers is not None else self.num_moe_layers
+        if layers is None:
+            raise ValueError(f"Plan.{who}: the plan does not know the number of MoE layers; pass num_moe_layers")
+        if self.num_moe_layers is not None and layers != self.num_moe_layers:
+            raise ValueError(f"Plan.num_moe_layers={self.num_moe_layers} but the model has {layers} MoE layers: "
+                             "the plan was made for another model")
+        return layers
+
+    def stages(self, num_moe_layers: int | None = None) -> "Stages":
+        """Which group runs which stage (a :class:`~fxdisag.schedule.Stages`): p = 1, one group
+        of each kind holding everything; p > 1, the layers dealt by ``layer_assignment`` and
+        the loss stage on ``loss_group``. Refuses a depth that leaves a group without layers."""
+        from fxdisag.schedule import Stages
+
+        J, p = self._layers(num_moe_layers, "stages"), self.pipeline_depth
+        if p == 1:
+            return Stages.single(self.attention_ranks, self.expert_ranks, J)
+        if J < p:
+            raise ValueError(f"Plan: pipeline_depth={p} but the model has {J} MoE layers: group {J} would hold no "
+                             f"layer; use pipeline_depth <= {J}")
+        return Stages.dealt(self.attention_groups(), self.expert_groups(), J, self.layer_assignment, self.loss_group)
+
+    def expert_owner(self, attention_rank: int, layer_group: int = 0) -> tuple[int, ...]:
+        """For each expert, the expert rank that ``attention_rank`` sends its rows to in the
+        MoE layers of expert group ``layer_group``.
+
+        p = 1: the stored table, else replica t mod q of the rank's routing domain.
+        p > 1: the p = 1 rule inside the pair (attention group ``layer_group``, expert group
+        ``layer_group``), at the rank's slot: the rank at slot t of its own attention group
+        routes like slot t of attention group ``layer_group``, the group whose layers talk
+        to expert group ``layer_group``. Every group has one placement pattern, so this is
+        group 0's table with each expert rank moved to the same slot of ``layer_group``.
+        """
         if attention_rank not in self.attention_ranks:
             raise ValueError(f"rank {attention_rank} is not an attention rank of this plan")
+        if not isinstance(layer_group, int) or not 0 <= layer_group < self.pipeline_depth:
+            raise ValueError(f"layer_group={layer_group!r}: the plan has expert groups "
+                             f"0..{self.pipeline_depth - 1} (pipeline_depth={self.pipeline_depth})")
+        if self.pipeline_depth > 1:
+            slot = next(sorted(g).index(attention_rank) for g in self.attention_groups() if attention_rank in g)
+            att = sorted(self.attention_groups()[layer_group])
+            exp = sorted(self.expert_groups()[layer_group])
+            table = expert_owners(att, self.group_placement(layer_group), [sorted(att + exp)])
+            return table[att[slot]]
         if self.expert_owners:
             return tuple(self.expert_owners[str(attention_rank)])
         if self.kind == "ep":
@@ -179,18 +314,31 @@ class Plan:
     @classmethod
     def manual(cls, num_attention: int, num_expert: int, num_experts: int, num_microbatches: int, *,
                num_moe_layers: int | None = None, microbatch_size: int | None = None,
-               schedule_kind: str = "gpipe", in_flight: int | None = None) -> "Plan":
+               schedule_kind: str = "gpipe", in_flight: int | None = None, pipeline_depth: int = 1,
+               layer_assignment: str = "round_robin", loss_group: int | None = None) -> "Plan":
         """Ranks 0..num_attention-1 run attention, the next num_expert ranks run experts,
-        experts in contiguous blocks (:func:`contiguous_placement`). No predictions."""
+        experts in contiguous blocks (:func:`contiguous_placement`). No predictions.
+
+        ``pipeline_depth`` p: ``num_attention`` and ``num_expert`` are the ranks of *one*
+        group (world = p x (num_attention + num_expert)); attention group g is ranks
+        g*a..(g+1)*a-1, expert group g comes after every attention rank (p*a + g*e ..), and
+        each expert group holds every expert in contiguous blocks."""
         for name, value in (("num_attention", num_attention), ("num_expert", num_expert),
-                            ("num_experts", num_experts), ("num_microbatches", num_microbatches)):
-            if not isinstance(value, int) or value < 1:
+                            ("num_experts", num_experts), ("num_microbatches", num_microbatches),
+                            ("pipeline_depth", pipeline_depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Plan.manual: {name} must be an int >= 1, got {value!r}")
-        attention = list(range(num_attention))
-        experts = list(range(num_attention, num_attention + num_expert))
-        return cls(attention, experts, contiguous_placement(num_experts, experts), num_microbatches,
+        a, e, p = num_attention, num_expert, pipeline_depth
+        attention = list(range(p * a))
+        experts = list(range(p * a, p * (a + e)))
+        placement: list[list[int]] = [[] for _ in range(num_experts)]
+        for g in range(p):
+            for ex, ranks in enumerate(contiguous_placement(num_experts, experts[g * e:(g + 1) * e])):
+                placement[ex] += ranks
+        return cls(attention, experts, placement, num_microbatches,
                    microbatch_size=microbatch_size, num_moe_layers=num_moe_layers, schedule_kind=schedule_kind,
-                   in_flight=in_flight, notes=["manual plan"])
+                   in_flight=in_flight, pipeline_depth=p, layer_assignment=layer_assignment, loss_group=loss_group,
+                   notes=["manual plan"])
 
     @classmethod
     def expert_parallel(cls, world: int, num_experts: int, num_microbatches: int) -> "Plan":
@@ -209,15 +357,11 @@ class Plan:
 
     # ------------------------------------------------------------------ runtime
     def schedule(self, num_moe_layers: int | None = None):
-        """This plan's action lists (``af_pipe_schedule`` or ``ep_schedule``), validated."""
-        from fxdisag.schedule import af_pipe_schedule, ep_schedule, one_f_one_b_schedule, validate
+        """This plan's action lists, validated: p = 1 ``af_pipe_schedule``,
+        ``one_f_one_b_schedule`` or ``ep_schedule``; p > 1 ``ring_schedule`` over :meth:`stages`."""
+        from fxdisag.schedule import af_pipe_schedule, ep_schedule, one_f_one_b_schedule, ring_schedule, validate
 
-        layers = num_moe_layers if num_moe_layers is not None else self.num_moe_layers
-        if layers is None:
-            raise ValueError("Plan.schedule: the plan does not know the number of MoE layers; pass num_moe_layers")
-        if self.num_moe_layers is not None and layers != self.num_moe_layers:
-            raise ValueError(f"Plan.num_moe_layers={self.num_moe_layers} but the model has {layers} MoE layers: "
-                             "the plan was made for another model")
+        layers = self._layers(num_moe_layers, "schedule")
         if self.schedule_kind not in SCHEDULE_KINDS:
             raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the runtime builds {SCHEDULE_KINDS} "
                              "schedules only")
@@ -226,6 +370,8 @@ class Plan:
                 raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the expert-parallel baseline runs "
                                  "'gpipe' order only")
             schedule = ep_schedule(self.attention_ranks, layers, self.num_microbatches)
+        elif self.pipeline_depth > 1:
+            schedule = ring_schedule(self.stages(layers), self.num_microbatches, self.schedule_kind, self.in_flight)
         elif self.schedule_kind == "1f1b":
             schedule = one_f_one_b_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches,
                                             self.in_flight)
@@ -261,17 +407,23 @@ class Plan:
             for r in ranks:
                 held[r] = held.get(r, 0) + 1
         replicas = sorted({len(r) for r in self.expert_placement})
+        p = self.pipeline_depth
+        if p > 1:
+            replicas = sorted({len(r) for r in self.group_placement(0)})
         lines.append(
             f"  experts: {self.num_experts}, {min(held.values())}-{max(held.values())} per expert rank, "
-            f"{'/'.join(map(str, replicas))} replica(s) each"
+            f"{'/'.join(map(str, replicas))} replica(s) each" + (" in every expert group" if p > 1 else "")
         )
+        if p > 1:
+            lines += self._group_lines()
         if len(self.routing_domains) > 1:
             lines.append(f"  routing domains: {len(self.routing_domains)} of {len(self.routing_domains[0])} ranks "
                          "(attention ranks route to the expert replicas of their own domain)")
         lines.append(
             f"  micro-batches: {self.num_microbatches} x {self.microbatch_size or '(from the batch)'} "
             f"sequence(s) per attention rank, {self.schedule_kind} schedule"
-            + (f" ({self.in_flight or 2} in flight)" if self.schedule_kind == "1f1b" else "") + ", "
+            + (f" ({self.in_flight or (2 if p == 1 else 3 * p)} in flight)" if self.schedule_kind == "1f1b" else "")
+            + ", "
             f"{self.grad_accumulation} accumulation round(s)"
         )
         if any(self.recompute.values()):
@@ -304,6 +456,30 @@ class Plan:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+    def _group_lines(self) -> list[str]:
+        """p > 1: one line per group (its ranks and MoE layers), then where the loss runs."""
+        p, rule = self.pipeline_depth, self.layer_assignment
+        stages = self.stages() if self.num_moe_layers is not None else None
+        how = {"round_robin": f"MoE layer j on group j mod {p}", "contiguous": f"{p} blocks of consecutive MoE layers"}
+        lines = [f"  pipeline depth {p}: layers dealt {rule} ({how[rule]})"]
+        for g, (att, exp) in enumerate(zip(self.attention_groups(), self.expert_groups())):
+            if stages is not None:
+                layers = str(stages.layers_of(g))
+            elif rule == "round_robin":
+                layers = f"{g}, {g + p}, {g + 2 * p}, ..."
+            else:
+                layers = f"block {g} of {p}"
+            lines.append(f"  group {g}: attention ranks {_ranges(att)}, expert ranks {_ranges(exp)}, "
+                         f"MoE layers {layers}")
+        if stages is not None:
+            loss = str(stages.stage_group[-1])
+        elif self.loss_group is not None:
+            loss = str(self.loss_group)
+        else:
+            loss = f"J mod {p} (where MoE layer J would go)" if rule == "round_robin" else str(p - 1)
+        lines.append(f"  loss (final norm, head): attention group {loss}")
+        return lines
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self, **kwargs) -> str:

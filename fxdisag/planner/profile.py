@@ -14,6 +14,10 @@ returns, for every region ``(kind, layer)`` of the region tags:
   each storage counted once, parameters and buffers excluded);
 * memory traffic: bytes of the tensors each leaf module / op reads and writes
   (the activations; weights are counted separately);
+* per MoE layer, the bytes of the activations live across its experts call (what a
+  pipeline hop between attention groups carries at p > 1: ``hop_bytes``; under
+  ``fused_attention`` without the S x S mask), and the
+  attention-side parameters of each pipeline stage (``stage_params``);
 
 all *per sequence*, as ``linear * S + quadratic * S**2`` (:class:`SeqCost`) fitted exactly
 from two runs at ``seq_len`` and ``seq_len // 2``: attention FLOPs grow with S^2 and
@@ -142,6 +146,15 @@ class ModelProfile:
     regions: list[RegionProfile]
     moe: list[MoELayerProfile]
     profile_seconds: float = 0.0
+    # Attention-side parameters (everything but the routed experts) per pipeline stage: stage s
+    # holds what runs between MoE layer s-1's experts and MoE layer s's (stage J: after the
+    # last). A parameter counts in the stage that first reads it. Empty: not measured
+    # (synthetic profiles, older profile files).
+    stage_params: list[int] = field(default_factory=list)
+    # Per MoE layer, per sequence: bytes of the activations live across its experts call
+    # (the residual stream and whatever later layers read: rotary tables, masks), i.e. what
+    # a pipeline hop between attention groups carries. Empty: not measured.
+    hop_bytes: list[SeqCost] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
     def region(self, kind: str, layer: int | None = None) -> RegionProfile:
@@ -227,7 +240,8 @@ class ModelProfile:
                 r[k] = SeqCost(**r[k])
             regions.append(RegionProfile(**r))
         moe = [MoELayerProfile(**m) for m in data.pop("moe")]
-        return cls(regions=regions, moe=moe, **data)
+        hop = [SeqCost(**c) for c in data.pop("hop_bytes", [])]
+        return cls(regions=regions, moe=moe, hop_bytes=hop, **data)
 
 
 def _si(n: float) -> str:
@@ -270,6 +284,27 @@ class _Meter(fx.Interpreter):
         self.current: _Totals | None = None
         self._seen: set[int] = set()
         self._keep: list[torch.Tensor] = []  # keeps counted storages alive so ids stay unique
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._order = order
+        self._last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in gm.graph.nodes}
+        self.hop: dict[int, int] = {}  # MoE layer -> bytes live across its experts call
+
+    def _live_bytes(self, at: fx.Node) -> int:
+        """Bytes of the activations computed before ``at`` and read after it: what a
+        pipeline hop at this experts call carries (inputs and constants excluded, each
+        storage once)."""
+        seen: set[int] = set()
+        total = 0
+        for node, value in self.env.items():
+            if node.op in ("placeholder", "get_attr") or self._last_use[node] <= self._order[at]:
+                continue
+            for t in tree_leaves(value):
+                if isinstance(t, torch.Tensor):
+                    base = t._base if t._base is not None else t
+                    if id(base) not in seen and id(base) not in self.weights:
+                        seen.add(id(base))
+                        total += base.numel() * base.element_size()
+        return total
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
@@ -290,6 +325,7 @@ class _Meter(fx.Interpreter):
         before = self.counter.get_total_flops()
         if n.op == "call_module" and tag.kind == "experts":
             rows = self.env[n.args[0]]
+            self.hop[tag.layer] = self._live_bytes(n)
             # Analytic (see module docstring): routing on fake tensors has no values.
             out = torch.empty_like(rows).requires_grad_(rows.requires_grad)
         else:
@@ -338,7 +374,7 @@ def _fake_parameters(gm: nn.Module, mode, dtype: torch.dtype):
     return {id(v) for v in memo.values()}, restore
 
 
-def _measure(captured, batch_size: int, seq_len: int, dtype: torch.dtype) -> dict[tuple, _Totals]:
+def _measure(captured, batch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[dict[tuple, _Totals], dict[int, int]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     gm = captured.graph_module
@@ -363,14 +399,17 @@ def _measure(captured, batch_size: int, seq_len: int, dtype: torch.dtype) -> dic
         ) from exc
     finally:
         restore()
-    return meter.totals
+    return meter.totals, meter.hop
 
 
-def _region_params(captured) -> tuple[dict[tuple, int], dict[tuple, list[str]]]:
+def _region_params(captured) -> tuple[dict[tuple, int], dict[tuple, list[str]], list[int]]:
+    """Parameters per region, the modules of each region, and attention-side parameters per
+    pipeline stage (graph order: each experts call closes a stage)."""
     gm = captured.graph_module
     seen: set[int] = set()
     params: dict[tuple, int] = {}
     modules: dict[tuple, list[str]] = {}
+    stage_params = [0]
     for n in gm.graph.nodes:
         tag = n.meta.get("fxdisag_region")
         if tag is None:
@@ -392,7 +431,11 @@ def _region_params(captured) -> tuple[dict[tuple, int], dict[tuple, list[str]]]:
             if id(p) not in seen:
                 seen.add(id(p))
                 params[key] += p.numel()
-    return params, modules
+                if tag.kind != "experts":
+                    stage_params[-1] += p.numel()
+        if n.op == "call_module" and tag.kind == "experts":
+            stage_params.append(0)
+    return params, modules, stage_params
 
 
 def _expert_row_costs(moe_layer, hidden: int, dtype_bytes: int) -> tuple[float, float]:
@@ -432,8 +475,10 @@ def profile(
     layout = captured.layout
     dsize = torch.empty((), dtype=dtype).element_size()
     s1, s2 = seq_len, seq_len // 2
-    runs = [_measure(captured, batch_size, s, dtype) for s in (s1, s2)]
-    params, modules = _region_params(captured)
+    measured = [_measure(captured, batch_size, s, dtype) for s in (s1, s2)]
+    runs = [totals for totals, _ in measured]
+    hops = [hop for _, hop in measured]
+    params, modules, stage_params = _region_params(captured)
     moe_by_layer = {m.layer: m for m in layout.moe}
     hidden = layout.hidden_size
 
@@ -492,6 +537,10 @@ def profile(
                 modules=modules.get(key, []),
             )
         )
+    hop_bytes = [SeqCost.fit(s1, Fraction(hops[0].get(m.layer, 0), batch_size),
+                             s2, Fraction(hops[1].get(m.layer, 0), batch_size)) for m in moe_profiles]
+    if fused_attention:  # a fused kernel takes no materialised S x S mask: none crosses the hop
+        hop_bytes = [SeqCost(c.linear) for c in hop_bytes]
     missing = sorted(set(moe_by_layer) - {m.layer for m in moe_profiles})
     if missing:
         raise ProfileError(f"MoE layers {missing} of the layout have no experts node in the graph")
@@ -507,6 +556,8 @@ def profile(
         regions=regions,
         moe=moe_profiles,
         profile_seconds=time.perf_counter() - t0,
+        stage_params=stage_params,
+        hop_bytes=hop_bytes,
     )
 
 

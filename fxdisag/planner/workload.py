@@ -11,7 +11,8 @@ per routed row; dispatch / combine bytes and their gradients per token).
 :func:`optimizer_bytes_per_param` gives the optimizer-state bytes per parameter.
 
 Units: FLOPs, bytes, parameters (counts); per sequence at ``seq_len``, per routed row
-(one token x one of its top_k experts) or per token as each field says. No formula is
+(one token x one of its top_k experts) or per token as each field says; ``hop_per_seq``: the bytes a pipeline hop carries
+between attention groups at p > 1 (hop design: docs/CONTRACTS.md). No formula is
 evaluated here (``formulas.py``).
 """
 
@@ -79,6 +80,11 @@ class Workload:
     combine_grad_per_token: float
     dispatch_grad_per_token: float
     model_flops_per_seq: float  # forward + backward, the whole model
+    # per sequence, mean over MoE layers: what a pipeline hop (p > 1) sends from attention
+    # group g to g+1 besides the experts' combine (residual stream, rotary tables, masks);
+    # 0 when the profile did not measure it. Its gradient is the residual's: about H x dtype
+    # per token.
+    hop_per_seq: float = 0.0
 
     @property
     def num_moe_layers(self) -> int:
@@ -152,5 +158,7 @@ class Workload:
             combine_grad_per_token=mean("combine_grad_bytes_per_token"),
             dispatch_grad_per_token=mean("dispatch_grad_bytes_per_token"),
             model_flops_per_seq=total_flops,
+            hop_per_seq=sum(c.at(seq_len) for c in profile.hop_bytes) / len(profile.hop_bytes)
+            if profile.hop_bytes else 0.0,
         )
 

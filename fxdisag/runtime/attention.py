@@ -13,7 +13,11 @@ floating tensor entering a stage that needs a gradient enters as a fresh leaf;
 that later stages (and the expert ranks) sent back, then hands the leaves' ``.grad``
 upstream. With ``recompute`` a stage keeps only its inputs in the forward and runs its
 forward again inside ``B(s, i)`` (``torch.utils.checkpoint``, non-reentrant). Nothing
-crosses ranks except the boundary rows of ``insert_dispatch``.
+crosses ranks except the boundary rows of ``insert_dispatch`` and, with several attention
+groups (``stages``, p > 1), the pipeline hop: the rank holds only its group's stages;
+across a hop it sends the live values of the cut (:mod:`fxdisag.runtime.hop`) to the
+same slot of the next stage's group (H) and gets their gradients back (GH), and the
+combine that crosses the hop carries its row counts (the rank did not route those rows).
 """
 
 from __future__ import annotations
@@ -26,21 +30,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fxdisag.codegen.split_stages import StagedProgram
+from fxdisag.runtime import hop
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
-from fxdisag.schedule import Action, ActionKind
+from fxdisag.schedule import Action, ActionKind, Stages
 
 __all__ = ["AttentionHandlers", "IGNORE_INDEX", "row_messages"]
 
 IGNORE_INDEX = -100
 
 
-def row_messages(peers: list[int], counts: list[int], tensors: list[torch.Tensor], tag: int) -> list:
-    """One message per peer: its consecutive block of ``counts[k]`` rows of every tensor."""
+def row_messages(peers: list[int], counts: list[int], tensors: list[torch.Tensor], tag: int,
+                 with_counts: bool = False) -> list:
+    """One message per peer: its consecutive block of ``counts[k]`` rows of every tensor
+    (``with_counts``: the row count travels with it, for a receiver that cannot know it)."""
     messages, start = [], 0
     for peer, n in zip(peers, counts):
-        messages.append((peer, tag, pack_bytes([t[start : start + n] for t in tensors]), None))
+        messages.append((peer, tag, pack_bytes([t[start : start + n] for t in tensors]), n if with_counts else None))
         start += n
     return messages
 
@@ -61,7 +68,13 @@ class AttentionHandlers:
         device: torch.device,
         attention_group: dist.ProcessGroup | None,
         recompute: bool = False,
+        stages: Stages | None = None,
+        row_format: tuple[int, torch.dtype, int] | None = None,
     ):
+        """``attention_ranks``: this rank's attention group (its slot is its index);
+        ``expert_ranks``: the expert group (p = 1); ``stages``: which group runs which
+        stage (None: p = 1, every stage here); ``row_format``: (hidden size, row dtype,
+        max top_k) to size a combine that crosses a hop."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
@@ -73,9 +86,20 @@ class AttentionHandlers:
         self.device = device
         self.recompute = recompute
         self.constants = self._constants()
+        J = len(program.boundaries)
+        if stages is None:
+            self.my_stages = list(range(J + 1))
+            self.expert_peers = [list(expert_ranks)] * J
+            self.hops: frozenset[int] = frozenset()
+        else:
+            self.my_stages = stages.stages_of(stages.attention_slot(rank)[0])
+            self.expert_peers = [list(stages.expert_groups[stages.layer_group[j]]) for j in range(J)]
+            self.hops = stages.hops
+        self.hop_names = hop.hop_values(program) if self.hops else []
+        self.row_format = row_format
         seen: dict[int, nn.Parameter] = {}
-        for stage in program.stages:
-            for p in stage.module.parameters():
+        for s in self.my_stages:
+            for p in program.stages[s].module.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
         self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group)])
@@ -89,6 +113,11 @@ class AttentionHandlers:
             K.B: self._backward,
             K.SEND_GC: self._send_grad_combine,
             K.RECV_GD: lambda st, a: self._post_rows(st, "GD", a.stage, a.microbatch),
+            K.SEND_H: self._send_hop,
+            K.RECV_H: lambda st, a: self._post(st, ("H", a.stage, a.microbatch),
+                                               [Receive(a.peers[0], message_tag("H", a.stage, a.microbatch), sized=True)]),
+            K.SEND_GH: self._send_hop_grads,
+            K.RECV_GH: self._post_hop_grads,
         }
 
     def _constants(self) -> dict[str, object]:
@@ -136,13 +165,25 @@ class AttentionHandlers:
             else:
                 state.loss_scale.append(1.0 / (m * n_attn))
         state.grads = [{} for _ in range(m)]
+        if self.row_format is not None and "input_ids" in batch:
+            ids = batch["input_ids"]
+            state.capacity_rows = ids.shape[0] // (n_attn * m) * ids.shape[1] * self.row_format[2]
 
     # ---- handlers
     def _forward(self, state: StepState, action: Action) -> None:
         s, i = action.stage, action.microbatch
         stage = self.program.stages[s]
         env = state.env[i]
-        if s > 0:
+        if s > 0 and s - 1 in self.hops:
+            b = self.program.boundaries[s - 1]
+            parts, counts = self._wait_counted(state, ("C", s - 1, i))
+            state.sent_counts[(s - 1, i)] = counts  # SEND_GC splits the gradient rows by them
+            env[b.ys] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            r = state.recvs.pop(("H", s - 1, i))[0]
+            self.mailbox.wait(r)
+            values, state.hop_grads[(s - 1, i)] = hop.decode(r.payload)
+            env.update(values)
+        elif s > 0:
             b = self.program.boundaries[s - 1]
             parts = self._wait_all(state, ("C", s - 1, i))
             env[b.ys] = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -178,7 +219,7 @@ class AttentionHandlers:
             b = self.program.boundaries[j]
             ids = state.env[i][b.ids]
             slot = self.owner.to(ids.device)[ids.view(-1)]
-            counts = torch.bincount(slot, minlength=len(self.expert_ranks)).tolist()
+            counts = torch.bincount(slot, minlength=len(self.expert_peers[j])).tolist()
             state.sent_counts[(j, i)] = counts
             xs, ws = state.env[i][b.xs], state.env[i][b.ws]
             state.row_shape = (xs.shape[1], xs.dtype, ws.dtype)
@@ -193,23 +234,67 @@ class AttentionHandlers:
         local_ids = self.local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
         tag = message_tag("D", j, i)
         messages, start = [], 0
-        for r, n in zip(self.expert_ranks, counts):
+        for r, n in zip(self.expert_peers[j], counts):
             sl = slice(start, start + n)
             messages.append((r, tag, pack_bytes([xs[sl], ws[sl], local_ids[sl]]), n))
             start += n
         self.mailbox.send(messages)
 
     def _post_rows(self, state: StepState, channel: str, j: int, i: int) -> None:
+        if channel == "C" and j in self.hops:  # the rows of F(j, i), run on another group
+            hidden, xdtype, _ = self.row_format  # type: ignore[misc]
+            tag = message_tag("C", j, i)
+            self._post(state, ("C", j, i), [
+                Receive(r, tag, size_of=lambda n: byte_size([((n, hidden), xdtype)]),
+                        capacity=byte_size([((state.capacity_rows, hidden), xdtype)]))
+                for r in self.expert_peers[j]])
+            return
         counts = self._counts(state, j, i)
         hidden, xdtype, wdtype = state.row_shape
         tag = message_tag(channel, j, i)
         receives = []
-        for r, n in zip(self.expert_ranks, counts):
+        for r, n in zip(self.expert_peers[j], counts):
             layout = [((n, hidden), xdtype)] + ([((n, 1), wdtype)] if channel == "GD" else [])
             receives.append(Receive(r, tag, nbytes=byte_size(layout)))
             receives[-1].layout = layout  # type: ignore[attr-defined]
         state.recvs[(channel, j, i)] = receives
         self.mailbox.post(receives)
+
+    def _post(self, state: StepState, key: tuple[str, int, int], receives: list[Receive]) -> None:
+        state.recvs[key] = receives
+        self.mailbox.post(receives)
+
+    def _wait_counted(self, state: StepState, key: tuple[str, int, int]) -> tuple[list, list[int]]:
+        """Rows of a message that carried its row count, and the counts."""
+        hidden, xdtype, _ = self.row_format  # type: ignore[misc]
+        parts, counts = [], []
+        for r in state.recvs.pop(key):
+            self.mailbox.wait(r)
+            parts.append(unpack_bytes(r.payload, [((r.header_value, hidden), xdtype)])[0])
+            counts.append(r.header_value)
+        return parts, counts
+
+    def _send_hop(self, state: StepState, action: Action) -> None:
+        s, i = action.stage, action.microbatch
+        env = state.env[i]
+        payload, state.hop_sent[(s, i)] = hop.encode({n: env[n] for n in self.hop_names[s]})
+        self.mailbox.send_sized(action.peers[0], message_tag("H", s, i), payload)
+
+    def _send_hop_grads(self, state: StepState, action: Action) -> None:
+        s, i = action.stage, action.microbatch
+        grads = state.grads[i]
+        tensors = []
+        for name, shape, dtype in state.hop_grads.pop((s, i)):
+            g = grads.pop(name, None)
+            tensors.append(torch.zeros(shape, dtype=dtype, device=self.device) if g is None else g)
+        self.mailbox.send([(action.peers[0], message_tag("GH", s, i), pack_bytes(tensors), None)])
+
+    def _post_hop_grads(self, state: StepState, action: Action) -> None:
+        s, i = action.stage, action.microbatch
+        layout = [(shape, dtype) for _, shape, dtype in state.hop_sent[(s, i)]]
+        r = Receive(action.peers[0], message_tag("GH", s, i), nbytes=byte_size(layout))
+        r.layout = layout  # type: ignore[attr-defined]
+        self._post(state, ("GH", s, i), [r])
 
     def _wait_all(self, state: StepState, key: tuple[str, int, int]) -> list:
         out = []
@@ -222,7 +307,8 @@ class AttentionHandlers:
     def _send_grad_combine(self, state: StepState, action: Action) -> None:
         j, i = action.stage, action.microbatch
         rows = state.grads[i].pop(self.program.boundaries[j].ys)  # set by B(j+1, i)
-        self.mailbox.send(row_messages(self.expert_ranks, state.sent_counts[(j, i)], [rows], message_tag("GC", j, i)))
+        self.mailbox.send(row_messages(self.expert_peers[j], state.sent_counts[(j, i)], [rows],
+                                       message_tag("GC", j, i)))
 
     def _backward(self, state: StepState, action: Action) -> None:
         s, i = action.stage, action.microbatch
@@ -231,6 +317,12 @@ class AttentionHandlers:
         grads = state.grads[i]
         tensors, seeds = [], []
         last = s == len(self.program.stages) - 1
+        if s in self.hops:  # gradients of the values this rank sent across cut s
+            sent = state.hop_sent.pop((s, i))
+            r = state.recvs.pop(("GH", s, i))[0]
+            self.mailbox.wait(r)
+            for (name, _, _), g in zip(sent, unpack_bytes(r.payload, r.layout)):  # type: ignore[attr-defined]
+                grads[name] = grads[name] + g if name in grads else g
         if s < len(self.program.boundaries):
             b = self.program.boundaries[s]
             parts = self._wait_all(state, ("GD", s, i))

@@ -5,6 +5,12 @@ a :class:`~fxdisag.runtime.runner.StepRunner`. After the step every local expert
 parameter's ``.grad`` holds its gradient accumulated over the rows it computed, summed
 over the replicas when several expert ranks hold the expert (``replica_groups``). With
 ``recompute`` an expert call keeps only its inputs and runs again inside ``EB``.
+
+Each message goes to the peers its action names (``Action.peers``, in slot order): the
+dispatch comes from the attention group of layer j's stage, the combine goes to that of
+stage j+1 (the same group at p = 1), slot t to slot t. ``experts`` maps each MoE layer
+this rank's group holds to its local experts. A combine across a pipeline hop
+(``hops``) carries its row counts: its receiver did not route those rows.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class ExpertHandlers:
 
     def __init__(
         self,
-        experts: list[nn.Module],
+        experts: dict[int, nn.Module],
         attention_ranks: list[int],
         num_microbatches: int,
         hidden_size: int,
@@ -39,8 +45,10 @@ class ExpertHandlers:
         mailbox: Mailbox,
         replica_groups: list[tuple[list[int], dist.ProcessGroup]] = (),
         recompute: bool = False,
+        hops: frozenset[int] = frozenset(),
     ):
-        """``replica_groups``: (local ids of the shared experts, process group) per replica set."""
+        """``attention_ranks``: one attention group (its size sizes the dispatch receives);
+        ``replica_groups``: (local ids of the shared experts, process group) per replica set."""
         self.experts = experts
         self.attention_ranks = list(attention_ranks)
         self.num_microbatches = num_microbatches
@@ -49,8 +57,9 @@ class ExpertHandlers:
         self.max_top_k = max_top_k
         self.mailbox = mailbox
         self.recompute = recompute
+        self.hops = hops
         seen: dict[int, nn.Parameter] = {}
-        for mod in experts:
+        for mod in experts.values():
             for p in mod.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
@@ -84,7 +93,7 @@ class ExpertHandlers:
         capacity = byte_size(self._dispatch_layout(state.capacity_rows))
         tag = message_tag("D", j, i)
         rs = [Receive(a, tag, size_of=lambda n: byte_size(self._dispatch_layout(n)), capacity=capacity)
-              for a in self.attention_ranks]
+              for a in action.peers]
         state.recvs[("D", j, i)] = rs
         self.mailbox.post(rs)
 
@@ -115,7 +124,7 @@ class ExpertHandlers:
         j, i = action.stage, action.microbatch
         tag = message_tag("GC", j, i)
         rs = [Receive(a, tag, nbytes=byte_size([((n, self.hidden), self.xdtype)]))
-              for a, n in zip(self.attention_ranks, state.recv_counts[(j, i)])]
+              for a, n in zip(action.peers, state.recv_counts[(j, i)])]
         state.recvs[("GC", j, i)] = rs
         self.mailbox.post(rs)
 
@@ -131,5 +140,5 @@ class ExpertHandlers:
 
     def _send(self, state: StepState, channel: str, action: Action, tensors: list[torch.Tensor]) -> None:
         j, i = action.stage, action.microbatch
-        self.mailbox.send(row_messages(self.attention_ranks, state.recv_counts[(j, i)], tensors,
-                                       message_tag(channel, j, i)))
+        self.mailbox.send(row_messages(list(action.peers), state.recv_counts[(j, i)], tensors,
+                                       message_tag(channel, j, i), with_counts=channel == "C" and j in self.hops))

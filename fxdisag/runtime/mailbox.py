@@ -30,6 +30,10 @@ Two ways to receive a message of unknown size, chosen by the backend:
   so the count travels as a separate header message and the payload's receive is posted
   once the header arrived; later receives from that peer queue behind it, keeping the
   FIFO order on both sides.
+
+A *sized* message (:meth:`Mailbox.send_sized`, ``Receive(sized=True)``: the pipeline hop,
+whose layout only the sender knows) always goes as a byte-count header on the tag and
+its payload on tag + 1, in both modes: there is no capacity to post a buffer of.
 """
 
 from __future__ import annotations
@@ -45,13 +49,13 @@ import torch.distributed as dist
 
 __all__ = ["Mailbox", "Receive", "byte_size", "message_tag", "pack_bytes", "unpack_bytes"]
 
-_CHANNELS = ("D", "C", "GC", "GD")
+_CHANNELS = ("D", "C", "GC", "GD", "H", "GH")
 MAX_LAYERS = 256
 MAX_MICROBATCHES = 4096
 
 
 def message_tag(channel: str, layer: int, microbatch: int) -> int:
-    """The tag of the message of ``channel`` ("D", "C", "GC", "GD") for one (layer, micro-batch).
+    """The tag of the message of ``channel`` (``_CHANNELS``) for one (layer or cut, micro-batch).
 
     Distinct per message: gloo matches on (source, tag); NCCL ignores tags and relies on
     the per-pair FIFO order the schedule guarantees. Even, so ``tag + 1`` is free for the
@@ -113,6 +117,10 @@ def unpack_bytes(buf: torch.Tensor, layout: Sequence[tuple[tuple[int, ...], torc
 _PREFIX = 8  # int64 row count in front of a variable-size message (tagged mode)
 
 
+def _identity(n: int) -> int:
+    return n
+
+
 @dataclass
 class Receive:
     """A receive from one peer; ``payload`` (and ``header_value``) once done.
@@ -131,6 +139,11 @@ class Receive:
     payload: torch.Tensor | None = None
     work: list = field(default_factory=list)
     stage: str = "new"  # new -> header -> payload -> done
+    sized: bool = False  # header = the payload's byte count, in both modes (send_sized)
+
+    def __post_init__(self) -> None:
+        if self.sized:
+            self.size_of = _identity
 
     @property
     def done(self) -> bool:
@@ -168,7 +181,7 @@ class Mailbox:
             if r.peer == self.rank:
                 continue  # filled from self._local in wait()
             if not self.ordered:
-                ops += self._start_tagged(r)
+                ops += self._start(r) if r.sized else self._start_tagged(r)
                 continue
             q = self._queues.setdefault(r.peer, deque())
             q.append(r)
@@ -187,9 +200,13 @@ class Mailbox:
             return
         t0 = time.perf_counter()
         if not self.ordered:
-            for w in receive.work:
-                w.wait()
-            self._finish_tagged(receive)
+            while not receive.done:
+                for w in receive.work:
+                    w.wait()
+                if receive.sized:
+                    self._launch(self._advance(receive))
+                else:
+                    self._finish_tagged(receive)
             self.wait_seconds += time.perf_counter() - t0
             return
         q = self._queues[receive.peer]
@@ -287,6 +304,19 @@ class Mailbox:
             keep.append(payload)
         if ops:
             self._sends.append((dist.batch_isend_irecv(ops), keep))
+
+    def send_sized(self, peer: int, tag: int, payload: torch.Tensor) -> None:
+        """Send ``payload`` (uint8) to ``peer``, its byte count first (see ``Receive(sized=True)``)."""
+        if peer == self.rank:
+            raise ValueError("send_sized is for messages between ranks; a rank never sends a hop to itself")
+        if tag % 2:
+            raise ValueError(f"tag {tag} is odd: make tags with message_tag()")
+        payload = payload.to(self.device)
+        header = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        self.sent_bytes[peer] = self.sent_bytes.get(peer, 0) + payload.numel() + _PREFIX
+        ops = [dist.P2POp(dist.isend, header, peer, self.group, tag),
+               dist.P2POp(dist.isend, payload, peer, self.group, tag + 1)]
+        self._sends.append((dist.batch_isend_irecv(ops), [header, payload]))
 
     def drain(self) -> None:
         for works, _ in self._sends:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fxdisag.planner.plan import Plan
 
-__all__ = ["Routing"]
+__all__ = ["Routing", "SlotRouting"]
 
 
 @dataclass
@@ -70,3 +70,33 @@ class Routing:
             if len(ranks) > 1:
                 groups.setdefault(tuple(sorted(ranks)), []).append(e)
         return sorted(groups.items())
+
+
+@dataclass
+class SlotRouting:
+    """One rank's view of a group's routing (pipeline depth p > 1): the rank behaves as the
+    rank ``ref`` of the same slot in the group the tables were made for, whose slot
+    pattern every group shares. Replica sets are named with ``rank`` in place of ``ref``."""
+
+    base: Routing
+    rank: int
+    ref: int
+
+    def _as_ref(self, r: int) -> int:
+        return self.ref if r == self.rank else r
+
+    def held(self, rank: int) -> list[int]:
+        return self.base.held(self._as_ref(rank))
+
+    def owner_slot(self, attention_rank: int) -> list[int]:
+        return self.base.owner_slot(self._as_ref(attention_rank))
+
+    def local_id(self, attention_rank: int) -> list[int]:
+        return self.base.local_id(self._as_ref(attention_rank))
+
+    @property
+    def replica_sets(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        return [(self.rename(ranks), experts) for ranks, experts in self.base.replica_sets]
+
+    def rename(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(self.rank if r == self.ref else r for r in ranks))

@@ -64,6 +64,8 @@ class StepState:
     sent_counts: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # rows per expert rank
     row_shape: tuple[int, torch.dtype, torch.dtype] | None = None  # hidden, row dtype, weight dtype
     losses: list[torch.Tensor] = field(default_factory=list)
+    hop_sent: dict[tuple[int, int], list] = field(default_factory=dict)  # (cut, mb): grad layout of an H sent
+    hop_grads: dict[tuple[int, int], list] = field(default_factory=dict)  # (cut, mb): grad layout of an H received
     # expert side
     capacity_rows: int = 0  # most rows one attention rank may dispatch in one message
     recv_counts: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # rows per attention rank

@@ -477,7 +477,7 @@ def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = 
     Data: a compute after the receives it consumes and after the compute on this rank
     whose activations or gradients it needs; a send after the compute it carries. Sizes:
     a receive whose row counts are known only from routing after the compute that routed
-    them (``<C``, ``<GD`` after ``F``; ``<GC`` after ``EF``) when that compute runs on this
+    them (``<C``, ``<GD`` after ``F``; ``<GC`` after ``EF``; ``<GH`` after ``>H``) when that runs on this
     rank (``local``, the rank's keys; None: every key is local). Across a hop the combine
     carries its row count instead (``<C`` then has no size dependency).
 
@@ -503,4 +503,6 @@ def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = 
             before.append(sizer)
     elif k is K.RECV_GC:
         before.append((K.EF, s, i))  # sizes its buffers from the rows EF(s, i) received
+    elif k is K.RECV_GH:
+        before.append((K.SEND_H, s, i))  # sizes its buffers from the values >H(s, i) carried
     return before
