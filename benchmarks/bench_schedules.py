@@ -6,7 +6,9 @@ bytes (the planner's ``rank_parameter_bytes`` on a profile of the model). Each
 configuration runs in its own ``torchrun`` job (so a process's peak RSS belongs to one
 configuration), on the model of ``bench_afpipe_vs_ep.py``, on the same global batches:
 
-* ``--ranks 2``: GPipe and 1F1B on 1A+1E, m = ``--microbatches``;
+* ``--ranks 2``: GPipe and 1F1B on 1A+1E, m = ``--microbatches``; and ``1f1b-ring``:
+  the multi-stage builder's 1F1B (``ring_schedule``, 3 micro-batches in flight) at p = 1,
+  passed as ``schedule=``;
 * ``--ranks 4``: p = 1 (2A+2E, GPipe), p = 2 (one 1A+1E group per layer, GPipe and
   1F1B) and EP on 4 ranks (m = 2).
 
@@ -56,13 +58,13 @@ EP_MICROBATCHES = 2
 
 def configurations(ranks: int, m: int) -> list[str]:
     if ranks == 2:
-        return ["gpipe-1a1e", "1f1b-1a1e"]
+        return ["gpipe-1a1e", "1f1b-1a1e", "1f1b-ring-1a1e"]
     if ranks == 4:
         return ["gpipe-p1-2a2e", "gpipe-p2-1a1e", "1f1b-p2-1a1e", "ep4"]
     raise SystemExit(f"bench_schedules.py: --ranks {ranks}: choose 2 or 4")
 
 
-def make_plan(name: str, world: int, m: int):
+def make_plan(name: str, world: int, m: int, in_flight: int | None = None):
     import fxdisag
     from bench_afpipe_vs_ep import MODEL
 
@@ -71,9 +73,9 @@ def make_plan(name: str, world: int, m: int):
         return fxdisag.Plan.expert_parallel(world, E, EP_MICROBATCHES)
     kind = name.split("-")[0]
     if "-p2-" in name:
-        return fxdisag.Plan.manual(1, 1, E, m, schedule_kind=kind, pipeline_depth=2)
+        return fxdisag.Plan.manual(1, 1, E, m, schedule_kind=kind, pipeline_depth=2, in_flight=in_flight)
     a = 2 if "2a2e" in name else 1
-    return fxdisag.Plan.manual(a, world - a, E, m, schedule_kind=kind)
+    return fxdisag.Plan.manual(a, world - a, E, m, schedule_kind=kind, in_flight=in_flight)
 
 
 class SavedActivations:
@@ -119,7 +121,7 @@ class _Saved:
         self.owner._release(self.ptr)
 
 
-def worker(config: str, m: int, steps: int, warmup: int, out: str) -> None:
+def worker(config: str, m: int, steps: int, warmup: int, out: str, in_flight: int | None = None) -> None:
     import resource
 
     import torch
@@ -135,9 +137,15 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str) -> None:
     install_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = model_config()
-    plan = make_plan(config, world, m)
+    plan = make_plan(config, world, m, in_flight)
     batches = [example_batch(cfg, GLOBAL_BATCH, SEQ_LEN, seed=s) for s in range(warmup + steps)]
-    dmodel = fxdisag.disaggregate(make_model(cfg), batches[0], plan, trace=True)
+    schedule = None
+    if "-ring-" in config:
+        from fxdisag.schedule import Stages, ring_schedule
+
+        stages = Stages.single(plan.attention_ranks, plan.expert_ranks, MODEL["num_layers"])
+        schedule = ring_schedule(stages, m, "1f1b", in_flight)
+    dmodel = fxdisag.disaggregate(make_model(cfg), batches[0], plan, trace=True, schedule=schedule)
     from fxdisag.planner.memory import rank_parameter_bytes
 
     prof = fxdisag.profile(fxdisag.capture(make_model(cfg), batches[0]), 1, SEQ_LEN, torch.float32)
@@ -165,7 +173,9 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str) -> None:
         png = str(stem) + ".png"
     except ImportError:
         pass
-    dmodel.write_timeline(trace_json=str(stem) + ".json", png=png)
+    dmodel.write_timeline(trace_json=str(stem) + ".json", png=png,
+                          title=f"{config}, m={m}, {os.environ.get('FXDISAG_THROTTLE', 'unlimited')}: "
+                                f"step {statistics.median(times):.3f} s (median)")
     held = sum(p.numel() * p.element_size() for p in dmodel.parameters())
     mine = {"rank": rank, "role": dmodel.role, "param_mb": held / 2**20, "predicted_param_mb": predicted / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -179,20 +189,45 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def stack_timelines(out: str, configs: list[str], m: int, name: str) -> str | None:
+    """One PNG with every configuration's timeline, one above the other (same time scale
+    is not forced: each panel is its own step), or None without matplotlib's PIL."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    paths = [Path(out, f"timeline_{c}_m{m}.png") for c in configs]
+    if not all(p.exists() for p in paths):
+        return None
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width = max(i.width for i in images)
+    sheet = Image.new("RGB", (width, sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height
+    target = Path(out, name)
+    sheet.save(target)
+    return str(target)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2, help="2: GPipe vs 1F1B on 1A+1E; 4: p=1 vs p=2 vs EP")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--rate", default="400mbit", help="emulated link rate (FXDISAG_THROTTLE), or 'unlimited'")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="1f1b: micro-batches in flight (default: the plan's, 2 at p = 1; ring_schedule's 3p)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "out_schedules"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.microbatches, args.steps, args.warmup, args.out)
+        worker(args.worker, args.microbatches, args.steps, args.warmup, args.out, args.in_flight)
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, ".gitignore").write_text("*\n")  # outputs stay out of the repo
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if args.rate != "unlimited":
         env["FXDISAG_THROTTLE"] = args.rate
@@ -201,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
                str(Path(__file__).resolve()), "--worker", config, "--microbatches", str(args.microbatches),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", args.out]
+        cmd += ["--in-flight", str(args.in_flight)] if args.in_flight else []
         print(f"running {config} ...", flush=True)
         subprocess.run(cmd, env=env, check=True, timeout=900)
         results.append(json.loads(Path(args.out, f"{config}_m{args.microbatches}.json").read_text()))
-    print(f"\n{args.ranks} ranks, m={args.microbatches} (EP: m={EP_MICROBATCHES}), link {args.rate}, {args.steps} "
+    print(f"\n{args.ranks} ranks, m={args.microbatches} (EP: m={EP_MICROBATCHES}), 1f1b in flight "
+          f"{args.in_flight or 'default'}, link {args.rate}, {args.steps} "
           f"steps (median), {os.cpu_count()} cores shared by {args.ranks} ranks")
     print(f"{'configuration':<14} {'step (s)':>9}  " + "  ".join(f"{'rank ' + str(r):>34}" for r in range(args.ranks)))
     print(f"{'':<14} {'':>9}  " + "  ".join(f"{'role params/pred MB RSS / act MB':>34}" for _ in range(args.ranks)))
@@ -215,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0]["losses"]
     same = all(abs(a - b) <= 1e-5 for res in results[1:] for a, b in zip(base, res["losses"]))
     exact = all(abs(r["param_mb"] - r["predicted_param_mb"]) < 1e-9 for res in results for r in res["ranks"])
+    stacked = stack_timelines(args.out, configurations(args.ranks, args.microbatches), args.microbatches,
+                              f"timelines_{args.ranks}r_{args.rate}.png")
+    if stacked:
+        print(f"timelines, one above the other: {stacked}")
     print(f"losses agree across configurations (<= 1e-5): {same}")
     print(f"parameter bytes held == predicted on every rank: {exact}")
     return 0 if same and exact else 1

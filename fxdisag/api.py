@@ -322,8 +322,9 @@ class DisaggregatedModel(nn.Module):
         t0 = min((s.start for s in spans), default=0.0)
         return [dataclasses.replace(s, start=s.start - t0, end=s.end - t0) for s in spans]
 
-    def write_timeline(self, trace_json: str | None = None, png: str | None = None) -> list:
-        """Write the last step as a Chrome trace and/or a PNG Gantt chart (collective; rank 0 writes)."""
+    def write_timeline(self, trace_json: str | None = None, png: str | None = None, title: str | None = None) -> list:
+        """Write the last step as a Chrome trace and/or a PNG Gantt chart titled ``title``
+        (collective; rank 0 writes)."""
         from fxdisag.runtime.timeline import chrome_trace, gantt_png
 
         spans = self.step_spans()
@@ -332,7 +333,7 @@ class DisaggregatedModel(nn.Module):
                 chrome_trace(spans, trace_json)
             if png:
                 what = "expert-parallel" if self.mode == "ep" else "AF-pipe"
-                gantt_png(spans, png, title=f"fxdisag {what} step ({len(self.schedule.ranks)} ranks)")
+                gantt_png(spans, png, title=title or f"fxdisag {what} step ({len(self.schedule.ranks)} ranks)")
         return spans
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
