@@ -141,13 +141,15 @@ class DisaggregatedModel(nn.Module):
         dtype = next(first.parameters()).dtype
         top_k = max(m.top_k for m in self.layout.moe)
         if self.has_attention:
-            mine = stage_map.stages_of(stage_map.attention_slot(self.rank)[0]) if multi else range(len(program.stages))
-            _check_parameters_stay_in_group(program, schedule) if multi else None
+            if multi:
+                _check_parameters_stay_in_group(program, schedule)
+                group = stage_map.attention_slot(self.rank)[0]
+                mine, own_group = stage_map.stages_of(group), sorted(stage_map.attention_groups[group])
+            else:
+                mine, own_group = range(len(program.stages)), list(schedule.attention_ranks)
             self.stages = nn.ModuleList([program.stages[s].module for s in mine]).to(device)
             for s in mine:
                 maybe_dump_graph(f"attention_stage{s}", program.stages[s].module)
-            own_group = sorted(stage_map.attention_groups[stage_map.attention_slot(self.rank)[0]]) if multi \
-                else list(schedule.attention_ranks)
             self._attention = AttentionHandlers(
                 program, self.rank, own_group, list(schedule.expert_ranks),
                 schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),

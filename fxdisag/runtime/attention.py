@@ -78,7 +78,6 @@ class AttentionHandlers:
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
-        self.expert_ranks = list(expert_ranks)
         self.num_microbatches = num_microbatches
         self.owner = torch.tensor(owner, dtype=torch.long)  # expert -> slot in expert_ranks
         self.local_ids = torch.tensor(local_ids, dtype=torch.long)  # expert -> id on that slot's rank
@@ -257,8 +256,7 @@ class AttentionHandlers:
             layout = [((n, hidden), xdtype)] + ([((n, 1), wdtype)] if channel == "GD" else [])
             receives.append(Receive(r, tag, nbytes=byte_size(layout)))
             receives[-1].layout = layout  # type: ignore[attr-defined]
-        state.recvs[(channel, j, i)] = receives
-        self.mailbox.post(receives)
+        self._post(state, (channel, j, i), receives)
 
     def _post(self, state: StepState, key: tuple[str, int, int], receives: list[Receive]) -> None:
         state.recvs[key] = receives
