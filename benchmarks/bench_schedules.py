@@ -20,7 +20,9 @@ Per configuration and rank it reports
 * the peak RSS of the rank's process (``getrusage``: model, optimizer state and the
   Python baseline included);
 * the peak bytes of activations autograd held for backward (``saved_tensors_hooks``:
-  every saved tensor that is not a parameter or a view of one, counted per storage);
+  every saved tensor that is not a parameter or a view of one, counted per storage), and
+  the planner's prediction (``rank_activation_bytes`` on an eager-attention profile; AF-pipe
+  plans, not the hand-passed ring schedule);
 * the loss of every step (all configurations must agree: they compute the same thing);
 * a Chrome trace (and a PNG with matplotlib) of the last step.
 
@@ -146,10 +148,15 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str, in_flight: in
         stages = Stages.single(plan.attention_ranks, plan.expert_ranks, MODEL["num_layers"])
         schedule = ring_schedule(stages, m, "1f1b", in_flight)
     dmodel = fxdisag.disaggregate(make_model(cfg), batches[0], plan, trace=True, schedule=schedule)
-    from fxdisag.planner.memory import rank_parameter_bytes
+    from fxdisag.planner.memory import rank_activation_bytes, rank_parameter_bytes
 
-    prof = fxdisag.profile(fxdisag.capture(make_model(cfg), batches[0]), 1, SEQ_LEN, torch.float32)
+    # eager CPU attention keeps its S x S probabilities: profile without the fused-attention discount
+    prof = fxdisag.profile(fxdisag.capture(make_model(cfg), batches[0]), 1, SEQ_LEN, torch.float32,
+                           fused_attention=False)
     predicted = rank_parameter_bytes(prof, dmodel.plan)[rank]
+    predicted_saved = None
+    if dmodel.plan.kind == "afpipe" and schedule is None:
+        predicted_saved = rank_activation_bytes(prof, dmodel.plan, GLOBAL_BATCH)[rank]
     meter = SavedActivations(dmodel.parameters())
     times, losses = [], []
     for k, batch in enumerate(batches):
@@ -179,7 +186,8 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str, in_flight: in
     held = sum(p.numel() * p.element_size() for p in dmodel.parameters())
     mine = {"rank": rank, "role": dmodel.role, "param_mb": held / 2**20, "predicted_param_mb": predicted / 2**20,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_saved_mb": meter.peak / 2**20}
+            "peak_saved_mb": meter.peak / 2**20,
+            "predicted_saved_mb": None if predicted_saved is None else predicted_saved / 2**20}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
@@ -187,6 +195,10 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str, in_flight: in
             {"config": config, "m": EP_MICROBATCHES if config == "ep4" else m, "median_step_s": statistics.median(times), "times": times,
              "losses": losses, "ranks": gathered, "rate": os.environ.get("FXDISAG_THROTTLE", "unlimited")}, indent=1))
     dist.destroy_process_group()
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def stack_timelines(out: str, configs: list[str], m: int, name: str) -> str | None:
@@ -243,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.ranks} ranks, m={args.microbatches} (EP: m={EP_MICROBATCHES}), 1f1b in flight "
           f"{args.in_flight or 'default'}, link {args.rate}, {args.steps} "
           f"steps (median), {os.cpu_count()} cores shared by {args.ranks} ranks")
-    print(f"{'configuration':<14} {'step (s)':>9}  " + "  ".join(f"{'rank ' + str(r):>34}" for r in range(args.ranks)))
-    print(f"{'':<14} {'':>9}  " + "  ".join(f"{'role params/pred MB RSS / act MB':>34}" for _ in range(args.ranks)))
+    print(f"{'configuration':<14} {'step (s)':>9}  " + "  ".join(f"{'rank ' + str(r):>40}" for r in range(args.ranks)))
+    print(f"{'':<14} {'':>9}  " + "  ".join(f"{'role params/pred MB RSS / act/pred MB':>40}" for _ in range(args.ranks)))
     for res in results:
         cells = "  ".join(f"{r['role']:>4} {r['param_mb']:>5.2f}/{r['predicted_param_mb']:<5.2f} {r['peak_rss_mb']:>6.0f} / "
-                          f"{r['peak_saved_mb']:>5.1f}" for r in res["ranks"])
+                          f"{r['peak_saved_mb']:>5.1f}/{_mb(r.get('predicted_saved_mb')):<5}" for r in res["ranks"])
         print(f"{res['config']:<14} {res['median_step_s']:>9.3f}  {cells}")
     base = results[0]["losses"]
     same = all(abs(a - b) <= 1e-5 for res in results[1:] for a, b in zip(base, res["losses"]))

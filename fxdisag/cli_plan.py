@@ -10,7 +10,8 @@ set; each sets ``func`` (``args.func(args) -> int``), as ``fxdisag/cli.py`` expe
   the plan and prints it: ranks, placement, micro-batches, predicted AF-pipe and EP
   baseline step times, speedup, utilisation, memory per device (``--json``: the plan as
   JSON; ``--explain``: every formula with its values).
-* ``simulate`` (same arguments, plus ``--png FILE``, ``--trace FILE``) runs the plan's
+* ``simulate`` (same arguments, plus ``--png FILE``, ``--trace FILE``; pinned to pipeline
+  depth 1 and GPipe, the plans it models) runs the plan's
   schedule through the discrete-event simulator with the cost model's per-action times
   and prints step time, bubble and exposed communication.
 
@@ -28,7 +29,7 @@ import math
 import os
 import sys
 
-__all__ = ["add_plan_parsers", "plan_from_args", "simulate_plan"]
+__all__ = ["add_plan_parsers", "model_profile", "plan_from_args", "simulate_plan"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -48,6 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="count the S x S attention probabilities eager attention keeps (default: fused attention)")
     p.add_argument("--num-attention", type=int, default=None, help="pin the number of attention devices")
     p.add_argument("--num-microbatches", type=int, default=None, help="pin the number of micro-batches")
+    p.add_argument("--pipeline-depth", type=int, default=None, help="pin the pipeline depth p (default: searched)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default=None, help="pin the schedule (default: searched)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers of the model")
 
 
@@ -72,7 +75,7 @@ def add_plan_parsers(subparsers) -> None:
     _add_common(s)
     s.add_argument("--png", metavar="FILE", help="write the simulated timeline as a Gantt chart (needs matplotlib)")
     s.add_argument("--trace", metavar="FILE", help="write the simulated timeline as Chrome trace JSON")
-    s.set_defaults(func=_run_simulate)
+    s.set_defaults(func=_run_simulate, pipeline_depth=1, schedule="gpipe")  # what the simulation models
 
 
 def _cluster(text: str):
@@ -86,23 +89,38 @@ def _cluster(text: str):
     return ClusterSpec.parse(text)
 
 
-def plan_from_args(args: argparse.Namespace):
-    """(plan, profile, cluster) for parsed ``plan``/``simulate`` arguments."""
+def model_profile(model: str, seq_len: int, dtype: str = "bfloat16", *, fused_attention: bool = True,
+                  layers: int | None = None):
+    """The profile of ``model`` (a registry name, built on the meta device, or a tiny family):
+    registry models are profiled from a few layers and repeated (exact:
+    ``fxdisag/planner/repeat.py``)."""
     import torch
 
     from fxdisag.capture import capture
-    from fxdisag.testing.models import REGISTRY, resolve_model
     from fxdisag.planner.profile import profile
+    from fxdisag.planner.repeat import profile_repeating
+    from fxdisag.testing.models import REGISTRY, full_size_config, meta_model, resolve_model
+
+    full = model in REGISTRY
+
+    def profile_one(module):
+        ids = torch.zeros(1, 16, dtype=torch.long, device="meta" if full else "cpu")
+        captured = capture(module, {"input_ids": ids, "labels": ids})
+        return profile(captured, 1, seq_len, getattr(torch, dtype), fused_attention=fused_attention, name=model)
+
+    if full:
+        total = layers or full_size_config(model).num_hidden_layers
+        return profile_repeating(lambda n: meta_model(model, num_layers=n), total, profile_one)
+    return profile_one(resolve_model(model, num_layers=layers) if layers else resolve_model(model))
+
+
+def plan_from_args(args: argparse.Namespace):
+    """(plan, profile, cluster) for parsed ``plan``/``simulate`` arguments."""
     from fxdisag.planner.search import plan
 
     cluster = _cluster(args.cluster)
-    full = args.model in REGISTRY
-    model = resolve_model(args.model, num_layers=args.layers) if args.layers else resolve_model(args.model)
-    device = "meta" if full else "cpu"
-    ids = torch.zeros(1, 16, dtype=torch.long, device=device)
-    captured = capture(model, {"input_ids": ids, "labels": ids})
-    prof = profile(captured, 1, args.seq_len, getattr(torch, args.dtype),
-                   fused_attention=not args.eager_attention_memory, name=args.model)
+    prof = model_profile(args.model, args.seq_len, args.dtype, fused_attention=not args.eager_attention_memory,
+                         layers=args.layers)
     result = plan(
         prof,
         cluster,
@@ -113,6 +131,8 @@ def plan_from_args(args: argparse.Namespace):
         memory_fraction=args.memory_fraction,
         num_attention=args.num_attention,
         num_microbatches=args.num_microbatches,
+        pipeline_depth=args.pipeline_depth,
+        schedule=args.schedule,
     )
     return result, prof, cluster
 
@@ -152,6 +172,10 @@ def simulate_plan(result):
     t = result.breakdown
     if not t:
         raise ValueError("simulate needs a plan made by the search (it has no predicted stage times)")
+    if result.pipeline_depth > 1 or result.schedule_kind != "gpipe":
+        raise ValueError(f"simulate models pipeline depth 1 with the GPipe schedule; this plan has depth "
+                         f"{result.pipeline_depth} and schedule {result.schedule_kind!r}: pin --pipeline-depth 1 "
+                         "--schedule gpipe to simulate")
     a, f = _reduced_groups(result)
     attention, experts = list(range(a)), list(range(a, a + f))
     J, m = result.num_moe_layers, result.num_microbatches

@@ -16,8 +16,9 @@ TINY = ["--model", "mixtral", "--cluster", "1x4xa100", "--seq-len", "64", "--glo
 def test_plan_prints_plan_baseline_speedup_utilisation_memory(capsys):
     assert main(["plan", *TINY, "--explain"]) == 0
     out = capsys.readouterr().out
-    for text in ("Plan for mixtral on 1x4xa100", "attention ranks", "AF-pipe (this plan)", "EP baseline, with overlap",
-                 "EP baseline, no overlap", "utilisation: attention", "memory per device", "PIPELINE_TIME ="):
+    for text in ("Plan for mixtral on 1x4xa100", "attention ranks", "AF-pipe (this plan)",
+                 "Megatron PPxEPxDP, a2a overlapped", "Megatron PPxEPxDP, a2a exposed", "utilisation: attention",
+                 "memory per device", "PIPELINE_TIME =", "INTERLEAVED_1F1B ="):
         assert text in out
 
 
@@ -34,7 +35,7 @@ def test_full_size_registry_model(capsys):
     assert main(args) == 0
     result = Plan.from_json(capsys.readouterr().out)
     assert len(result.attention_ranks) + len(result.expert_ranks) == 128
-    assert result.num_moe_layers == 2 and result.ep_step_time is not None
+    assert result.num_moe_layers == 2 and result.baseline_step_time is not None
 
 
 def test_user_errors_are_one_line(capsys):
@@ -66,7 +67,8 @@ def test_simulator_agrees_with_the_pipeline_formula_without_communication(m):
     profile = synthetic_profile(num_layers=3, hidden_size=64, num_experts=4, top_k=2, params_per_expert=1000,
                                 attention_flops_per_token=4000.0, seq_len=128, dtype_bytes=4)
     cluster = ClusterSpec.cpu(4, flops=1e12, bandwidth=math.inf, latency=0.0)
-    result = plan(profile, cluster, 8, num_attention=2, num_microbatches=m, microbatch_size=1)
+    result = plan(profile, cluster, 8, num_attention=2, num_microbatches=m, microbatch_size=1, pipeline_depth=1,
+                  schedule="gpipe")
     sim, round_only, step, (a, f) = simulate_plan(result)
     assert (a, f) == (1, 1)
     assert step == pytest.approx(result.step_time, rel=1e-9)
@@ -79,6 +81,7 @@ def test_simulator_agrees_with_the_pipeline_formula_with_communication(bandwidth
                                 attention_flops_per_token=4000.0, seq_len=128, dtype_bytes=4)
     cluster = ClusterSpec.cpu(4, flops=1e12, bandwidth=bandwidth, latency=latency)
     for m in (1, 2, 4):
-        result = plan(profile, cluster, 8, num_attention=2, num_microbatches=m, microbatch_size=1)
+        result = plan(profile, cluster, 8, num_attention=2, num_microbatches=m, microbatch_size=1,
+                      pipeline_depth=1, schedule="gpipe")
         _, _, step, _ = simulate_plan(result)
         assert step == pytest.approx(result.step_time, rel=0.01)

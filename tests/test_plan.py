@@ -38,14 +38,13 @@ Plan for mixtral-like-8-layers on 2x8xa100, seq_len 4096, global batch 64
   micro-batches: 11 x 1 sequence(s) per attention rank, gpipe schedule, 2 accumulation round(s)
   NICs per node (attention:experts): 5:3 x1 node(s), 3:5 x1 node(s)
 
-                                   step (s)  speedup
-  AF-pipe (this plan)                 1.293     1.00
-  EP baseline, with overlap           1.121     0.87
-  EP baseline, no overlap             1.314     1.02
-  EP baseline config: EP degree 2 (4 experts per device, 8 replica(s)), 2 sequence(s) per device per micro-step, 2 accumulation round(s), recompute none
+                                       step (s)  speedup  configuration
+  AF-pipe (this plan)                     1.293     1.00  p 1, 3A:13E per group, 11 x 1 seq, gpipe
+  Megatron PPxEPxDP, a2a overlapped       1.121     0.87  PP 1, EP 2 (4 expert(s) per device), DP 16, 2 micro-batch(es) of 2 sequence(s), recompute none
+  Megatron PPxEPxDP, a2a exposed          1.246     0.96  PP 2 x 4 virtual, EP 8 (1 expert(s) per device), DP 8, 8 micro-batch(es) of 1 sequence(s), recompute none
 
-  utilisation: attention 98.6%, experts 94.5%, MFU AF-pipe 86.6%, MFU EP overlap 99.9%
-  memory per device: attention 39.78 GB, experts 44.72 GB, ep_baseline 55.90 GB (limit 72.00 GB)
+  utilisation: attention 98.6%, experts 94.5%, MFU AF-pipe 86.6%, MFU Megatron overlap 99.9%
+  memory per device: attention 39.78 GB, experts 44.72 GB, megatron_no_overlap 24.95 GB, megatron_overlap 55.90 GB (limit 72.00 GB)
   note: global batch 64 does not split evenly over 3 attention ranks: predicted as 66 sequences (some ranks idle part of the step)""")
 
 
@@ -69,7 +68,7 @@ def test_searched_plan_is_consistent(searched):
             assert r in searched.expert_placement[e]
             domain = next(d for d in searched.routing_domains if rank in d)
             assert r in domain
-    assert searched.speedup == pytest.approx(searched.ep_step_time_overlap / searched.step_time)
+    assert searched.speedup == pytest.approx(searched.baseline_step_time_overlap / searched.step_time)
     assert "REGION_TIME" in searched.explain() and "AF-pipe step" in searched.explain()
     # the per-action overhead term is shown, and is 0 on a GPU preset
     assert "COMPUTE_ACTION = overhead + t_work" in searched.explain()
@@ -138,7 +137,9 @@ def test_nothing_fits_names_the_part_and_a_bigger_cluster():
 
 
 def test_nothing_fits_anywhere_when_attention_alone_is_too_big():
-    tiny_memory = ClusterSpec.parse("1x8xa100").replace(memory_capacity=2e9)
+    # 2 GB fits at depth 8 on 32 nodes (one layer per group: test above); 0.5 GB cannot hold
+    # even the embedding's group (131M parameters, 4 bytes each with their gradients)
+    tiny_memory = ClusterSpec.parse("1x8xa100").replace(memory_capacity=0.5e9)
     with pytest.raises(PlanError, match="no cluster of this device fits"):
         plan(mixtral_like(), tiny_memory, 8)
 
@@ -147,32 +148,58 @@ def test_nothing_fits_anywhere_when_attention_alone_is_too_big():
 
 
 def exact_memory(result: Plan, profile, cluster, fraction=0.9):
-    """Per-device memory of a plan, computed here from the plan's own routing table."""
+    """Per-device memory of a plan, computed here from the plan's own groups, stages and
+    routing table: a device holds its group's stages (attention) or MoE layers (experts),
+    and the activations of the micro-batches its schedule keeps (GPipe: all m; 1F1B: the
+    in-flight ones, the head and loss of one)."""
     dsize = profile.dtype_bytes
     opt = 8 + (4 if dsize < 4 else 0)
-    S, L, H = result.seq_len, profile.num_layers, profile.hidden_size
+    S, H = result.seq_len, profile.hidden_size
     moe = profile.moe[0]
-    A = len(result.attention_ranks)
+    J = len(profile.moe)
     m, b = result.num_microbatches, result.microbatch_size
-    attn_params = sum(r.params for r in profile.regions if r.kind != "experts")
+    n = m if result.schedule_kind == "gpipe" else min(result.in_flight, m)
+    n_tail = m if result.schedule_kind == "gpipe" else 1
+    stages = result.stages(J)
+    moe_index = {mp.layer: j for j, mp in enumerate(profile.moe)}
+
+    def stage_of(region):  # synthetic profiles: every decoder layer is a MoE layer
+        if region.layer is None:
+            return 0 if region.kind == "embed" else J
+        return moe_index[region.layer]
+
+    attention_regions = [r for r in profile.regions if r.kind != "experts"]
     per_layer_saved = profile.region("attn", 0).saved_bytes.at(S)
-    if result.recompute["attention"]:
-        act = m * b * L * S * H * dsize + b * per_layer_saved
-    else:
-        act = m * b * L * per_layer_saved
-    out = {"attention": attn_params * 2 * dsize + attn_params * opt / A + act}
-    placement = result.expert_placement
-    for r in result.expert_ranks:
-        held = [e for e, ranks in enumerate(placement) if r in ranks]
-        weights = len(held) * L * moe.params_per_expert * 2 * dsize
-        states = sum(L * moe.params_per_expert * opt / len(placement[e]) for e in held)
-        rows = sum(b * S * moe.top_k * sum(1 for x in result.expert_owner(i) if x == r) / moe.num_experts
-                   for i in result.attention_ranks)
-        if result.recompute["experts"]:
-            act = m * L * rows * H * dsize + rows * moe.saved_bytes_per_row
+    out = {}
+    for g, ranks in enumerate(stages.attention_groups):
+        own = set(stages.stages_of(g))
+        mine = [r for r in attention_regions if stage_of(r) in own]
+        params = sum(r.params for r in mine)
+        tail = [r for r in mine if stage_of(r) == J]
+        body = [r for r in mine if stage_of(r) != J]
+        if result.recompute["attention"]:
+            layers = len({r.layer for r in body if r.layer is not None})
+            act = (n * b * (layers * S * H * dsize + sum(r.saved_bytes.at(S) for r in body if r.layer is None))
+                   + n_tail * b * sum(r.saved_bytes.at(S) for r in tail) + b * per_layer_saved)
         else:
-            act = m * L * rows * moe.saved_bytes_per_row
-        out[r] = weights + states + act
+            act = n * b * sum(r.saved_bytes.at(S) for r in body) + n_tail * b * sum(r.saved_bytes.at(S) for r in tail)
+        for rank in ranks:
+            out[rank] = params * 2 * dsize + params * opt / len(ranks) + act
+    for g, ranks in enumerate(stages.expert_groups):
+        L = len(stages.layers_of(g))
+        placement = result.group_placement(g) if result.pipeline_depth > 1 else result.expert_placement
+        senders = stages.attention_groups[g]
+        for r in ranks:
+            held = [e for e, replicas in enumerate(placement) if r in replicas]
+            weights = len(held) * L * moe.params_per_expert * 2 * dsize
+            states = sum(L * moe.params_per_expert * opt / len(placement[e]) for e in held)
+            rows = sum(b * S * moe.top_k * sum(1 for x in result.expert_owner(i, g) if x == r) / moe.num_experts
+                       for i in senders)
+            if result.recompute["experts"]:
+                act = n * L * rows * H * dsize + rows * moe.saved_bytes_per_row
+            else:
+                act = n * L * rows * moe.saved_bytes_per_row
+            out[r] = weights + states + act
     return out
 
 

@@ -83,8 +83,8 @@ def test_infinite_bandwidth_leaves_only_the_bubble(m):
     flops_per_token = 4000 + 2 * 1000 * 2  # attention + experts, forward
     ep_hand = 3 * L * (G / 4) * S * flops_per_token / P  # fwd + 2x bwd, every device a quarter
     af_hand = 3 * (L * m + 1) / m * (G / 2) * S * 4000 / P
-    assert result.ep_step_time == pytest.approx(ep_hand)
-    assert result.ep_step_time_overlap == pytest.approx(ep_hand)  # nothing to overlap
+    assert result.baseline_step_time == pytest.approx(ep_hand)
+    assert result.baseline_step_time_overlap == pytest.approx(ep_hand)  # nothing to overlap
     assert result.step_time == pytest.approx(af_hand)
     assert result.speedup == pytest.approx(L * m / (L * m + 1))
 
@@ -201,9 +201,11 @@ def test_ep_pays_the_overhead_once_per_layer_and_microstep():
     G = 16
     result = plan(toy(), ClusterSpec.cpu(4, **IDEAL, action_overhead=o), G, num_attention=2, num_microbatches=2)
     ep_hand = 3 * L * (G / 4) * S * (4000 + 2 * 1000 * 2) / P  # the bubble test's EP step
-    assert result.ep_baseline["rounds"] == 1 and result.ep_baseline["seqs_per_microstep"] == 4
-    assert result.ep_step_time == pytest.approx(ep_hand + 2 * (2 * L + 1) * o)
-    assert result.ep_step_time_overlap == pytest.approx(ep_hand + 2 * 2 * (2 * L + 1) * o)
+    for variant in ("no_overlap", "overlap"):  # PP 1: the baseline is plain EP x DP here
+        config = result.baseline[variant]
+        assert (config["pp"], config["v"], config["m"], config["seqs"]) == (1, 1, 1, 4)
+    assert result.baseline_step_time == pytest.approx(ep_hand + 2 * (2 * L + 1) * o)
+    assert result.baseline_step_time_overlap == pytest.approx(ep_hand + 2 * 2 * (2 * L + 1) * o)
 
 
 def test_large_overhead_makes_the_search_pick_the_fewest_microbatches():
@@ -226,7 +228,7 @@ def test_zero_overhead_keeps_the_previous_choice(bandwidth):
     old = plan(toy(), ClusterSpec.from_dict(old_json), 16)
     new = plan(toy(), zero, 16)
     key = lambda p: (p.attention_ranks, p.num_microbatches, p.microbatch_size, p.grad_accumulation, p.step_time,
-                     p.ep_step_time, p.ep_step_time_overlap)
+                     p.baseline_step_time, p.baseline_step_time_overlap)
     assert key(new) == key(old)
     if math.isinf(bandwidth):
         assert new.num_microbatches == 8

@@ -9,7 +9,11 @@ rank -- returns the same :class:`Plan` on every rank:
 3. the fastest predicted plan among those the runtime executes as one call per step:
    ``attention ranks x micro-batches x micro-batch size == the example's batch`` and no
    gradient-accumulation rounds (the search is pinned to each such (A, m) and the best
-   prediction wins);
+   prediction wins), at pipeline depth 1 with the GPipe schedule: on the emulated
+   cluster the runtime's 1F1B measures slower than the cost model predicts
+   (benchmarks/RESULTS.md, "Schedules and pipeline depth"), and depth > 1 refuses tied
+   embeddings, so "auto" keeps to what it measured best until the cost model is
+   calibrated against those runs;
 4. rank 0's plan is broadcast, so ranks whose measurements differ agree.
 """
 
@@ -51,7 +55,7 @@ def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int) -> tuple
             try:
                 candidate = plan(
                     prof, cluster, batch, seq_len=seq_len, num_attention=a, num_microbatches=m,
-                    microbatch_size=per_rank // m,
+                    microbatch_size=per_rank // m, pipeline_depth=1, schedule="gpipe",
                 )
             except PlanError as exc:
                 notes.append(f"{a} attention ranks, m={m}: {str(exc).splitlines()[0]}")

@@ -17,6 +17,16 @@ The model:
   t_a (attention side, ATTENTION_STAGE), t_d (dispatch), t_e (experts), t_c (combine),
   so t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c; backward likewise with
   the gradient transfers.
+* **Pipeline depth p > 1**: p group pairs, each on N / p whole nodes, layers dealt
+  round robin. The stage times are one pair's (its sub-cluster); the dispatch and its
+  gradient stay inside the pair, the combine and its gradient cross to the next pair's
+  attention group (all bytes over NICs), and the hop (residual stream etc.,
+  ``Workload.hop_per_seq``; its gradient one row of H per token) leaves with the
+  dispatch and arrives with the combine over the same attention NICs. The cycle is the
+  ring of p pairs: L = laps = ceil(J / p) MoE layers per group, R = p x one layer's
+  round trip. GPipe: PIPELINE_TIME per phase; 1F1B with k in flight: PIPELINE_1F1B,
+  the gradient all-reduce hidden behind the last micro-batch's backward chain. Every
+  pair reduces its own group's gradients at the same time.
 
 Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
 recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
@@ -36,12 +46,13 @@ from fxdisag.planner.formulas import (
     ALLREDUCE_TIME,
     ATTENTION_STAGE,
     COMPUTE_ACTION,
+    PIPELINE_1F1B,
     PIPELINE_TIME,
     REGION_TIME,
     STEP_TIME,
 )
-from fxdisag.planner.placement import GroupLayout, afpipe_transfer, group_span
-from fxdisag.planner.workload import RegionCost, Workload
+from fxdisag.planner.placement import GroupLayout, afpipe_transfer, group_span, ring_transfer
+from fxdisag.planner.workload import GroupShare, RegionCost, Workload
 
 __all__ = [
     "afpipe_stage_times",
@@ -50,6 +61,7 @@ __all__ = [
     "afpipe_sync_parts",
     "afpipe_times",
     "attention_times",
+    "hop_bytes_per_token",
     "expert_time",
 ]
 
@@ -114,10 +126,16 @@ def expert_time(work: Workload, cluster, rows: float, experts_held: int, backwar
 
 
 def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
-                       attn: dict | None = None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+                       attn: dict | None = None, recompute: tuple[bool, bool] = (False, False),
+                       depth: int = 1) -> dict[str, float]:
     """Per-micro-batch stage times of AF-pipe: attention side (pre, per layer, post), the
     busiest expert device, and the four transfers (slowest node), forward and backward.
-    ``recompute`` = (attention side recomputes, experts recompute)."""
+    ``recompute`` = (attention side recomputes, experts recompute).
+
+    ``depth`` p > 1: ``cluster`` and ``layout`` are one group pair's nodes; the dispatch
+    (and its gradient) stays inside the pair, the combine (and its gradient) crosses to
+    the next pair's attention group, and the hop (``Workload.hop_per_seq``; its gradient
+    one row of H per token) shares the attention NICs with both (``placement.ring_transfer``)."""
     S = work.seq_len
     t = dict(attn or attention_times(work, cluster, seqs_per_mb, recorder, recompute[0]))
     tokens = seqs_per_mb * S  # per attention device per micro-batch
@@ -126,19 +144,38 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     t["expert_f"] = expert_time(work, cluster, rows, held, False, recorder, "experts fwd, busiest device")
     t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device",
                                 recompute[1])
-    for key, per_token, toward in (("dispatch", work.dispatch_per_token, True),
-                                   ("combine", work.combine_per_token, False),
-                                   ("combine_grad", work.combine_grad_per_token, True),
-                                   ("dispatch_grad", work.dispatch_grad_per_token, False)):
-        t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
-                                 label=f"{key} per micro-batch (slowest node)")
+    hop_f, hop_b = (hop_bytes_per_token(work) if depth > 1 else (0.0, 0.0))
+    for key, per_token, toward, hop, ring in (("dispatch", work.dispatch_per_token, True, hop_f, False),
+                                              ("combine", work.combine_per_token, False, hop_f, True),
+                                              ("combine_grad", work.combine_grad_per_token, True, hop_b, True),
+                                              ("dispatch_grad", work.dispatch_grad_per_token, False, hop_b, False)):
+        label = f"{key} per micro-batch (slowest node)" + (", with the hop" if depth > 1 else "")
+        if ring and depth > 1:
+            t[key] = ring_transfer(cluster, layout, tokens * per_token, tokens * hop, toward_experts=toward,
+                                   recorder=recorder, label=label)
+        else:
+            t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
+                                     label=label, hop=tokens * hop)
     return t
 
 
+def hop_bytes_per_token(work: Workload) -> tuple[float, float]:
+    """(hop, hop gradient) bytes per token at p > 1: the profiled hop, and one row of H for
+    the residual stream's gradient."""
+    return work.hop_per_seq / work.seq_len, work.expert_input_per_row
+
+
 def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, sync: float,
-                recorder=None) -> dict[str, float]:
-    """AF-pipe step time from stage times (module docstring), with utilisation per group."""
-    L = work.num_moe_layers
+                recorder=None, *, depth: int = 1, laps: int | None = None, schedule: str = "gpipe",
+                in_flight: int | None = None) -> dict[str, float]:
+    """AF-pipe step time from stage times (module docstring), with utilisation per group.
+
+    ``depth`` p, ``laps`` (MoE layers per group; default all of them at p = 1): the cycle
+    is the ring of p group pairs, R = p x one layer's round trip. ``schedule``
+    ``"gpipe"``: PIPELINE_TIME per phase, the gradient all-reduce hidden behind the last
+    backward phase; ``"1f1b"``: PIPELINE_1F1B with ``in_flight`` micro-batches, the
+    all-reduce hidden behind the last micro-batch's backward chain."""
+    L = laps if laps is not None else work.num_moe_layers
     t = dict(stages)
     for sfx in ("f", "b"):
         t[f"stage_{sfx}"] = ATTENTION_STAGE(recorder, f"attention stage, {'fwd' if sfx == 'f' else 'bwd'}",
@@ -146,8 +183,20 @@ def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, s
                                             t_post=t[f"post_{sfx}"], L=L)
     fwd_stages = (t["stage_f"], t["dispatch"], t["expert_f"], t["combine"])
     bwd_stages = (t["stage_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
-    for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
-        t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}", L=L, m=m, t_b=max(st), R=sum(st))
+    ring = f" (ring of {depth} group pairs)" if depth > 1 else ""
+    if schedule == "gpipe":
+        for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
+            t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}{ring}", L=L, m=m, t_b=max(st),
+                                            R=depth * sum(st))
+    elif schedule == "1f1b":
+        k = in_flight if in_flight is not None else (2 if depth == 1 else 3 * depth)
+        total = PIPELINE_1F1B(recorder, f"MoE pipeline, 1F1B{ring}", n=L, m=m, k=min(k, m),
+                              t_fw=max(fwd_stages), t_bw=max(bwd_stages), R_f=depth * sum(fwd_stages),
+                              R_b=depth * sum(bwd_stages))
+        t["T_bwd"] = min(total, L * depth * sum(bwd_stages))  # the last micro-batch's backward chain
+        t["T_fwd"] = total - t["T_bwd"]
+    else:
+        raise ValueError(f"schedule={schedule!r}: the cost model knows 'gpipe' and '1f1b'")
     t["sync"] = sync
     t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
     busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
@@ -166,20 +215,25 @@ def afpipe_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: int,
     return afpipe_step(work, stages, m, rounds, afpipe_sync(work, cluster, layout, recorder), recorder)
 
 
-def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
+def afpipe_sync(work: Workload, cluster, layout: GroupLayout, recorder=None, share: GroupShare | None = None) -> float:
     """Gradient all-reduce time: the slower of the two groups' (:func:`afpipe_sync_parts`)."""
-    return max(afpipe_sync_parts(work, cluster, layout, recorder))
+    return max(afpipe_sync_parts(work, cluster, layout, recorder, share))
 
 
-def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=None) -> tuple[float, float]:
+def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=None,
+                      share: GroupShare | None = None) -> tuple[float, float]:
     """(attention, experts) gradient all-reduce: attention parameters over the attention
-    group, replicated experts over their replicas (each group on its own NIC share)."""
+    group, replicated experts over their replicas (each group on its own NIC share). At
+    p > 1 (``share``), of the fullest group's own parameters; the p group pairs reduce at
+    the same time on their own nodes."""
+    attention_params = max(share.attention_params) if share else work.attention_params
+    moe_layers = share.laps if share else work.num_moe_layers
     dpn = cluster.devices_per_node
     nodes = layout.nodes
     g, k = group_span(layout.attention_ranks, dpn)
     nics = min(n.nics_attention * g / n.attention for n in nodes if n.attention)
     t_attn = ALLREDUCE_TIME(
-        recorder, "all-reduce attention grads", bytes=work.attention_params * work.dtype_bytes,
+        recorder, "all-reduce attention grads", bytes=attention_params * work.dtype_bytes,
         g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
         lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
     )
@@ -189,7 +243,7 @@ def afpipe_sync_parts(work: Workload, cluster, layout: GroupLayout, recorder=Non
     nics = min(n.nics_experts * g / n.experts for n in nodes if n.experts)
     held = layout.experts_per_device
     t_exp = ALLREDUCE_TIME(
-        recorder, "all-reduce replicated expert grads", bytes=held * work.params_per_expert * work.num_moe_layers
+        recorder, "all-reduce replicated expert grads", bytes=held * work.params_per_expert * moe_layers
         * work.dtype_bytes, g=g, k=k, nics=nics, bw_link=cluster.intra_node_bandwidth,
         bw_nic=cluster.nic_bandwidth, lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency,
     )

@@ -35,6 +35,26 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
                     round trip is R = sum of stage times and whose busiest resource needs
                     t_b per micro-batch: steady state max(m t_b, R) per lap, then the last
                     lap drains.
+                    At pipeline depth p the cycle is the ring of the p group pairs: L = laps =
+                    ceil(J / p) (the MoE layers each group runs), R = the round trip of p layers,
+                    t_b the busiest resource of one group.
+    PIPELINE_1F1B   T = max(m n (t_fw + t_bw) - (t_fw + t_bw) + R_f + R_b,
+                            (m / k) n (R_f + R_b) + (k - 1) (t_fw + t_bw))
+                    1F1B over the ring with at most k micro-batches in flight: the busiest
+                    resource's work (t_fw, t_bw per micro-batch and lap; m micro-batches x n
+                    laps) plus one fill and drain, or, when
+                    k is too small to fill the ring, m / k waves of k micro-batches each taking
+                    one forward + backward chain n (R_f + R_b) (R_f, R_b: ring round trips)
+    INTERLEAVED_1F1B T = (m + (pp - 1) / v) (t_F + t_B) + 2 (pp v - 1) t_p2p
+                    Megatron-LM's interleaved 1F1B over pp pipeline stages of v virtual chunks
+                    each: m micro-batches of per-device time t_F + t_B plus the bubble
+                    (pp - 1) / v of them; the P2P sends between stages hide behind compute in
+                    steady state, exposed on the first forward's and last backward's chain
+    INTERLEAVED_IN_FLIGHT n = min(m, pp - s)                          v = 1 (plain 1F1B)
+                          n = min(m, (2 (pp - s - 1) + (v - 1) pp + 1) / v)   v > 1
+                    micro-batches (of the stage's layers) whose activations pipeline stage s
+                    keeps at the end of Megatron-LM's warm-up; s = 0, v > 1 gives
+                    pp (1 + (pp - 1) / (pp v)) (Korthikanti et al., 2022)
     STEP_TIME       T = r (T_fwd + T_bwd) + max(0, t_sync - o T_bwd)
                     r gradient-accumulation rounds; the gradient all-reduce hides behind
                     the last backward when o = 1, is fully exposed when o = 0
@@ -46,8 +66,9 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
 
 The cost model built from them: the inputs (``workload.py``: :class:`Workload`), where
 the two groups sit and what their transfers cost (``placement.py``), the step-time
-models (``cost_afpipe.py``: AF-pipe; ``cost_ep.py``: the EP baseline, without and with
-overlap) and per-device memory (``memory.py``).
+models (``cost_afpipe.py``: AF-pipe at any pipeline depth; ``cost_megatron.py``: the
+Megatron-LM PP x EP x DP baseline, all-to-all exposed and overlapped; ``cost_ep.py``: its
+pp = 1 case, the runtime's EP mode) and per-device memory (``memory.py``).
 
 Assumptions of the whole cost model, stated once: uniform routing (every expert gets the
 same share of a token's top_k rows); an attention rank sends all rows of one expert to
@@ -77,6 +98,9 @@ __all__ = [
     "PIPELINE_TIME",
     "ATTENTION_STAGE",
     "STEP_TIME",
+    "PIPELINE_1F1B",
+    "INTERLEAVED_1F1B",
+    "INTERLEAVED_IN_FLIGHT",
     "ALLREDUCE_TIME",
     "MEMORY",
     "ACTIVATIONS",
@@ -153,6 +177,32 @@ PIPELINE_TIME = Formula(
     "per micro-batch",
 )
 
+_n, _k, _tf1, _tb1, _Rf, _Rb = _s("n k t_fw t_bw R_f R_b")
+PIPELINE_1F1B = Formula(
+    "PIPELINE_1F1B",
+    sp.Max(_m * _n * (_tf1 + _tb1) - (_tf1 + _tb1) + _Rf + _Rb,
+           _m / _k * _n * (_Rf + _Rb) + (_k - 1) * (_tf1 + _tb1)),
+    "1F1B over the ring, at most k micro-batches in flight: the busiest resource's work on m micro-batches "
+    "over n laps plus one fill and drain, or m / k waves of k micro-batches each one forward + backward "
+    "chain n (R_f + R_b) long",
+)
+
+_pp, _v, _tF, _tB, _tp2p = _s("pp v t_F t_B t_p2p")
+INTERLEAVED_1F1B = Formula(
+    "INTERLEAVED_1F1B",
+    (_m + (_pp - 1) / _v) * (_tF + _tB) + 2 * (_pp * _v - 1) * _tp2p,
+    "Megatron-LM interleaved 1F1B: m micro-batches of per-device time t_F + t_B, the bubble (pp - 1) / v of "
+    "them, and the P2P sends of the first forward's and the last backward's chain across pp v chunks",
+)
+
+_stage = sp.Symbol("s", nonnegative=True)
+INTERLEAVED_IN_FLIGHT = Formula(
+    "INTERLEAVED_IN_FLIGHT",
+    sp.Min(_m, sp.Piecewise((_pp - _stage, sp.Eq(_v, 1)), ((2 * (_pp - _stage - 1) + (_v - 1) * _pp + 1) / _v, True))),
+    "micro-batches whose activations pipeline stage s keeps in Megatron-LM's 1F1B (v = 1) or interleaved "
+    "1F1B (v > 1) warm-up",
+)
+
 _tattn, _tpre, _tpost = _s("t_attn t_pre t_post")
 ATTENTION_STAGE = Formula(
     "ATTENTION_STAGE",
@@ -187,7 +237,7 @@ MEMORY = Formula(
     "optimizer state each (sharded over `shard` replicas), plus activations kept for backward",
 )
 
-_n, _keep, _transient = _s("n keep transient")
+_keep, _transient = _s("keep transient")
 ACTIVATIONS = Formula(
     "ACTIVATIONS",
     _n * _keep + _transient,
@@ -197,7 +247,8 @@ ACTIVATIONS = Formula(
 
 FORMULAS: dict[str, Formula] = {
     f.name: f
-    for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
+    for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, PIPELINE_1F1B,
+              INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
 }
 
 

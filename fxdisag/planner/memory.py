@@ -10,6 +10,13 @@ bytes per EP device. Both are MEMORY of ACTIVATIONS (``formulas.py``)::
                     w, grads g, optimizer o (sharded s ways), activations A
     ACTIVATIONS     A = n keep + transient                        n sequences / rows in flight
 
+At pipeline depth p > 1 (``share``: :meth:`Workload.group_share`) a device holds only its
+group's stages (attention) or MoE layers (experts), and the result is the fullest
+group's. The activations kept are those of the micro-batches the schedule keeps in
+flight: all m of a round under GPipe, k under 1F1B, where the last stage's (final
+norm, head, loss: the logits) are kept for one micro-batch only, since 1F1B runs that
+stage's backward right after its forward.
+
 with (w, g, o) from :func:`param_bytes` (weights and gradients in the training dtype;
 optimizer state from ``workload.optimizer_bytes_per_param``), the optimizer state sharded
 over the data-parallel replicas when ``shard_optimizer``, and the activations kept for
@@ -33,9 +40,9 @@ from __future__ import annotations
 
 from fxdisag.planner.formulas import ACTIVATIONS, MEMORY
 from fxdisag.planner.placement import GroupLayout
-from fxdisag.planner.workload import Workload, optimizer_bytes_per_param
+from fxdisag.planner.workload import GroupShare, Workload, optimizer_bytes_per_param
 
-__all__ = ["afpipe_memory", "ep_memory", "param_bytes", "rank_parameter_bytes"]
+__all__ = ["afpipe_memory", "ep_memory", "param_bytes", "rank_activation_bytes", "rank_parameter_bytes"]
 
 
 def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
@@ -44,13 +51,22 @@ def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
 
 
 def _attention_activations(work: Workload, seqs_in_flight: float, seqs_per_unit: float, recompute: bool,
-                           recorder=None, label: str = "activations") -> float:
+                           recorder=None, label: str = "activations", share: GroupShare | None = None,
+                           group: int = 0, tail_in_flight: float | None = None) -> float:
+    """Activations an attention-side device keeps: ``seqs_in_flight`` sequences of its own
+    stages; ``tail_in_flight`` (default the same) of the last stage's (head and loss)."""
+    if share is None:
+        share = work.group_share(1)
     if recompute:
-        keep = work.num_decoder_layers * work.layer_input_bytes + work.attention_saved_unlayered
+        keep, tail = share.recompute_keep_per_seq[group], share.tail_keep_per_seq[group]
         transient = seqs_per_unit * work.attention_saved_layer_max
     else:
-        keep, transient = work.attention_saved_bytes, 0.0
-    return ACTIVATIONS(recorder, label, n=seqs_in_flight, keep=keep, transient=transient)
+        keep, tail, transient = share.saved_per_seq[group], share.tail_saved_per_seq[group], 0.0
+    if tail_in_flight is None or tail == 0.0:
+        return ACTIVATIONS(recorder, label, n=seqs_in_flight, keep=keep, transient=transient)
+    return (ACTIVATIONS(recorder, label + ", own stages but the last", n=seqs_in_flight, keep=keep - tail,
+                        transient=transient)
+            + ACTIVATIONS(recorder, label + ", last stage (head, loss)", n=tail_in_flight, keep=tail, transient=0.0))
 
 
 def _expert_activations(work: Workload, rows_in_flight: float, rows_per_unit: float, recompute: bool,
@@ -63,22 +79,54 @@ def _expert_activations(work: Workload, rows_in_flight: float, rows_per_unit: fl
 
 
 def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int, optimizer: str,
-                  shard_optimizer: bool, recorder=None, recompute: tuple[bool, bool] = (False, False)) -> dict[str, float]:
+                  shard_optimizer: bool, recorder=None, recompute: tuple[bool, bool] = (False, False),
+                  share: GroupShare | None = None, tail_microbatches: int | None = None) -> dict[str, float]:
+    """``m``: micro-batches whose activations a device keeps at once (GPipe: all of a
+    round's; 1F1B: those in flight); ``tail_microbatches`` of them for the last stage's
+    (head and loss; default m: 1F1B runs its backward right after its forward, so 1).
+    ``share`` (pipeline depth p > 1): ``layout`` is one
+    group pair, and a device holds only its group's stages and MoE layers; the result is
+    the fullest group's (:meth:`Workload.group_share`), its optimizer state sharded over
+    the group's replicas."""
+    share = share or work.group_share(1)
+    groups = range(share.depth)
+    att = [_afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, None, recompute, share,
+                                    g, tail_microbatches) for g in groups]
+    exp = [_afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, None, recompute, share, g)
+           for g in groups]
+    attention, experts = max(att), max(exp)
+    if recorder is not None:  # the formulas of the fullest groups
+        g_a, g_e = att.index(attention), exp.index(experts)
+        _afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute,
+                                 share, g_a, tail_microbatches)
+        _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
+                              g_e)
+    return {"attention": attention, "experts": experts}
+
+
+def _afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
+                             group, tail_microbatches=None) -> float:
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
     A = len(layout.attention_ranks)
-    S, L = work.seq_len, work.num_moe_layers
+    where = f" (group {group})" if share.depth > 1 else ""
+    tail = None if tail_microbatches is None else tail_microbatches * seqs_per_mb
     act_a = _attention_activations(work, m * seqs_per_mb, seqs_per_mb, recompute[0], recorder,
-                                   "activations per attention device")
-    attention = MEMORY(recorder, "memory per attention device", P=work.attention_params, w=w, grad=g, opt=o,
-                       shard=A if shard_optimizer else 1, act=act_a)
-    rows = seqs_per_mb * S * work.top_k * layout.max_load  # per micro-batch and layer, busiest device
-    act_e = _expert_activations(work, m * L * rows, rows, recompute[1], recorder, "activations per expert device")
+                                   f"activations per attention device{where}", share, group, tail)
+    return MEMORY(recorder, f"memory per attention device{where}", P=share.attention_params[group], w=w, grad=g,
+                  opt=o, shard=A if shard_optimizer else 1, act=act_a)
+
+
+def _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
+                          group) -> float:
+    w, g, o = param_bytes(optimizer, work.dtype_bytes)
+    L = share.moe_layers[group]
+    where = f" (group {group})" if share.depth > 1 else ""
+    rows = seqs_per_mb * work.seq_len * work.top_k * layout.max_load  # per micro-batch and layer, busiest device
+    act_e = _expert_activations(work, m * L * rows, rows, recompute[1], recorder,
+                                f"activations per expert device{where}")
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
-    held = layout.experts_per_device
-    replicas = layout.min_replicas
-    experts = MEMORY(recorder, "memory per expert device", P=held * work.params_per_expert * L, w=w, grad=g, opt=o,
-                     shard=replicas if shard_optimizer else 1, act=act_e)
-    return {"attention": attention, "experts": experts}
+    return MEMORY(recorder, f"memory per expert device{where}", P=layout.experts_per_device * work.params_per_expert * L,
+                  w=w, grad=g, opt=o, shard=layout.min_replicas if shard_optimizer else 1, act=act_e)
 
 
 def ep_memory(work: Workload, cluster, ep: int, seqs: int, optimizer: str, shard_optimizer: bool,
@@ -129,4 +177,46 @@ def rank_parameter_bytes(profile, plan) -> dict[int, int]:
         for r in ranks:
             held = sum(r in replicas for replicas in placement)
             out[r] = size * held * sum(per_expert[j] for j in layers)
+    return out
+
+
+def rank_activation_bytes(profile, plan, batch_size: int) -> dict[int, float]:
+    """Peak bytes of activations each rank of ``plan`` keeps for backward in one step of
+    ``batch_size`` sequences (at ``profile.seq_len``), as the search predicts them
+    (:func:`afpipe_memory`'s activation terms): an attention rank of group g, its stages'
+    saved activations for the micro-batches its schedule keeps (GPipe: m; 1F1B:
+    ``in_flight``, the last stage's for one); an expert rank, its routed rows (uniform
+    routing over ``plan.expert_owner``) in its group's layers for as many micro-batches.
+    Without recomputation; expert-parallel plans are not covered."""
+    if plan.kind != "afpipe":
+        raise ValueError("rank_activation_bytes: AF-pipe plans only (an EP rank keeps one micro-step)")
+    if any(plan.recompute.values()):
+        raise ValueError("rank_activation_bytes: plans without recomputation only")
+    from fxdisag.planner.workload import Workload
+
+    work = Workload.from_profile(profile, profile.seq_len)
+    J = work.num_moe_layers
+    stages = plan.stages(J)
+    a = len(stages.attention_groups[0])
+    m = plan.num_microbatches
+    b = plan.microbatch_size or batch_size // (a * m)
+    if plan.schedule_kind == "gpipe":
+        n, n_tail = m, m
+    else:
+        n, n_tail = min(plan.in_flight or (2 if plan.pipeline_depth == 1 else 3 * plan.pipeline_depth), m), 1
+    saved = work.stage_saved
+    out: dict[int, float] = {}
+    for g, ranks in enumerate(stages.attention_groups):
+        own = stages.stages_of(g)
+        body = sum(saved[s] for s in own if s != J)
+        tail = saved[J] if J in own else 0.0
+        for r in ranks:
+            out[r] = b * (n * body + n_tail * tail)
+    S, K, E = work.seq_len, work.top_k, work.num_experts
+    for g, ranks in enumerate(stages.expert_groups):
+        layers = len(stages.layers_of(g))
+        for r in ranks:
+            rows = sum(b * S * K * sum(1 for x in plan.expert_owner(i, g) if x == r) / E
+                       for i in stages.attention_groups[g])
+            out[r] = n * layers * rows * work.expert_saved_per_row
     return out

@@ -28,6 +28,7 @@ Bytes are bytes, bandwidths bytes/s, latencies seconds (``ClusterSpec``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,6 +41,7 @@ __all__ = [
     "NodeShare",
     "afpipe_transfer",
     "domain_owners",
+    "ring_transfer",
     "expert_owners",
     "group_span",
 ]
@@ -87,14 +89,15 @@ def domain_owners(strategy: str, num_experts: int, attention: list[int], experts
     raise ValueError(f"unknown placement strategy {strategy!r}; choose from {STRATEGIES}")
 
 
-def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[list[float], list[int], int]:
+@functools.lru_cache(maxsize=4096)
+def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[tuple[float, ...], tuple[int, ...], int]:
     """Fast path of :func:`domain_owners`: per expert rank (index j) its rows in attention
     devices' worth and its expert count, and the fewest replicas of an expert in the domain."""
     g = math.gcd(E, F)
     if strategy == "pairs":
         pairs = a * E
         count = [pairs // F + (1 if j < pairs % F else 0) for j in range(F)]
-        return [c / E for c in count], [min(c, E // g) for c in count], min(a, F // g)
+        return tuple(c / E for c in count), tuple(min(c, E // g) for c in count), min(a, F // g)
     c = -(-E // F)
     holders: list[list[int]] = [[] for _ in range(E)]  # expert -> indices j of its holders, in rank order
     for j in range(F):
@@ -109,7 +112,7 @@ def _domain_loads(strategy: str, E: int, a: int, F: int) -> tuple[list[float], l
             # Only replicas that some attention rank routes to exist (placement() lists
             # exactly those): with a < q attention ranks, replicas a..q-1 are never made.
             held[j] += 1 if index < a else 0
-    return load, held, min(min(len(hs), a) for hs in holders)
+    return tuple(load), tuple(held), min(min(len(hs), a) for hs in holders)
 
 
 @dataclass
@@ -206,6 +209,7 @@ class GroupLayout:
         nic_split: list[float] | None = None,
         transfer_bytes: tuple[float, float, float, float] | None = None,
         sync_bytes: tuple[float, float] | None = None,
+        hop_bytes: tuple[float, float] | None = None,
     ) -> "GroupLayout":
         """``nic_split[n]``: NICs of node n given to its attention devices (the rest go to
         its experts). None chooses, per node, the split that minimises the node's slowest
@@ -213,7 +217,10 @@ class GroupLayout:
         dispatch-grad) bytes (evaluated with TRANSFER_TIME); ties (no cross-node traffic)
         go to the split closest to the node's share of gradient all-reduce bytes,
         ``sync_bytes`` = (per attention device, per expert of all layers), or to the
-        device ratio without it."""
+        device ratio without it. ``hop_bytes`` = per-token (hop, hop gradient) bytes: the
+        layout is one group pair of a pipeline of depth p > 1, whose combine and combine
+        gradient cross to the next pair's nodes beside the hop (:func:`ring_transfer`), and
+        the split is chosen for those transfers."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown placement strategy {strategy!r}; choose from {STRATEGIES}")
         dpn, N = cluster.devices_per_node, cluster.num_nodes
@@ -268,7 +275,8 @@ class GroupLayout:
                         weight = wa / (wa + we) if wa + we > 0 else a / (a + len(exp))
                     key = (a, a_dom, len(exp), rows, top, weight)
                     if key not in chosen:
-                        chosen[key] = _best_nic_split(cluster, a, len(exp), a_dom, rows, top, transfer_bytes, weight)
+                        chosen[key] = _best_nic_split(cluster, a, len(exp), a_dom, rows, top, transfer_bytes, weight,
+                                                       hop_bytes)
                     na = chosen[key]
                 ne = NIC - na if NIC > 1 else 0.5
             else:
@@ -297,7 +305,7 @@ def expert_owners(attention_ranks: list[int], placement: list[list[int]], domain
 
 
 def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float, transfer_bytes,
-                    weight: float) -> float:
+                    weight: float, hop_bytes: tuple[float, float] | None = None) -> float:
     """NICs for the attention devices of a node: the split with the fastest slowest transfer;
     ties (e.g. no cross-node traffic) go to the split closest to ``weight`` x NICs."""
     if transfer_bytes is None:
@@ -306,10 +314,18 @@ def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float
     best, best_key = 1.0, (math.inf, math.inf)
     for na in range(1, N):
         node = NodeShare(a, a_dom, f, rows, top, float(na), float(N - na))
-        t = max(
-            _node_transfer(cluster, node, b, toward_experts=(i % 2 == 0), latency=0.0)
-            for i, b in enumerate(transfer_bytes)
-        )
+        if hop_bytes is None:
+            t = max(
+                _node_transfer(cluster, node, b, toward_experts=(i % 2 == 0), latency=0.0)
+                for i, b in enumerate(transfer_bytes)
+            )
+        else:  # p > 1: dispatch inside the pair, combine across to the next (with the hop)
+            d, c, gc, gd = transfer_bytes
+            hf, hb = hop_bytes
+            t = max(_node_transfer(cluster, node, d, toward_experts=True, latency=0.0, hop=hf),
+                    _node_ring_transfer(cluster, node, c, hf, toward_experts=False),
+                    _node_ring_transfer(cluster, node, gc, hb, toward_experts=True),
+                    _node_transfer(cluster, node, gd, toward_experts=False, latency=0.0, hop=hb))
         key = (round(t, 15), abs(na - N * weight))
         if key < best_key:
             best, best_key = float(na), key
@@ -317,15 +333,17 @@ def _best_nic_split(cluster, a: int, f: int, a_dom: int, rows: float, top: float
 
 
 def _node_transfer(cluster, node: NodeShare, per_device: float, *, toward_experts: bool,
-                   latency: float | None = None, recorder=None, label=None) -> float:
+                   latency: float | None = None, recorder=None, label=None, hop: float = 0.0) -> float:
     """One node's time for a transfer where every attention device exchanges ``per_device``
-    bytes with the expert replicas of its routing domain (spread by row share)."""
+    bytes with the expert replicas of its routing domain (spread by row share), while
+    ``hop`` bytes per attention device leave (toward the experts) or enter the node over
+    the same attention NICs, from or to another group pair (p > 1)."""
     a, rows, top = node.attention, node.row_share, node.max_device_share
-    attn_nic = a * per_device * (1.0 - rows)  # leaves/enters the node at its attention devices
+    attn_nic = a * per_device * (1.0 - rows) + a * hop  # leaves/enters the node at its attention devices
     exp_nic = (node.domain_attention - a) * per_device * rows  # enters/leaves at its expert devices
     attn_link = per_device * rows if a else 0.0  # one attention device <-> local experts
     exp_link = a * per_device * top  # local attention devices <-> the busiest local expert
-    cross = attn_nic > 1e-9 * per_device or exp_nic > 1e-9 * per_device
+    cross = attn_nic > 1e-9 * per_device or exp_nic > 1e-9 * per_device or (a and hop > 0)
     if latency is None:
         latency = cluster.inter_node_latency if cross else (cluster.intra_node_latency if attn_link or exp_link else 0.0)
     n_a = node.nics_attention or 1.0
@@ -340,15 +358,54 @@ def _node_transfer(cluster, node: NodeShare, per_device: float, *, toward_expert
 
 
 def afpipe_transfer(cluster, layout: GroupLayout, per_device: float, *, toward_experts: bool,
-                    recorder=None, label: str = "transfer") -> float:
-    """Time of one micro-batch's transfer between the groups: the slowest node."""
+                    recorder=None, label: str = "transfer", hop: float = 0.0) -> float:
+    """Time of one micro-batch's transfer between the groups of one group pair: the slowest
+    node. ``hop``: bytes per attention device that cross to another group pair at the same
+    time over the attention NICs (p > 1; :func:`_node_transfer`)."""
     worst, worst_node = -1.0, None
     for node in layout.distinct_nodes:
-        t = _node_transfer(cluster, node, per_device, toward_experts=toward_experts)
+        t = _node_transfer(cluster, node, per_device, toward_experts=toward_experts, hop=hop)
         if t > worst:
             worst, worst_node = t, node
     if recorder is not None:  # record the formula on the node that sets the time
-        _node_transfer(cluster, worst_node, per_device, toward_experts=toward_experts, recorder=recorder, label=label)
+        _node_transfer(cluster, worst_node, per_device, toward_experts=toward_experts, recorder=recorder, label=label,
+                       hop=hop)
+    return worst
+
+
+def _node_ring_transfer(cluster, node: NodeShare, per_device: float, hop: float, *, toward_experts: bool,
+                        recorder=None, label=None) -> float:
+    """One node's time for a transfer between expert group g and attention group g + 1 (the
+    next group pair's nodes, laid out alike): every attention device of the pair exchanges
+    ``per_device`` bytes with the experts (all of it crosses nodes), and ``hop`` bytes with
+    the same slot of the other attention group over the same NICs."""
+    a = node.attention
+    attn_nic = a * (per_device + hop)
+    exp_nic = node.domain_attention * per_device * node.row_share
+    n_a = node.nics_attention or 1.0
+    n_e = node.nics_experts or 1.0
+    if toward_experts:  # combine gradient: attention g+1 -> experts g
+        values = dict(nic_out=attn_nic, n_out=n_a, nic_in=exp_nic, n_in=n_e)
+    else:  # combine: experts g -> attention g+1
+        values = dict(nic_out=exp_nic, n_out=n_e, nic_in=attn_nic, n_in=n_a)
+    return TRANSFER_TIME(recorder, label, **values, link_out=0.0, link_in=0.0, bw_nic=cluster.nic_bandwidth,
+                         bw_link=cluster.intra_node_bandwidth, latency=cluster.inter_node_latency)
+
+
+def ring_transfer(cluster, layout: GroupLayout, per_device: float, hop: float, *, toward_experts: bool,
+                  recorder=None, label: str = "transfer") -> float:
+    """Time of one micro-batch's transfer between expert group g and attention group g + 1
+    at p > 1 (combine forward, its gradient backward), with the attention hop beside it on
+    the same NICs: the slowest node (:func:`_node_ring_transfer`). Group pairs sit on
+    disjoint nodes laid out alike, so every byte crosses nodes."""
+    worst, worst_node = -1.0, None
+    for node in layout.distinct_nodes:
+        t = _node_ring_transfer(cluster, node, per_device, hop, toward_experts=toward_experts)
+        if t > worst:
+            worst, worst_node = t, node
+    if recorder is not None:
+        _node_ring_transfer(cluster, worst_node, per_device, hop, toward_experts=toward_experts, recorder=recorder,
+                            label=label)
     return worst
 
 

@@ -48,7 +48,8 @@ loop, which calls forward/backward that many times per optimizer step; the runti
 not see optimizer steps.
 
 and, when made by the search (``fxdisag.planner.plan``), the predicted times
-(AF-pipe step, EP baseline step without and with overlap, speedups), per-group
+(AF-pipe step; the Megatron-LM PP x EP x DP baseline's step with the all-to-all exposed
+and overlapped, each with its configuration in ``baseline``; speedups), per-group
 utilisation, memory per device and the formula evaluations behind them
 (``explain()``). ``Plan.manual`` builds one by hand, with no predictions.
 ``schedule()`` gives the runtime's action lists (``af_pipe_schedule`` at p = 1,
@@ -137,11 +138,11 @@ class Plan:
     optimizer: str = "adam"
     recompute: dict[str, bool] = field(default_factory=dict)  # activation recomputation per group
     step_time: float | None = None  # predicted AF-pipe step (s)
-    ep_step_time: float | None = None  # EP baseline, no overlap
-    ep_step_time_overlap: float | None = None  # EP baseline, two-half-batch overlap
+    baseline_step_time: float | None = None  # Megatron-LM PP x EP x DP baseline, all-to-all on the critical path
+    baseline_step_time_overlap: float | None = None  # the same, all-to-all overlapped with another micro-batch
     utilisation: dict[str, float] = field(default_factory=dict)
     memory_per_device: dict[str, float] = field(default_factory=dict)  # bytes; plus "capacity"
-    ep_baseline: dict = field(default_factory=dict)  # the baseline's configuration
+    baseline: dict = field(default_factory=dict)  # per variant ("no_overlap", "overlap"): its configuration
     breakdown: dict[str, float] = field(default_factory=dict)  # stage times etc. (s)
     evaluations: list[dict] = field(default_factory=list)  # for explain()
     notes: list[str] = field(default_factory=list)
@@ -222,16 +223,21 @@ class Plan:
     # ------------------------------------------------------------------ derived numbers
     @property
     def speedup(self) -> float | None:
-        """EP baseline (with overlap) step / AF-pipe step."""
-        if self.step_time and self.ep_step_time_overlap:
-            return self.ep_step_time_overlap / self.step_time
+        """Baseline (all-to-all overlapped) step / AF-pipe step."""
+        if self.step_time and self.baseline_step_time_overlap:
+            return self.baseline_step_time_overlap / self.step_time
         return None
 
     @property
     def speedup_no_overlap(self) -> float | None:
-        if self.step_time and self.ep_step_time:
-            return self.ep_step_time / self.step_time
+        """Baseline (all-to-all on the critical path) step / AF-pipe step."""
+        if self.step_time and self.baseline_step_time:
+            return self.baseline_step_time / self.step_time
         return None
+
+    def predictions(self) -> dict:
+        """Everything the table shows that is derived: speedups per baseline variant."""
+        return {"speedup_overlap": self.speedup, "speedup_no_overlap": self.speedup_no_overlap}
 
     @property
     def num_experts(self) -> int:
@@ -436,16 +442,16 @@ class Plan:
                          + ", ".join(f"{a:g}:{e:g} x{n} node(s)" for (a, e), n in counts.items()))
         if self.step_time is not None:
             lines.append("")
-            lines.append(f"  {'':<30} {'step (s)':>10} {'speedup':>8}")
-            lines.append(f"  {'AF-pipe (this plan)':<30} {self.step_time:>10.4g} {'1.00':>8}")
-            for label, value in (("EP baseline, with overlap", self.ep_step_time_overlap),
-                                 ("EP baseline, no overlap", self.ep_step_time)):
+            lines.append(f"  {'':<34} {'step (s)':>10} {'speedup':>8}  configuration")
+            lines.append(f"  {'AF-pipe (this plan)':<34} {self.step_time:>10.4g} {'1.00':>8}  {self._config_line()}")
+            for label, value, variant in (("Megatron PPxEPxDP, a2a overlapped", self.baseline_step_time_overlap,
+                                           "overlap"),
+                                          ("Megatron PPxEPxDP, a2a exposed", self.baseline_step_time, "no_overlap")):
                 if value is None:
-                    lines.append(f"  {label:<30} {'n/a':>10} {'':>8}")
+                    lines.append(f"  {label:<34} {'n/a':>10} {'':>8}  does not fit")
                 else:
-                    lines.append(f"  {label:<30} {value:>10.4g} {value / self.step_time:>8.2f}")
-            if self.ep_baseline:
-                lines.append(f"  EP baseline config: {self.ep_baseline.get('description', '')}")
+                    config = self.baseline.get(variant, {}).get("description", "")
+                    lines.append(f"  {label:<34} {value:>10.4g} {value / self.step_time:>8.2f}  {config}")
         if self.utilisation:
             lines.append("")
             lines.append("  utilisation: " + ", ".join(f"{k} {v:.1%}" for k, v in self.utilisation.items()))
@@ -456,6 +462,12 @@ class Plan:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+    def _config_line(self) -> str:
+        a, e = len(self.attention_ranks) // self.pipeline_depth, len(self.expert_ranks) // self.pipeline_depth
+        kind = self.schedule_kind + (f" ({self.in_flight} in flight)" if self.schedule_kind == "1f1b" else "")
+        return (f"p {self.pipeline_depth}, {a}A:{e}E per group, {self.num_microbatches} x {self.microbatch_size} "
+                f"seq, {kind}")
 
     def _group_lines(self) -> list[str]:
         """p > 1: one line per group (its ranks and MoE layers), then where the loss runs."""
@@ -485,6 +497,7 @@ class Plan:
     def to_json(self, **kwargs) -> str:
         data = dataclasses.asdict(self)
         advisory = {k: v for k, v in data.items() if k not in BINDING_FIELDS}
+        advisory["predictions"] = self.predictions()
         return json.dumps({"binding": self.binding(), "advisory": advisory}, **kwargs)
 
     @classmethod
@@ -492,11 +505,19 @@ class Plan:
         data = json.loads(text)
         if set(data) == {"binding", "advisory"}:
             data = {**data["advisory"], **data["binding"]}
+        data.pop("predictions", None)  # derived (to_json writes them for readers of the JSON)
+        for old, new in _RENAMED.items():  # plans written before the Megatron baseline
+            if old in data:
+                data[new] = data.pop(old)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"Plan.from_json: unknown fields {sorted(unknown)}")
         return cls(**data)
+
+
+_RENAMED = {"ep_step_time": "baseline_step_time", "ep_step_time_overlap": "baseline_step_time_overlap",
+            "ep_baseline": "baseline"}
 
 
 def _ranges(ranks: list[int]) -> str:

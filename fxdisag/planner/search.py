@@ -3,35 +3,43 @@
 Contract
 --------
 ``plan(profile, cluster, global_batch, ...)`` returns the :class:`Plan` minimising the
-predicted AF-pipe step time (forward + backward + gradient all-reduce, cost_afpipe.py)
-over
+predicted AF-pipe step (cost_afpipe.py) over the grid below, subject to per-device memory
+<= ``memory_fraction`` x capacity, and predicts the Megatron-LM baseline (PP x EP x DP,
+interleaved 1F1B, all-to-all exposed and overlapped; cost_megatron.py) on the same
+cluster and batch, each variant searched over its own grid.
 
-* A attention devices and F = W - A expert devices (all W devices used, A <= global batch),
-  attention devices spread evenly over the nodes (first local ranks of each node);
-* routing domains of d consecutive nodes (d divides the node count): each domain holds a
-  replica of every expert and its attention ranks route only to those replicas, so a
-  small d keeps the traffic inside nodes at the price of more expert replicas;
-* the expert placement and routing inside each domain (placement.domain_owners): "pairs"
-  (the (attention rank, expert) pairs spread round-robin over the expert ranks: balanced
-  load, more experts per rank) or "replicas" (ceil(E/F) experts per rank round-robin,
-  attention ranks take the replicas in turn: fewest experts per rank);
-* the NIC split of every node holding both groups (GroupLayout.build);
-* micro-batch size b (sequences per attention device) and count m <= max_microbatches,
-  with b * m * rounds = ceil(global_batch / A) (the rest is gradient accumulation),
+The grid (exhaustive; pseudo-code)::
 
-* activation recomputation per group (attention side, experts), used only where it is
-  needed to fit (it never makes a step faster),
+    for p in depth_options:            # 1, and p | nodes with p <= J: group pair g on nodes
+                                       #   [g N/p, (g+1) N/p), layers dealt round robin,
+                                       #   head and loss with the last layer's group
+      for A in 1 .. min(W/p - 1, G):   # attention devices per group (the rest: experts),
+                                       #   spread evenly over the pair's nodes
+        for (d, strategy) in layouts:  # p = 1: routing domains of d nodes, "pairs" or
+                                       #   "replicas" placement; p > 1: one domain, "replicas"
+          NIC split: per node, the split with the fastest slowest transfer (GroupLayout.build)
+          for b | ceil(G / A):         # sequences per micro-batch per attention device
+            for recompute in {none, experts, attention, both}:
+              for m | ceil(G / A) / b, m <= max_microbatches:   # rounds = ceil(G/A) / (b m)
+                for schedule, k in [gpipe] + [1f1b with k = 1 .. m in flight]:
+                  keep if memory(own layers, activations of m (gpipe) or k (1f1b)
+                                 micro-batches; head and loss of one under 1f1b) fits
 
-subject to per-device memory <= ``memory_fraction`` x capacity: weights + gradients +
-optimizer states (sharded over data-parallel replicas when ``shard_optimizer``, as
-ZeRO-1 / Megatron's distributed optimizer) + activations of all m in-flight
-micro-batches (GPipe-style). The EP baseline is searched the same way (EP degree ep
-dividing gcd(E, W), micro-step size, recomputation) and predicted on the same cluster
-and batch.
+Optimizer states are sharded over data-parallel replicas when ``shard_optimizer``
+(ZeRO-1, as Megatron's distributed optimizer), for AF-pipe (attention: over the group;
+experts: over their replicas) and the baseline alike.
 
-If nothing fits it raises :class:`PlanError` saying what did not fit (the closest
-candidate's memory by part) and the smallest cluster of the same device kind that would
-fit, or that none would (when the replicated attention weights alone exceed a device).
+Pruning, exact (a test compares the result with brute force over the same grid):
+(p, A) points are visited in order of :func:`step_lower_bound` (the busiest group's
+FLOPs at peak, no bubble, transfer or overhead: below every candidate's step) and the
+search stops once a bound reaches the best step found; a layout whose weights and
+gradients alone exceed a device is skipped; more micro-batches in flight never need less
+memory, so the in-flight loop stops at the first that does not fit; stage times and
+memory are computed once per (layout, b, recompute) and reused across m and k. Before
+searching, the least memory any candidate needs (1 sequence, 1 micro-batch, everything
+recomputed) is checked; if even that does not fit, :class:`PlanError` says what did not
+fit and names the smallest cluster of the same device kind that would (or that none
+would, when one layer's attention side per group already exceeds a device).
 """
 
 from __future__ import annotations
@@ -45,15 +53,17 @@ from fxdisag.planner.cost_afpipe import (
     afpipe_sync,
     afpipe_sync_parts,
     attention_times,
+    hop_bytes_per_token,
 )
-from fxdisag.planner.cost_ep import ep_times
+from fxdisag.planner.cost_megatron import best_megatron, megatron_memory, megatron_times
 from fxdisag.planner.formulas import Recorder
-from fxdisag.planner.memory import afpipe_memory, ep_memory
+from fxdisag.planner.memory import afpipe_memory
 from fxdisag.planner.placement import STRATEGIES, GroupLayout
 from fxdisag.planner.plan import Plan
 from fxdisag.planner.workload import Workload, optimizer_bytes_per_param
 
-__all__ = ["plan", "PlanError", "attention_layout"]
+__all__ = ["Candidate", "PlanError", "SCHEDULES", "attention_layout", "candidate_memory", "candidate_step",
+           "depth_options", "pair_cluster", "plan"]
 
 
 class PlanError(ValueError):
@@ -94,19 +104,25 @@ def _domain_expert_counts(cluster, attention: list[int], experts: list[int], d: 
 
 
 _RECOMPUTE = ((False, False), (False, True), (True, False), (True, True))  # (attention side, experts)
+SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass
-class _Candidate:
+class Candidate:
+    """One point of the search grid with its predicted step (module docstring)."""
+
     step: float
-    num_attention: int
-    domain_nodes: int
+    depth: int  # p
+    num_attention: int  # attention devices per group
+    domain_nodes: int  # routing domain size, in nodes of the group pair
     strategy: str
-    seqs: int
+    seqs: int  # sequences per micro-batch per attention device
     m: int
     rounds: int
-    layout: GroupLayout
+    schedule: str
+    in_flight: int | None  # 1f1b: micro-batches in flight
     recompute: tuple[bool, bool]
+    layout: GroupLayout  # of one group pair, on pair_cluster(cluster, depth)
 
 
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
@@ -136,20 +152,68 @@ def _transfer_bytes(work: Workload) -> tuple[float, float, float, float]:
     return (work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token, work.dispatch_grad_per_token)
 
 
-def _best_ep(work: Workload, cluster, global_batch: int, optimizer: str, shard: bool, cap: float):
-    W = cluster.world_size
-    seqs_per_device = math.ceil(global_batch / W)
-    best = None
-    for ep in _divisors(math.gcd(work.num_experts, W)):
-        for seqs in _divisors(seqs_per_device):
-            for recompute in _RECOMPUTE:
-                if ep_memory(work, cluster, ep, seqs, optimizer, shard, recompute=recompute) > cap:
-                    continue
-                times = ep_times(work, cluster, ep, seqs, seqs_per_device // seqs, recompute=recompute)
-                if best is None or times["step_overlap"] < best[0]["step_overlap"]:
-                    best = (times, ep, seqs, recompute)
-                break  # later recompute options only add work
-    return best
+def depth_options(work: Workload, cluster) -> list[int]:
+    """Pipeline depths searched: 1, and every p > 1 that divides the node count with p <= J
+    (each group pair on N / p whole nodes, so dispatch stays inside the pair's nodes)."""
+    return [p for p in _divisors(cluster.num_nodes) if p <= work.num_moe_layers]
+
+
+def pair_cluster(cluster, depth: int):
+    """The nodes of one group pair at pipeline depth ``depth``."""
+    return cluster if depth == 1 else cluster.replace(num_nodes=cluster.num_nodes // depth)
+
+
+def loss_group(work: Workload, depth: int) -> int | None:
+    """The attention group of the head and loss at p > 1: the group of the last MoE layer (no
+    extra hop; the embedding sits on group 0, so the two largest stages part)."""
+    return None if depth == 1 else (work.num_moe_layers - 1) % depth
+
+
+def group_share(work: Workload, depth: int):
+    return None if depth == 1 else work.group_share(depth, "round_robin", loss_group(work, depth))
+
+
+def _layout_options(work: Workload, cluster, depth: int, attention, experts, optimizer, shard, cap):
+    """(routing domain nodes, placement strategy) of one group pair whose weights and
+    gradients may fit. p > 1: the pair is one routing domain and experts are placed
+    "replicas" (the routing a plan of depth > 1 binds: replica t mod q for slot t,
+    ``Plan.expert_owner``)."""
+    if depth == 1:
+        return _domain_options(work, cluster, attention, experts, optimizer, shard, cap)
+    share = group_share(work, depth)
+    w = 2 * work.dtype_bytes
+    if max(share.attention_params) * w > cap:
+        return []
+    if -(-work.num_experts // len(experts)) * work.params_per_expert * share.laps * w > cap:
+        return []
+    return [(cluster.num_nodes, "replicas")]
+
+
+def _hop_bytes(work: Workload, depth: int) -> tuple[float, float] | None:
+    return hop_bytes_per_token(work) if depth > 1 else None
+
+
+def _build_layout(work: Workload, sub, depth: int, attention, experts, d: int, strategy: str) -> GroupLayout:
+    return GroupLayout.build(sub, attention, experts, work.num_experts, strategy=strategy, domain_nodes=d,
+                             transfer_bytes=_transfer_bytes(work), sync_bytes=_sync_bytes(work),
+                             hop_bytes=_hop_bytes(work, depth))
+
+
+def candidate_step(work: Workload, cluster, cand: Candidate, recorder=None, attn: dict | None = None) -> dict:
+    """The predicted step of ``cand`` and its parts (``cost_afpipe.afpipe_step``)."""
+    sub = pair_cluster(cluster, cand.depth)
+    stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, recorder, attn=attn, recompute=cand.recompute,
+                                depth=cand.depth)
+    sync = afpipe_sync(work, sub, cand.layout, recorder, group_share(work, cand.depth))
+    return _step_of(work, cand, stages, sync, recorder)
+
+
+def candidate_memory(work: Workload, cluster, cand: Candidate, optimizer: str, shard: bool, recorder=None) -> dict:
+    """Bytes per attention and expert device of ``cand``: its own layers, with the
+    activations of the micro-batches its schedule keeps in flight."""
+    keep = cand.m if cand.schedule == "gpipe" else min(cand.in_flight, cand.m)
+    return afpipe_memory(work, cand.layout, cand.seqs, keep, optimizer, shard, recorder, recompute=cand.recompute,
+                         share=group_share(work, cand.depth), tail_microbatches=None if cand.schedule == "gpipe" else 1)
 
 
 def plan(
@@ -165,112 +229,187 @@ def plan(
     num_attention: int | None = None,
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
+    pipeline_depth: int | None = None,
+    schedule: str | None = None,
+    baseline: bool = True,
 ) -> Plan:
     """The fastest predicted AF-pipe plan that fits (module docstring).
 
     ``memory_fraction`` of each device's capacity is usable (the rest: CUDA context,
-    allocator fragmentation, communication buffers). ``num_attention``,
-    ``num_microbatches``, ``microbatch_size`` pin those choices instead of searching.
+    allocator fragmentation, communication buffers). ``num_attention`` (attention devices
+    per group), ``num_microbatches``, ``microbatch_size``, ``pipeline_depth``,
+    ``schedule`` pin those choices instead of searching. ``baseline=False`` skips the
+    Megatron-LM baseline's search (no speedups in the plan).
     """
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"plan: global_batch must be an int >= 1 (sequences per step), got {global_batch!r}")
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"plan: memory_fraction must be in (0, 1], got {memory_fraction}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"plan: schedule={schedule!r}; choose from {SCHEDULES}")
     optimizer_bytes_per_param(optimizer, 2)  # validates the name
     W = cluster.world_size
     if W < 2:
         raise PlanError(f"plan: cluster {cluster.describe()} has {W} device; AF-pipe needs >= 2 (one per group)")
     S = seq_len or profile.seq_len
     work = Workload.from_profile(profile, S)
-    E = work.num_experts
     cap = cluster.memory_capacity * memory_fraction
-    if num_attention is not None and not 1 <= num_attention < W:
-        raise ValueError(f"plan: num_attention={num_attention} must be in 1..{W - 1} on {W} devices")
+    depths = depth_options(work, cluster)
+    if pipeline_depth is not None:
+        if pipeline_depth not in depths:
+            raise ValueError(f"plan: pipeline_depth={pipeline_depth} is not searchable on {cluster.describe()} with "
+                             f"{work.num_moe_layers} MoE layers: choose from {depths} (p must divide the node "
+                             "count, each group pair on whole nodes, and p <= the MoE layers)")
+        depths = [pipeline_depth]
+    if num_attention is not None and not any(1 <= num_attention < W // p for p in depths):
+        raise ValueError(f"plan: num_attention={num_attention} must be in 1..{W // depths[0] - 1} (attention devices "
+                         f"per group) on {W} devices at depth {depths[0]}")
 
+    least = _least_memory(work, cluster, global_batch, cap, optimizer, shard_optimizer)
+    if least[0] > 1.0:  # nothing of the grid fits: say why without searching it
+        raise PlanError(_no_fit_message(work, cluster, global_batch, cap, least if least[1] else None, optimizer,
+                                        shard_optimizer, memory_fraction, profile.model))
+    best, closest = _search(work, cluster, global_batch, cap, optimizer, shard_optimizer, depths, max_microbatches,
+                            num_attention, num_microbatches, microbatch_size, schedule)
+    if best is None:
+        raise PlanError(_no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard_optimizer,
+                                        memory_fraction, profile.model))
+    return _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap, baseline)
+
+
+def _search(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool, depths,
+            max_microbatches: int, num_attention=None, num_microbatches=None, microbatch_size=None,
+            schedule=None):
+    """(best Candidate or None, closest infeasible (worst memory / cap, Candidate, memory))."""
     attn_cache: dict[tuple, dict] = {}
-    best: _Candidate | None = None
-    closest = None  # (worst memory / cap, description) of the closest infeasible candidate
-    counts = [num_attention] if num_attention else range(1, min(W - 1, global_batch) + 1)
-    for A in counts:
+    best: Candidate | None = None
+    closest = None
+    schedules = [schedule] if schedule else list(SCHEDULES)
+    points = []  # (lower bound, p, A): visited in bound order, stopped once a bound reaches the best step
+    for p in depths:
+        Wp = pair_cluster(cluster, p).world_size
+        for A in [num_attention] if num_attention else range(1, min(Wp - 1, global_batch) + 1):
+            if 1 <= A < Wp:
+                points.append((step_lower_bound(work, cluster, p, A, global_batch), p, A))
+    points.sort()
+    for bound, p, A in points:
+        if best is not None and bound >= best.step * (1 - 1e-12):
+            break  # every later point's bound is at least this one's
+        sub = pair_cluster(cluster, p)
         try:
-            attention, experts = attention_layout(cluster, A)
+            attention, experts = attention_layout(sub, A)
         except ValueError:
             continue
         s_dev = math.ceil(global_batch / A)
-        for d, strategy in _domain_options(work, cluster, attention, experts, optimizer, shard_optimizer, cap):
-            layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, domain_nodes=d,
-                                       transfer_bytes=_transfer_bytes(work), sync_bytes=_sync_bytes(work))
-            sync = None
+        for d, strategy in _layout_options(work, sub, p, attention, experts, optimizer, shard, cap):
+            layout = _build_layout(work, sub, p, attention, experts, d, strategy)
             seq_options = [microbatch_size] if microbatch_size else _divisors(s_dev)
             for b in seq_options:
                 if s_dev % b:
                     continue
                 m_options = [num_microbatches] if num_microbatches else [
-                    m for m in _divisors(s_dev // b) if m <= max_microbatches
-                ]
-                stages: dict[tuple, dict] = {}
-                for m in m_options:
-                    if (s_dev // b) % m:
-                        continue
-                    for recompute in _RECOMPUTE:
-                        mem = afpipe_memory(work, layout, b, m, optimizer, shard_optimizer, recompute=recompute)
-                        worst = max(mem.values()) / cap
-                        if worst > 1.0:
-                            if closest is None or worst < closest[0]:
-                                closest = (worst, A, d, strategy, b, m, mem)
+                    m for m in _divisors(s_dev // b) if m <= max_microbatches]
+                for recompute in _RECOMPUTE:
+                    key = (b, recompute[0])
+                    if key not in attn_cache:
+                        attn_cache[key] = attention_times(work, sub, b, recompute=recompute[0])
+                    stages = None
+                    memory: dict[tuple, dict] = {}  # (schedule, micro-batches kept) -> bytes: m-independent
+                    for m in m_options:
+                        if (s_dev // b) % m:
                             continue
-                        if recompute not in stages:
-                            key = (b, recompute[0])
-                            if key not in attn_cache:
-                                attn_cache[key] = attention_times(work, cluster, b, recompute=recompute[0])
-                            stages[recompute] = afpipe_stage_times(work, cluster, layout, b, attn=attn_cache[key],
-                                                                   recompute=recompute)
-                        if sync is None:
-                            sync = afpipe_sync(work, cluster, layout)
-                        rounds = s_dev // (b * m)
-                        step = afpipe_step(work, stages[recompute], m, rounds, sync)["step"]
-                        if best is None or step < best.step * (1 - 1e-12):
-                            best = _Candidate(step, A, d, strategy, b, m, rounds, layout, recompute)
-    if best is None:
-        raise PlanError(_no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard_optimizer,
-                                        memory_fraction, profile.model))
-    return _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap)
+                        for kind in schedules:
+                            ks = [None] if kind == "gpipe" else range(1, m + 1)
+                            for k in ks:
+                                cand = Candidate(math.inf, p, A, d, strategy, b, m, s_dev // (b * m), kind, k,
+                                                 recompute, layout)
+                                kept = (kind, m if k is None else k)
+                                if kept not in memory:
+                                    memory[kept] = candidate_memory(work, cluster, cand, optimizer, shard)
+                                mem = memory[kept]
+                                worst = max(mem.values()) / cap
+                                if worst > 1.0:
+                                    if closest is None or worst < closest[0]:
+                                        closest = (worst, cand, mem)
+                                    break  # more in flight only needs more memory
+                                if stages is None:
+                                    stages = _pair_times(work, cluster, cand, attn_cache[key])
+                                cand.step = _step_of(work, cand, *stages)["step"]
+                                if best is None or cand.step < best.step * (1 - 1e-12):
+                                    best = cand
+    return best, closest
 
 
-def _make_plan(profile, work: Workload, cluster, global_batch: int, best: _Candidate, optimizer: str,
-               shard: bool, cap: float) -> Plan:
+def step_lower_bound(work: Workload, cluster, depth: int, num_attention: int, global_batch: int) -> float:
+    """A bound below the predicted step of every candidate with pipeline depth ``depth`` and
+    ``num_attention`` attention devices per group: the busiest group's compute at peak
+    FLOP/s, with no bubble, transfer, overhead or memory-bound region. The busy time of a
+    group's attention devices is ceil(G / A) sequences x (the laps' layers + pre + post),
+    forward + backward, and AF-pipe's step (PIPELINE_TIME and PIPELINE_1F1B alike) is at
+    least m L t_b per round; the expert devices of a pair share its rows at best evenly
+    (max_load >= A / F)."""
+    sub = pair_cluster(cluster, depth)
+    peak = sub.peak(work.dtype)
+    share = group_share(work, depth)
+    L = share.laps if share else work.num_moe_layers
+    s_dev = math.ceil(global_batch / num_attention)
+    per_layer = sum(r.fwd_flops + r.bwd_flops for regs in work.layers for r in regs) / len(work.layers)
+    outside = sum(r.fwd_flops + r.bwd_flops for r in work.pre + work.post)
+    attention = s_dev * (L * per_layer + outside) / peak
+    F = sub.world_size - num_attention
+    experts = s_dev * work.seq_len * work.top_k * num_attention / F * L * 3 * work.expert_flops_per_row / peak
+    return max(attention, experts)
+
+
+def _pair_times(work: Workload, cluster, cand: Candidate, attn: dict):
+    """Stage times and gradient sync of a candidate's (layout, micro-batch size, recompute):
+    what its step formula reads, the same for every m, schedule and in-flight count."""
+    sub = pair_cluster(cluster, cand.depth)
+    share = group_share(work, cand.depth)
+    stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, attn=attn, recompute=cand.recompute,
+                                depth=cand.depth)
+    return stages, afpipe_sync(work, sub, cand.layout, share=share)
+
+
+def _step_of(work: Workload, cand: Candidate, stages: dict, sync: float, recorder=None) -> dict:
+    share = group_share(work, cand.depth)
+    return afpipe_step(work, stages, cand.m, cand.rounds, sync, recorder, depth=cand.depth,
+                       laps=share.laps if share else None, schedule=cand.schedule, in_flight=cand.in_flight)
+
+
+def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candidate, optimizer: str,
+               shard: bool, cap: float, baseline: bool = True) -> Plan:
     rec = Recorder()
     layout = best.layout
-    stages = afpipe_stage_times(work, cluster, layout, best.seqs, rec, recompute=best.recompute)
-    times = afpipe_step(work, stages, best.m, best.rounds, afpipe_sync(work, cluster, layout, rec), rec)
-    memory = afpipe_memory(work, layout, best.seqs, best.m, optimizer, shard, rec, recompute=best.recompute)
+    p = best.depth
+    sub = pair_cluster(cluster, p)
+    times = candidate_step(work, cluster, best, rec)
+    memory = candidate_memory(work, cluster, best, optimizer, shard, rec)
     notes = []
     A = best.num_attention
     padded = A * math.ceil(global_batch / A)
     if padded != global_batch:
-        notes.append(f"global batch {global_batch} does not split evenly over {A} attention ranks: "
-                     f"predicted as {padded} sequences (some ranks idle part of the step)")
-    ep = _best_ep(work, cluster, global_batch, optimizer, shard, cap)
-    ep_info: dict = {}
-    ep_no = ep_ov = None
-    if ep is None:
-        notes.append("EP baseline does not fit in memory on this cluster (no EP degree / micro-step size fits)")
-    else:
-        _, ep_degree, ep_seqs, ep_recompute = ep
-        rounds = math.ceil(global_batch / cluster.world_size) // ep_seqs
-        ep_t = ep_times(work, cluster, ep_degree, ep_seqs, rounds, rec, recompute=ep_recompute)
-        ep_no, ep_ov = ep_t["step_no_overlap"], ep_t["step_overlap"]
-        ep_mem = ep_memory(work, cluster, ep_degree, ep_seqs, optimizer, shard, rec, recompute=ep_recompute)
-        memory["ep_baseline"] = ep_mem
-        ep_info = {
-            "ep": ep_degree,
-            "seqs_per_microstep": ep_seqs,
-            "rounds": rounds,
-            "recompute": {"attention": ep_recompute[0], "experts": ep_recompute[1]},
-            "description": f"EP degree {ep_degree} ({work.num_experts // ep_degree} experts per device, "
-            f"{cluster.world_size // ep_degree} replica(s)), {ep_seqs} sequence(s) per device per micro-step, "
-            f"{rounds} accumulation round(s), recompute {_recompute_str(ep_recompute)}",
-        }
+        notes.append(f"global batch {global_batch} does not split evenly over {A} attention ranks"
+                     f"{' per group' if p > 1 else ''}: predicted as {padded} sequences (some ranks idle part of the "
+                     "step)")
+    base_info: dict = {}
+    base_no = base_ov = None
+    if baseline:
+        found = best_megatron(work, cluster, global_batch, optimizer, shard, cap)
+        for variant, result in found.items():
+            if result is None:
+                notes.append(f"Megatron-LM baseline ({variant.replace('_', ' ')}) does not fit in memory on this "
+                             "cluster (no PP x EP x DP configuration fits; tensor parallelism is not modelled)")
+                continue
+            _, cfg = result
+            t = megatron_times(work, cluster, cfg, rec, variants=(variant,))
+            memory[f"megatron_{variant}"] = megatron_memory(work, cluster, cfg, optimizer, shard, rec)
+            base_info[variant] = cfg.to_dict(cluster.world_size, work.num_experts)
+            base_info[variant]["step"] = t[f"step_{variant}"]
+            if variant == "no_overlap":
+                base_no = t["step_no_overlap"]
+            else:
+                base_ov = t["step_overlap"]
     model_flops = work.model_flops_per_seq * global_batch
     peak_total = cluster.peak(work.dtype) * cluster.world_size
     utilisation = {
@@ -278,26 +417,38 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: _Candi
         "experts": times["util_experts"],
         "MFU AF-pipe": model_flops / (times["step"] * peak_total),
     }
-    if ep_ov:
-        utilisation["MFU EP overlap"] = model_flops / (ep_ov * peak_total)
+    if base_ov:
+        utilisation["MFU Megatron overlap"] = model_flops / (base_ov * peak_total)
     memory["capacity"] = cap
     breakdown = {k: v for k, v in times.items() if isinstance(v, float)}
-    breakdown["sync_attention"], breakdown["sync_experts"] = afpipe_sync_parts(work, cluster, layout)
+    share = group_share(work, p)
+    breakdown["sync_attention"], breakdown["sync_experts"] = afpipe_sync_parts(work, sub, layout, share=share)
     tokens = best.seqs * work.seq_len
     for key, per_token in zip(("dispatch", "combine", "combine_grad", "dispatch_grad"), _transfer_bytes(work)):
         breakdown[f"{key}_bytes"] = tokens * per_token  # per attention device per micro-batch
-    breakdown["link_latency"] = cluster.inter_node_latency if layout.domain_nodes > 1 else cluster.intra_node_latency
+    if p > 1:
+        hop_f, hop_b = hop_bytes_per_token(work)
+        breakdown["hop_bytes"], breakdown["hop_grad_bytes"] = tokens * hop_f, tokens * hop_b
+    breakdown["link_latency"] = sub.inter_node_latency if layout.domain_nodes > 1 or p > 1 else sub.intra_node_latency
+    shift = sub.world_size
+    attention_ranks = [r + g * shift for g in range(p) for r in layout.attention_ranks]
+    expert_ranks = [r + g * shift for g in range(p) for r in layout.expert_ranks]
+    placement = [[r + g * shift for g in range(p) for r in ranks] for ranks in layout.placement()]
     return Plan(
-        attention_ranks=layout.attention_ranks,
-        expert_ranks=layout.expert_ranks,
-        expert_placement=layout.placement(),
-        routing_domains=layout.domains(),
-        expert_owners={str(k): list(v) for k, v in sorted(layout.owners().items())},
+        attention_ranks=attention_ranks,
+        expert_ranks=expert_ranks,
+        expert_placement=placement,
+        routing_domains=layout.domains() if p == 1 else [],
+        expert_owners={str(k): list(v) for k, v in sorted(layout.owners().items())} if p == 1 else {},
         num_microbatches=best.m,
         microbatch_size=best.seqs,
         grad_accumulation=best.rounds,
+        schedule_kind=best.schedule,
+        in_flight=best.in_flight,
         num_moe_layers=work.num_moe_layers,
-        nic_split=layout.nic_split(),
+        pipeline_depth=p,
+        loss_group=loss_group(work, p),
+        nic_split=layout.nic_split() * p,
         model=profile.model,
         cluster=cluster.describe(),
         seq_len=work.seq_len,
@@ -305,11 +456,11 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: _Candi
         optimizer=optimizer,
         recompute={"attention": best.recompute[0], "experts": best.recompute[1]},
         step_time=times["step"],
-        ep_step_time=ep_no,
-        ep_step_time_overlap=ep_ov,
+        baseline_step_time=base_no,
+        baseline_step_time_overlap=base_ov,
         utilisation=utilisation,
         memory_per_device=memory,
-        ep_baseline=ep_info,
+        baseline=base_info,
         breakdown=breakdown,
         evaluations=[e.to_dict() for e in rec.evaluations],
         notes=notes,
@@ -325,22 +476,32 @@ def _recompute_str(recompute: tuple[bool, bool]) -> str:
 
 
 def _fits_somewhere(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool) -> bool:
-    """Is there any (A, placement) whose memory with 1 sequence x 1 micro-batch, recomputing
-    everything, fits?"""
-    W = cluster.world_size
-    E = work.num_experts
-    for A in range(1, min(W - 1, global_batch) + 1):
-        try:
-            attention, experts = attention_layout(cluster, A)
-        except ValueError:
-            continue
-        for d, strategy in _domain_options(work, cluster, attention, experts, optimizer, shard, cap):
-            layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, domain_nodes=d,
-                                       nic_split=[1.0] * cluster.num_nodes)
-            mem = afpipe_memory(work, layout, 1, 1, optimizer, shard, recompute=(True, True))
-            if max(mem.values()) <= cap:
-                return True
-    return False
+    return _least_memory(work, cluster, global_batch, cap, optimizer, shard)[0] <= 1.0
+
+
+def _least_memory(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool):
+    """(worst memory / cap, Candidate, memory) of the candidate needing the least memory: over
+    every (depth, A, placement), 1 sequence x 1 micro-batch in flight, recomputing everything
+    (no candidate of the grid needs less). (inf, None, None) when no placement's weights fit."""
+    least = (math.inf, None, None)
+    for p in depth_options(work, cluster):
+        sub = pair_cluster(cluster, p)
+        for A in range(1, min(sub.world_size - 1, global_batch) + 1):
+            try:
+                attention, experts = attention_layout(sub, A)
+            except ValueError:
+                continue
+            for d, strategy in _layout_options(work, sub, p, attention, experts, optimizer, shard, cap):
+                layout = GroupLayout.build(sub, attention, experts, work.num_experts, strategy=strategy,
+                                           domain_nodes=d, nic_split=[1.0] * sub.num_nodes)
+                cand = Candidate(math.inf, p, A, d, strategy, 1, 1, 1, "gpipe", None, (True, True), layout)
+                mem = candidate_memory(work, cluster, cand, optimizer, shard)
+                worst = max(mem.values()) / cap
+                if worst < least[0]:
+                    least = (worst, cand, mem)
+                if worst <= 1.0:
+                    return least
+    return least
 
 
 def _smallest_cluster(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool):
@@ -370,27 +531,33 @@ def _no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard,
              f"{', states sharded' if shard else ''})."]
     w = work.dtype_bytes
     o = optimizer_bytes_per_param(optimizer, w)
-    attn_floor = (work.attention_params * 2 * w + work.num_decoder_layers * work.layer_input_bytes
-                  + work.attention_saved_unlayered + work.attention_saved_layer_max)
+    deepest = work.group_share(work.num_moe_layers, "round_robin", work.num_moe_layers - 1)  # one layer per group
+    attn_floor = max(P * 2 * w + keep for P, keep in zip(deepest.attention_params, deepest.recompute_keep_per_seq)) \
+        + work.attention_saved_layer_max
     if closest is not None:
-        worst, A, d, strategy, b, m, mem = closest
+        worst, c, mem = closest
+        Wp = cluster.world_size // c.depth
+        kept = c.m if c.schedule == "gpipe" else c.in_flight
         lines.append(
-            f"closest: {A} attention + {cluster.world_size - A} expert devices, routing domains of {d} node(s), "
-            f"placement {strategy!r}, "
-            f"{m} micro-batch(es) of {b} sequence(s): attention device needs {mem['attention'] / gb:.1f} GB, "
-            f"expert device {mem['experts'] / gb:.1f} GB."
+            f"closest: pipeline depth {c.depth}, {c.num_attention} attention + {Wp - c.num_attention} expert devices "
+            f"per group, routing domains of {c.domain_nodes} node(s), placement {c.strategy!r}, {c.schedule} with "
+            f"{kept} micro-batch(es) of {c.seqs} sequence(s) in flight, recompute {_recompute_str(c.recompute)}: "
+            f"attention device needs {mem['attention'] / gb:.1f} GB, expert device {mem['experts'] / gb:.1f} GB."
         )
+    expert_params = work.params_per_expert * work.num_experts * work.num_moe_layers
     lines.append(
-        f"attention side: {work.attention_params / 1e9:.2f}B parameters replicated on every attention device "
-        f"({work.attention_params * 2 * w / gb:.1f} GB weights+grads, {work.attention_params * o / gb:.1f} GB optimizer "
-        f"state before sharding) + {work.attention_saved_bytes / gb:.2f} GB activations per sequence; "
-        f"experts: {work.params_per_expert * work.num_experts * work.num_moe_layers / 1e9:.1f}B parameters in total."
+        f"attention side: {work.attention_params / 1e9:.2f}B parameters ({work.attention_params * 2 * w / gb:.1f} GB "
+        f"weights+grads, {work.attention_params * o / gb:.1f} GB optimizer state before sharding; at pipeline depth p "
+        f"an attention group holds its layers' share) + {work.attention_saved_bytes / gb:.2f} GB activations per "
+        f"sequence; experts: {expert_params / 1e9:.1f}B parameters, {expert_params * (2 * w + o) / gb:.0f} GB with "
+        f"gradients and optimizer state ({expert_params * (2 * w + o) / gb / cluster.world_size:.1f} GB per device "
+        "if spread over every device)."
     )
     if attn_floor > cap:
         lines.append(
-            f"no cluster of this device fits: the replicated attention weights and gradients plus one sequence "
-            f"of activations (recomputing) already need {attn_floor / gb:.1f} GB per device (tensor-parallel attention is not "
-            "supported)."
+            f"no cluster of this device fits: at the deepest pipeline (one MoE layer per group), the attention "
+            f"weights and gradients of one group plus one sequence of activations (recomputing) already need "
+            f"{attn_floor / gb:.1f} GB per device (tensor-parallel attention is not supported)."
         )
         return "\n".join(lines)
     bigger = _smallest_cluster(work, cluster, global_batch, cap, optimizer, shard)

@@ -18,9 +18,9 @@ evaluated here (``formulas.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["RegionCost", "Workload", "optimizer_bytes_per_param"]
+__all__ = ["GroupShare", "RegionCost", "Workload", "optimizer_bytes_per_param"]
 
 
 def optimizer_bytes_per_param(optimizer: str, dtype_bytes: int) -> float:
@@ -43,6 +43,30 @@ class RegionCost:
     io_bytes: float
     weight_bytes: float
     layered: bool = True  # inside a decoder layer (recomputed under activation checkpointing)
+
+
+@dataclass(frozen=True)
+class GroupShare:
+    """What each group holds at pipeline depth ``depth`` (index g: attention group g and
+    expert group g, or pipeline stage g of the Megatron baseline): attention-side
+    parameters, activations kept per sequence (all; and with recomputation: its decoder
+    layers' inputs plus what lies outside decoder layers), and MoE layers."""
+
+    depth: int
+    attention_params: tuple[float, ...]
+    saved_per_seq: tuple[float, ...]
+    recompute_keep_per_seq: tuple[float, ...]
+    moe_layers: tuple[int, ...]
+    # of saved_per_seq and recompute_keep_per_seq: the part of the last stage (final norm,
+    # head, loss: the logits), on the group holding it. Its backward follows its forward at
+    # once under 1F1B, so it is kept for fewer micro-batches than the rest.
+    tail_saved_per_seq: tuple[float, ...] = ()
+    tail_keep_per_seq: tuple[float, ...] = ()
+
+    @property
+    def laps(self) -> int:
+        """The ring's passes: MoE layers of the group holding the most."""
+        return max(self.moe_layers)
 
 
 @dataclass
@@ -85,6 +109,50 @@ class Workload:
     # 0 when the profile did not measure it. Its gradient is the residual's: about H x dtype
     # per token.
     hop_per_seq: float = 0.0
+    # Per attention stage s = 0..J (stage 0 holds pre and MoE layer 0's attention side,
+    # stage j MoE layer j's, stage J the post regions): parameters, and activations kept
+    # per sequence. What a device of an attention group holds at p > 1 is the sum over its
+    # own stages. Empty: a hand-made workload (every stage alike).
+    stage_params: list[float] = field(default_factory=list)
+    stage_saved: list[float] = field(default_factory=list)
+    stage_unlayered: list[float] = field(default_factory=list)  # of stage_saved: outside decoder layers
+    stage_layers: list[int] = field(default_factory=list)  # decoder layers whose attention side is in stage s
+    _shares: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def group_share(self, p: int, assignment: str = "round_robin", loss_group: int | None = None) -> "GroupShare":
+        """What each group holds at pipeline depth ``p``, layers dealt as
+        :meth:`fxdisag.schedule.Stages.dealt` deals them (cached per arguments)."""
+        key = (p, assignment, loss_group)
+        if key not in self._shares:
+            self._shares[key] = self._group_share(p, assignment, loss_group)
+        return self._shares[key]
+
+    def _group_share(self, p: int, assignment: str, loss_group: int | None) -> "GroupShare":
+        from fxdisag.schedule import Stages
+
+        J = self.num_moe_layers
+        if p == 1:
+            groups = [list(range(J + 1))]
+            layers = [list(range(J))]
+        else:
+            stages = Stages.dealt([(g,) for g in range(p)], [(p + g,) for g in range(p)], J, assignment, loss_group)
+            groups = [stages.stages_of(g) for g in range(p)]
+            layers = [stages.layers_of(g) for g in range(p)]
+        params = self.stage_params or [self.attention_params / (J + 1)] * (J + 1)
+        saved = self.stage_saved or [self.attention_saved_bytes / (J + 1)] * (J + 1)
+        unlayered = self.stage_unlayered or [self.attention_saved_unlayered / (J + 1)] * (J + 1)
+        counts = self.stage_layers or [self.num_decoder_layers / (J + 1)] * (J + 1)
+        return GroupShare(
+            depth=p,
+            attention_params=tuple(sum(params[s] for s in g) for g in groups),
+            saved_per_seq=tuple(sum(saved[s] for s in g) for g in groups),
+            recompute_keep_per_seq=tuple(sum(counts[s] for s in g) * self.layer_input_bytes
+                                         + sum(unlayered[s] for s in g) for g in groups),
+            moe_layers=tuple(len(x) for x in layers),
+            tail_saved_per_seq=tuple(saved[J] if J in g else 0.0 for g in groups),
+            tail_keep_per_seq=tuple(counts[J] * self.layer_input_bytes + unlayered[J] if J in g else 0.0
+                                    for g in groups),
+        )
 
     @property
     def num_moe_layers(self) -> int:
@@ -103,6 +171,10 @@ class Workload:
         saved = 0.0
         unlayered = 0.0
         per_layer: dict[int, float] = {}
+        stage_params = [0.0] * (len(moe_layers) + 1)
+        stage_saved = [0.0] * (len(moe_layers) + 1)
+        stage_unlayered = [0.0] * (len(moe_layers) + 1)
+        stage_decoder: list[set] = [set() for _ in range(len(moe_layers) + 1)]
         total_flops = 0.0
         for r in profile.regions:
             f, b = r.fwd_flops.at(seq_len), r.bwd_flops.at(seq_len)
@@ -118,15 +190,24 @@ class Workload:
             else:
                 per_layer[r.layer] = per_layer.get(r.layer, 0.0) + kept
             if r.layer is None:
+                stage = 0 if r.kind == "embed" else len(moe_layers)
                 (pre if r.kind == "embed" else post).append(cost)
             elif r.layer < first:
+                stage = 0
                 pre.append(cost)
             elif r.layer > last:
+                stage = len(moe_layers)
                 post.append(cost)
             else:
                 # a dense layer between MoE layers belongs to the next MoE layer's stage
-                j = next(i for i, layer in enumerate(moe_layers) if layer >= r.layer)
-                layers[j].append(cost)
+                stage = next(i for i, layer in enumerate(moe_layers) if layer >= r.layer)
+                layers[stage].append(cost)
+            stage_params[stage] += r.params
+            stage_saved[stage] += kept
+            if r.layer is None:
+                stage_unlayered[stage] += kept
+            else:
+                stage_decoder[stage].add(r.layer)
         n = len(profile.moe)
 
         def mean(attr: str) -> float:
@@ -160,5 +241,9 @@ class Workload:
             model_flops_per_seq=total_flops,
             hop_per_seq=sum(c.at(seq_len) for c in profile.hop_bytes) / len(profile.hop_bytes)
             if profile.hop_bytes else 0.0,
+            stage_params=stage_params,
+            stage_saved=stage_saved,
+            stage_unlayered=stage_unlayered,
+            stage_layers=[len(x) for x in stage_decoder],
         )
 

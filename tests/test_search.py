@@ -1,0 +1,262 @@
+"""The planner's search (#9): against brute force over the stated grid, the Megatron-LM
+baseline against its own brute force and against the EP baseline it generalises, memory
+formulas on hand-computed cases, predictions in the JSON."""
+
+import itertools
+import math
+
+import pytest
+
+from fxdisag.planner import ClusterSpec, Plan, plan
+from fxdisag.planner.cost_afpipe import hop_bytes_per_token
+from fxdisag.planner.cost_ep import ep_times
+from fxdisag.planner.cost_megatron import (
+    VARIANTS,
+    MegatronConfig,
+    best_megatron,
+    megatron_grid,
+    megatron_memory,
+    megatron_times,
+)
+from fxdisag.planner.formulas import INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, PIPELINE_1F1B, PIPELINE_TIME
+from fxdisag.planner.placement import STRATEGIES, GroupLayout
+from fxdisag.planner.profile import synthetic_profile
+from fxdisag.planner.search import (
+    Candidate,
+    attention_layout,
+    candidate_memory,
+    candidate_step,
+    depth_options,
+    pair_cluster,
+)
+from fxdisag.planner.workload import Workload
+
+
+def model(layers=4, **kw):
+    args = dict(num_layers=layers, hidden_size=256, num_experts=4, top_k=2, params_per_expert=2_000_000,
+                attention_flops_per_token=6e6, attention_flops_per_token2=800.0, attention_params_per_layer=1_000_000,
+                attention_saved_per_token=20_000, expert_saved_per_row=6_000, head_flops_per_token=2e6,
+                head_params=500_000, seq_len=512)
+    args.update(kw)
+    return synthetic_profile(**args)
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _domains_complete(cluster, attention, experts, d):
+    """Every routing domain holding one group holds the other (the search's grid rule)."""
+    per = d * cluster.devices_per_node
+    has_a, has_e = {r // per for r in attention}, {r // per for r in experts}
+    return has_a == has_e
+
+
+def brute_force(profile, cluster, G, max_mb, cap, optimizer="adam", shard=True):
+    """Every point of the stated grid (search.py docstring), no bound, no pruning, no cache."""
+    work = Workload.from_profile(profile, profile.seq_len)
+    best = (math.inf, None)
+    for p in depth_options(work, cluster):
+        sub = pair_cluster(cluster, p)
+        for A in range(1, min(sub.world_size - 1, G) + 1):
+            try:
+                attention, experts = attention_layout(sub, A)
+            except ValueError:
+                continue
+            options = itertools.product(_divisors(sub.num_nodes), STRATEGIES) if p == 1 else [
+                (sub.num_nodes, "replicas")]
+            for d, strategy in options:
+                if not _domains_complete(sub, attention, experts, d):
+                    continue
+                layout = GroupLayout.build(
+                    sub, attention, experts, work.num_experts, strategy=strategy, domain_nodes=d,
+                    transfer_bytes=(work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token,
+                                    work.dispatch_grad_per_token),
+                    sync_bytes=(work.attention_params * work.dtype_bytes,
+                                work.params_per_expert * work.num_moe_layers * work.dtype_bytes),
+                    hop_bytes=hop_bytes_per_token(work) if p > 1 else None)
+                s_dev = math.ceil(G / A)
+                for b in _divisors(s_dev):
+                    for m in (m for m in _divisors(s_dev // b) if m <= max_mb):
+                        for recompute in itertools.product((False, True), repeat=2):
+                            for kind, k in [("gpipe", None)] + [("1f1b", k) for k in range(1, m + 1)]:
+                                cand = Candidate(math.inf, p, A, d, strategy, b, m, s_dev // (b * m), kind, k,
+                                                 recompute, layout)
+                                if max(candidate_memory(work, cluster, cand, optimizer, shard).values()) > cap:
+                                    continue
+                                step = candidate_step(work, cluster, cand)["step"]
+                                if step < best[0]:
+                                    best = (step, cand)
+    return best
+
+
+CASES = [  # (cluster, global batch, memory capacity, model kwargs)
+    ("2x2xh800", 8, None, {}),
+    ("4x1xh800", 6, None, {}),
+    ("2x3xh800", 6, None, dict(num_experts=6)),
+    ("4x2xh800", 8, None, dict(layers=4, top_k=1)),
+    # memory-tight, attention-heavy: the attention weights of all layers do not fit a device
+    # with room to compute, so the optimum deepens the pipeline
+    ("4x2xh800", 8, 0.5e9, dict(layers=8, attention_params_per_layer=8_000_000, params_per_expert=200_000)),
+    ("2x2xh800", 4, 0.4e9, dict(layers=4, attention_params_per_layer=8_000_000, params_per_expert=200_000)),
+]
+
+
+@pytest.mark.parametrize("cluster_text,G,memory,kw", CASES)
+def test_search_equals_brute_force(cluster_text, G, memory, kw):
+    cluster = ClusterSpec.parse(cluster_text)
+    if memory is not None:
+        cluster = cluster.replace(memory_capacity=memory)
+    profile = model(**kw)
+    cap = 0.9 * cluster.memory_capacity
+    expected, cand = brute_force(profile, cluster, G, 8, cap)
+    assert cand is not None, "the case has no feasible plan: it tests nothing"
+    result = plan(profile, cluster, G, max_microbatches=8, baseline=False)
+    assert result.step_time == pytest.approx(expected, rel=1e-9)
+    assert max(v for k, v in result.memory_per_device.items() if k != "capacity") <= cap * (1 + 1e-12)
+    if memory is not None:  # the tight cases are there to need a deeper pipeline
+        assert result.pipeline_depth > 1 and cand.depth > 1
+    result.schedule()  # what the runtime would run: built and validated
+
+
+def test_brute_force_cases_cover_depths_and_schedules():
+    """The cases above reach p > 1 and 1F1B in the brute force's optimum (not a vacuous check)."""
+    seen = set()
+    for cluster_text, G, memory, kw in CASES:
+        cluster = ClusterSpec.parse(cluster_text)
+        if memory is not None:
+            cluster = cluster.replace(memory_capacity=memory)
+        _, cand = brute_force(model(**kw), cluster, G, 8, 0.9 * cluster.memory_capacity)
+        seen.add((cand.depth > 1, cand.schedule))
+    assert (True, "1f1b") in seen or (True, "gpipe") in seen
+    assert any(kind == "1f1b" for _, kind in seen)
+
+
+# ---------------------------------------------------------------------- Megatron-LM baseline
+
+
+def test_megatron_at_pp1_is_the_ep_baseline():
+    work = Workload.from_profile(model(), 512)
+    cluster = ClusterSpec.parse("2x4xh800")
+    for ep, seqs, rounds, recompute in [(1, 1, 3, (False, False)), (4, 2, 2, (True, False)), (2, 1, 4, (True, True))]:
+        old = ep_times(work, cluster, ep, seqs, rounds, recompute=(recompute[0], False))
+        new = megatron_times(work, cluster, MegatronConfig(1, 1, ep, seqs, rounds, (recompute[0], False)))
+        assert new["step_no_overlap"] == pytest.approx(old["step_no_overlap"], rel=1e-12)
+        assert new["step_overlap"] == pytest.approx(old["step_overlap"], rel=1e-12)
+
+
+@pytest.mark.parametrize("cluster_text,G,memory", [("2x4xh800", 16, None), ("4x2xh800", 8, 0.2e9),
+                                                    ("2x2xh800", 12, None)])
+def test_megatron_search_equals_brute_force(cluster_text, G, memory):
+    cluster = ClusterSpec.parse(cluster_text)
+    if memory is not None:
+        cluster = cluster.replace(memory_capacity=memory)
+    work = Workload.from_profile(model(layers=8), 512)
+    cap = 0.9 * cluster.memory_capacity
+    expected = {v: math.inf for v in VARIANTS}
+    configs = 0
+    for base in megatron_grid(work, cluster, G):
+        for recompute in itertools.product((False, True), repeat=2):
+            cfg = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, recompute)
+            if megatron_memory(work, cluster, cfg, "adam", True) > cap:
+                continue
+            configs += 1
+            times = megatron_times(work, cluster, cfg)
+            for v in VARIANTS:
+                expected[v] = min(expected[v], times[f"step_{v}"])
+    assert configs > 0
+    found = best_megatron(work, cluster, G, "adam", True, cap)
+    for v in VARIANTS:
+        assert found[v][0] == pytest.approx(expected[v], rel=1e-12)
+
+
+def test_megatron_grid_follows_the_stated_rules():
+    work = Workload.from_profile(model(layers=8), 512)
+    grid = list(megatron_grid(work, ClusterSpec.parse("2x4xh800"), 16))
+    assert {c.pp for c in grid} == {1, 2, 4, 8}
+    for c in grid:
+        dp = 8 // c.pp
+        assert 4 % c.ep == 0 and dp % c.ep == 0  # ep divides gcd(E, dp)
+        assert c.seqs * c.m == math.ceil(16 / dp)
+        if c.v > 1:
+            assert c.m % c.pp == 0 and math.ceil(8 / c.pp) % c.v == 0 and c.v <= 16
+        if c.pp == 1:
+            assert c.v == 1
+    assert any(c.v > 1 for c in grid)
+
+
+def test_interleaved_formulas_by_hand():
+    # m = 8 micro-batches, pp = 4 stages of v = 2 chunks: bubble (pp - 1) / v = 1.5 micro-batches
+    assert INTERLEAVED_1F1B(m=8, pp=4, v=2, t_F=1.0, t_B=2.0, t_p2p=0.1) == pytest.approx(9.5 * 3 + 2 * 7 * 0.1)
+    # warm-up depth: plain 1F1B keeps pp - s; interleaved stage 0 keeps pp (1 + (pp - 1) / (pp v))
+    assert INTERLEAVED_IN_FLIGHT(m=16, pp=4, v=1, s=0) == 4
+    assert INTERLEAVED_IN_FLIGHT(m=16, pp=4, v=1, s=3) == 1
+    assert INTERLEAVED_IN_FLIGHT(m=16, pp=4, v=2, s=0) == pytest.approx(4 * (1 + 3 / 8))
+    assert INTERLEAVED_IN_FLIGHT(m=2, pp=4, v=2, s=0) == 2  # never more than the step's micro-batches
+
+
+def test_megatron_memory_by_hand():
+    # 4 layers, pp = 2, ep = 2 on 4 devices: stage 0 holds the embedding-free synthetic layers 0-1
+    # (2 x 1M dense params), E/ep = 2 experts x 2 layers x 2M; dense states over dp = 2, expert
+    # states over W / (pp ep) = 1; activations of pp - 0 = 2 micro-batches of 1 sequence.
+    prof = model(layers=4, head_params=0, head_flops_per_token=0.0)
+    work = Workload.from_profile(prof, 512)
+    cluster = ClusterSpec.parse("1x4xh800")
+    cfg = MegatronConfig(pp=2, v=1, ep=2, seqs=1, m=4)
+    dense = 2e6 * (2 + 2) + 2e6 * 12 / 2 + 2 * 1 * 2 * 512 * 20_000
+    experts = 2 * 2 * 2e6 * (2 + 2 + 12) + 2 * 2 * (512 * 2) * 6_000
+    assert megatron_memory(work, cluster, cfg, "adam", True) == pytest.approx(dense + experts)
+
+
+def test_pipeline_1f1b_limits():
+    # enough in flight: the busiest resource's work plus one fill and drain (the GPipe bound)
+    work = PIPELINE_1F1B(n=3, m=8, k=8, t_fw=1.0, t_bw=2.0, R_f=2.0, R_b=4.0)
+    gpipe = PIPELINE_TIME(L=3, m=8, t_b=1.0, R=2.0) + PIPELINE_TIME(L=3, m=8, t_b=2.0, R=4.0)
+    assert work == pytest.approx(gpipe)
+    # one in flight: m full forward + backward chains one after the other
+    assert PIPELINE_1F1B(n=3, m=4, k=1, t_fw=1.0, t_bw=2.0, R_f=5.0, R_b=10.0) == pytest.approx(4 * 3 * 15)
+
+
+# ---------------------------------------------------------------------- p > 1 memory and the plan
+
+
+def test_memory_counts_only_the_groups_own_layers():
+    """At depth 2 an attention device holds half the layers' parameters and activations,
+    an expert device its experts in half the layers (hand-computed)."""
+    prof = model(layers=4, head_params=0, head_flops_per_token=0.0)
+    cluster = ClusterSpec.parse("2x2xh800")
+    result = plan(prof, cluster, 4, pipeline_depth=2, num_attention=1, num_microbatches=2, microbatch_size=2,
+                  schedule="gpipe", baseline=False)
+    assert result.pipeline_depth == 2 and len(result.attention_groups()[0]) == 1
+    assert result.recompute == {"attention": False, "experts": False}  # 72 GB: nothing to recompute
+    S = 512
+    # 2 layers x 1M dense params (one attention device per group: states unsharded), 2 micro-batches of
+    # 2 sequences in flight (GPipe), each keeping 2 layers x S x 20 KB
+    attention = 2e6 * (2 + 2 + 12) + 2 * 2 * 2 * S * 20_000
+    assert result.memory_per_device["attention"] == pytest.approx(attention)
+    # one expert device per group holds all 4 experts of its 2 layers; rows: 2 micro-batches x 2 layers
+    experts_weights = 4 * 2 * 2e6 * (2 + 2 + 12)
+    rows = 2 * S * 2  # sequences x tokens x top_k of one micro-batch, all on the one expert device
+    assert result.memory_per_device["experts"] == pytest.approx(experts_weights + 2 * 2 * rows * 6_000)
+
+
+def test_plan_json_carries_the_predictions():
+    result = plan(model(layers=4), ClusterSpec.parse("2x4xh800"), 16)
+    data = __import__("json").loads(result.to_json())
+    adv = data["advisory"]
+    assert adv["predictions"]["speedup_overlap"] == pytest.approx(result.speedup)
+    assert adv["predictions"]["speedup_no_overlap"] == pytest.approx(result.speedup_no_overlap)
+    for variant in VARIANTS:
+        config = adv["baseline"][variant]
+        assert {"pp", "v", "ep", "dp", "m", "seqs", "recompute", "description", "step"} <= set(config)
+    assert {"attention", "experts", "megatron_overlap", "capacity"} <= set(adv["memory_per_device"])
+    assert {"attention", "experts"} <= set(adv["utilisation"])
+    back = Plan.from_json(result.to_json())
+    assert back == result and str(back) == str(result)
+
+
+def test_old_plan_json_with_ep_baseline_fields_loads():
+    old = '{"attention_ranks": [0], "expert_ranks": [1], "expert_placement": [[1]], "num_microbatches": 1, ' \
+          '"ep_step_time": 2.0, "ep_step_time_overlap": 1.5, "ep_baseline": {"ep": 1}}'
+    back = Plan.from_json(old)
+    assert back.baseline_step_time == 2.0 and back.baseline_step_time_overlap == 1.5 and back.baseline == {"ep": 1}
