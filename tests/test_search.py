@@ -316,3 +316,19 @@ def test_ring_1f1b_formula_is_a_lower_bound_of_the_simulated_schedule(p, J, m, k
     simulated = _simulated_ring(p, J, m, "1f1b", k, ta, te, tx)
     assert formula <= simulated * (1 + 1e-9)
     assert simulated <= 1.6 * formula  # the gap recorded above; a worse builder fails here
+
+
+def test_ring_transfer_by_hand():
+    """p > 1: the combine of expert group g goes to attention group g + 1 on the next pair's
+    nodes (every byte over NICs), the hop beside it over the attention NICs."""
+    from fxdisag.planner.placement import ring_transfer
+
+    cluster = ClusterSpec.parse("2x4xh800")  # one group pair = 2 nodes of 4: 1 attention + 3 experts each
+    layout = GroupLayout.build(cluster, [0, 4], [1, 2, 3, 5, 6, 7], 6, strategy="replicas", domain_nodes=2,
+                               nic_split=[4.0, 4.0])
+    X, Y = 6e9, 1e9  # combine and hop bytes per attention device
+    t = ring_transfer(cluster, layout, X, Y, toward_experts=False)
+    # attention side receives X + Y over 4 NICs; the node's 3 experts send half of both attention
+    # devices' rows (2 X / 2) over the other 4; 50 GB/s per NIC
+    expected = max((X + Y) / (4 * 50e9), X / (4 * 50e9)) + cluster.inter_node_latency
+    assert t == pytest.approx(expected)

@@ -29,7 +29,11 @@ the grid below for each variant on its own. Formulas (``formulas.py``)::
            + ALLREDUCE_TIME(expert grads over their W / (pp ep) replicas)
     memory = MEMORY(dense params of the fullest stage, sharded over dp)
            + MEMORY(E / ep experts x the stage's MoE layers, sharded over W / (pp ep))
-           + activations of INTERLEAVED_IN_FLIGHT(m, pp, v) micro-batches of the stage's layers
+           + activations of INTERLEAVED_IN_FLIGHT(m, pp, v, s) micro-batches of the stage's layers
+    (the fullest stage s). Recomputation as Megatron does it: the attention side keeps each
+    layer's input (as AF-pipe's); the experts' recomputation recomputes the whole MoE
+    block, keeping none of its dispatched rows and re-running the forward all-to-all in
+    backward (AF-pipe's expert side keeps its received rows: nothing is re-sent).
 
 At pp = 1, v = 1 this is the EP baseline of ``cost_ep.py`` with m accumulation rounds
 (tested). The search grid: pp dividing W with pp <= J; v = 1 at pp = 1, else v <= 16
@@ -53,16 +57,17 @@ from dataclasses import asdict, dataclass
 from fxdisag.planner.cost_afpipe import attention_times, expert_time
 from fxdisag.planner.cost_ep import ep_transfer
 from fxdisag.planner.formulas import (
+    ACTIVATIONS,
     ALLREDUCE_TIME,
     ATTENTION_STAGE,
     INTERLEAVED_1F1B,
     INTERLEAVED_IN_FLIGHT,
+    MEMORY,
     PIPELINE_TIME,
     STEP_TIME,
     TRANSFER_TIME,
 )
 from fxdisag.planner.memory import _attention_activations, _expert_activations, param_bytes
-from fxdisag.planner.formulas import ACTIVATIONS, MEMORY
 from fxdisag.planner.placement import group_span
 from fxdisag.planner.workload import GroupShare, Workload
 
@@ -183,7 +188,7 @@ def megatron_times(work: Workload, cluster, cfg: MegatronConfig, recorder=None, 
             pre, post = _stage_extras(attn, cfg.pp, sfx)
             ta = ATTENTION_STAGE(rec, f"{tag}: attention stage {phase}", t_attn=attn[f"attn_{sfx}"], t_pre=pre,
                                  t_post=post, L=per_device_layers)
-            if phase == "bwd" and cfg.recompute[1]:  # full-layer recompute re-sends the forward all-to-all
+            if phase == "bwd" and cfg.recompute[1]:  # a recomputed MoE block re-sends the forward all-to-all
                 t1, t2 = t1 + d, t2 + cb
             R = ta + t1 + te + t2
             tb = R if halves == 1 else max(ta + te, t1 + t2)
@@ -222,7 +227,7 @@ def _stage_memory(work: Workload, cluster, cfg: MegatronConfig, optimizer: str, 
                    opt=o, shard=W // cfg.pp if shard_optimizer else 1, act=act_a)
     rows = cfg.seqs * work.seq_len * work.top_k
     layers = share.moe_layers[stage]
-    if cfg.recompute[1]:  # full-layer recompute: only the layer input stays (counted above); all-to-all re-run
+    if cfg.recompute[1]:  # the MoE block recomputed: no dispatched row is kept, backward re-runs its all-to-all
         act_e = ACTIVATIONS(recorder, f"Megatron activations: experts part{where}, full-layer recompute", n=0.0,
                             keep=0.0, transient=rows * work.expert_saved_per_row)
     else:
