@@ -265,10 +265,10 @@ def test_old_plan_json_with_ep_baseline_fields_loads():
 # ---------------------------------------------------------------------- formulas against the simulator
 
 
-def _simulated_ring(p, J, m, kind, k, ta, te, tx):
+def _simulated_ring(p, J, m, kind, k, ta, te, tx, loss):
     """The runtime's ring schedule (Plan.schedule at depth p) simulated with uniform costs:
-    attention stage ta forward (2 ta backward), experts te (2 te), every dispatch/combine
-    message tx seconds, hops free."""
+    attention stage ta forward (2 ta backward), the head and loss stage ``loss`` (2 x),
+    experts te (2 te), every dispatch/combine message tx seconds, hops free."""
     from fxdisag.schedule import ActionKind, Stages, ring_schedule
     from fxdisag.schedule.simulate import UniformLink, simulate
 
@@ -279,7 +279,7 @@ def _simulated_ring(p, J, m, kind, k, ta, te, tx):
         kind_ = action.kind
         if kind_ is ActionKind.REDUCE or not kind_.is_compute:
             return 0.0
-        base = te if kind_.role == "E" else (ta if action.stage < J else 0.0)
+        base = te if kind_.role == "E" else (ta if action.stage < J else loss)
         return base * (2 if kind_.is_backward else 1)
 
     def size(src, action, dst):
@@ -288,34 +288,45 @@ def _simulated_ring(p, J, m, kind, k, ta, te, tx):
     return simulate(schedule, compute, size, UniformLink(1.0, 0.0)).step_time
 
 
-@pytest.mark.parametrize("p,J,m,tx,rel", [(1, 4, 8, 0.0, 0.02), (2, 4, 8, 0.0, 0.02), (2, 4, 8, 0.5, 0.02),
-                                          (4, 8, 8, 0.2, 0.02), (2, 6, 4, 3.0, 0.15)])
-def test_ring_gpipe_formula_matches_the_simulated_schedule(p, J, m, tx, rel):
-    """PIPELINE_TIME over the ring of p group pairs (L = laps, R = p x one layer's round
-    trip), against the event simulation of the schedule the runtime runs: within 2% while
-    compute sets the pace; transfer-bound (tx = 3 t_a) the simulation is 11% slower (its
-    messages wait for their receives to be posted and queue per NIC direction)."""
-    ta, te = 1.0, 1.0
+def _ring_formulas(p, J, m, k, ta, te, tx, loss):
+    """(GPipe, 1F1B) predictions as cost_afpipe.afpipe_step makes them: the loss stage spread
+    over the laps (ATTENTION_STAGE), L = laps, R = p x one layer's round trip."""
     n = -(-J // p)
-    formula = (PIPELINE_TIME(L=n, m=m, t_b=max(ta, te, tx), R=p * (ta + te + 2 * tx))
-               + PIPELINE_TIME(L=n, m=m, t_b=max(2 * ta, 2 * te, tx), R=p * (2 * ta + 2 * te + 2 * tx)))
-    assert _simulated_ring(p, J, m, "gpipe", None, ta, te, tx) == pytest.approx(formula, rel=rel)
+    a_f = ta + loss / n
+    fwd, bwd = (a_f, te, tx, tx), (2 * a_f, 2 * te, tx, tx)
+    gpipe = (PIPELINE_TIME(L=n, m=m, t_b=max(fwd), R=p * sum(fwd))
+             + PIPELINE_TIME(L=n, m=m, t_b=max(bwd), R=p * sum(bwd)))
+    one_f = PIPELINE_1F1B(n=n, m=m, k=min(k or m, m), t_fw=max(fwd), t_bw=max(bwd), R_f=p * sum(fwd),
+                          R_b=p * sum(bwd))
+    return gpipe, one_f
 
 
-@pytest.mark.parametrize("p,J,m,k", [(1, 4, 8, 2), (2, 4, 8, 6), (2, 4, 8, 3), (4, 8, 16, 12)])
-def test_ring_1f1b_formula_is_a_lower_bound_of_the_simulated_schedule(p, J, m, k):
-    """PIPELINE_1F1B bounds what a 1F1B schedule with k in flight can do; the runtime's
-    ring_schedule (greedy list scheduling, backward first) simulates above it on these
-    uniform costs: 1.07x at p = 1, 1.30-1.45x at p = 2, 1.55x at p = 4. The planner
-    predicts with the formula, so its 1F1B choices are optimistic by that much
-    (docs/PLANS.md)."""
-    ta, te, tx = 1.0, 1.0, 0.2
-    n = -(-J // p)
-    formula = PIPELINE_1F1B(n=n, m=m, k=min(k, m), t_fw=max(ta, te, tx), t_bw=max(2 * ta, 2 * te, tx),
-                            R_f=p * (ta + te + 2 * tx), R_b=p * (2 * ta + 2 * te + 2 * tx))
-    simulated = _simulated_ring(p, J, m, "1f1b", k, ta, te, tx)
+@pytest.mark.parametrize("p,J,m,tx,loss", [(1, 4, 8, 0.0, 0.0), (2, 4, 8, 0.0, 0.0), (2, 4, 8, 0.5, 0.0),
+                                           (4, 8, 8, 0.2, 0.0), (2, 4, 8, 0.2, 1.0), (4, 8, 16, 0.2, 1.0)])
+def test_ring_gpipe_formula_matches_the_simulated_schedule(p, J, m, tx, loss):
+    """PIPELINE_TIME over the ring of p group pairs against the event simulation of the
+    schedule the runtime runs: within 2% with a free loss stage; with a loss stage as costly
+    as a layer the formula (which spreads it over the laps) is 3-6% above the simulation."""
+    formula, _ = _ring_formulas(p, J, m, None, 1.0, 1.0, tx, loss)
+    simulated = _simulated_ring(p, J, m, "gpipe", None, 1.0, 1.0, tx, loss)
+    assert simulated == pytest.approx(formula, rel=0.02 if loss == 0 else 0.07)
+    assert simulated <= formula * 1.02
+
+
+@pytest.mark.parametrize("p,J,m,k,loss,gap", [
+    (1, 4, 8, 2, 1.0, 1.10), (2, 4, 8, 6, 1.0, 1.15), (2, 4, 8, 3, 1.0, 1.25), (4, 8, 16, 12, 1.0, 1.15),
+    (2, 4, 8, 6, 0.0, 1.50), (4, 8, 16, 12, 0.0, 1.60)])
+def test_ring_1f1b_formula_against_the_simulated_schedule(p, J, m, k, loss, gap):
+    """PIPELINE_1F1B bounds what a 1F1B schedule with k in flight can do. The runtime's
+    ring_schedule orders units by list scheduling with assumed costs (forward 1, backward
+    2, the loss stage like a layer). When the real costs agree (loss = 1) it simulates
+    1.07-1.18x above the formula; when the loss stage is in fact free, its order is
+    1.30-1.55x off at p > 1 (GPipe stays within 2%). So the planner's 1F1B predictions are
+    optimistic by that much (docs/PLANS.md); `gap` records the measured factor + margin."""
+    _, formula = _ring_formulas(p, J, m, k, 1.0, 1.0, 0.2, loss)
+    simulated = _simulated_ring(p, J, m, "1f1b", k, 1.0, 1.0, 0.2, loss)
     assert formula <= simulated * (1 + 1e-9)
-    assert simulated <= 1.6 * formula  # the gap recorded above; a worse builder fails here
+    assert simulated <= gap * formula
 
 
 def test_ring_transfer_by_hand():
