@@ -20,7 +20,7 @@ from fxdisag.schedule.actions import (
 )
 from fxdisag.schedule.builders import af_pipe_schedule, ep_schedule, one_f_one_b_schedule
 from fxdisag.schedule.grid import format_grid, grid_step
-from fxdisag.schedule.ring import ring_schedule
+from fxdisag.schedule.ring import ring_schedule, stage_costs
 from fxdisag.schedule.validate import ScheduleError, validate
 
 __all__ = [
@@ -41,5 +41,6 @@ __all__ = [
     "produced_by",
     "required_before",
     "ring_schedule",
+    "stage_costs",
     "validate",
 ]

@@ -12,8 +12,8 @@ Construction::
 
     chain(i) = F(0,i) EF(0,i) F(1,i) ... EF(J-1,i) F(J,i) B(J,i) EB(J-1,i) ... EB(0,i) B(0,i)
     event-driven list scheduling over the 2p groups (a group runs one unit at a time, a
-    unit takes ``cost[kind]``: forward 1, backward 2 unless given; a unit is ready when
-    its predecessor in the chain is done):
+    unit takes ``cost``: forward 1, backward 2 unless given, per kind or per stage with
+    ``stage_costs``; a unit is ready when its predecessor in the chain is done):
         gpipe: every forward unit first (the forward call ends with the loss all-reduce),
                then every backward unit; a free group takes its oldest-ready unit
         1f1b:  at most ``in_flight`` micro-batches started and not finished (default 3p:
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from fxdisag.schedule.actions import Action, ActionKind, Key, Schedule, Stages, required_before
 
-__all__ = ["ring_schedule"]
+__all__ = ["UNIT_COST", "ring_schedule", "stage_costs"]
 
 _K = ActionKind
 _SENDS = {
@@ -68,10 +68,33 @@ def _chain(J: int, i: int) -> list[Key]:
 UNIT_COST: dict[ActionKind, float] = {_K.F: 1.0, _K.EF: 1.0, _K.B: 2.0, _K.EB: 2.0}
 
 
-def _group_orders(stages: Stages, m: int, kind: str, w: int,
-                  cost: dict[ActionKind, float]) -> dict[tuple[str, int], list[Key]]:
+def stage_costs(costs: dict[str, float], num_moe_layers: int):
+    """A ``cost`` function for :func:`ring_schedule` from per-stage durations: keys ``F``,
+    ``B`` (an attention stage of a MoE layer), ``EF``, ``EB`` (an expert action), and
+    optionally ``F0``/``B0`` (stage 0, with the embedding) and ``FJ``/``BJ`` (the head and
+    loss stage), which default to ``F``/``B``."""
+    missing = {"F", "B", "EF", "EB"} - set(costs)
+    if missing:
+        raise ValueError(f"stage_costs: missing {sorted(missing)} (need F, B, EF, EB; optional F0, B0, FJ, BJ)")
+    J = num_moe_layers
+
+    def duration(key: Key) -> float:
+        kind, stage, _ = key
+        name = kind.name
+        if kind in (_K.F, _K.B):
+            if stage == 0 and f"{name}0" in costs:
+                return costs[f"{name}0"]
+            if stage == J and f"{name}J" in costs:
+                return costs[f"{name}J"]
+        return costs[name]
+
+    return duration
+
+
+def _group_orders(stages: Stages, m: int, kind: str, w: int, cost) -> dict[tuple[str, int], list[Key]]:
     """Each group's compute order: event-driven list scheduling of the chains."""
     J = len(stages.layer_group)
+    duration = cost if callable(cost) else (lambda key: cost[key[0]])
 
     def resource(key: Key) -> tuple[str, int]:
         k, s, _ = key
@@ -106,7 +129,7 @@ def _group_orders(stages: Stages, m: int, kind: str, w: int,
                     continue
                 if i == started:
                     started += 1
-                done = t + cost[key[0]]
+                done = t + duration(key)
                 free_at[res] = done
                 orders.setdefault(res, []).append(key)
                 nxt[i] += 1
@@ -119,8 +142,11 @@ def _group_orders(stages: Stages, m: int, kind: str, w: int,
 
 
 def ring_schedule(stages: Stages, num_microbatches: int, kind: str = "gpipe",
-                  in_flight: int | None = None, cost: dict[ActionKind, float] | None = None) -> Schedule:
-    """The AF-Pipe schedule over ``stages`` (see the module docstring)."""
+                  in_flight: int | None = None, cost=None) -> Schedule:
+    """The AF-Pipe schedule over ``stages`` (see the module docstring). ``cost``: the unit
+    durations the ordering assumes, a ``{ActionKind: seconds}`` for F, EF, B, EB or a
+    function of the unit's key ``(kind, stage, microbatch)`` (:func:`stage_costs`);
+    default :data:`UNIT_COST`."""
     J, m = len(stages.layer_group), num_microbatches
     if J < 1:
         raise ValueError(f"num_moe_layers={J}: AF-Pipe needs at least one MoE layer")
