@@ -376,6 +376,43 @@ def test_pipeline_schedule_is_the_validated_ring(kind, assignment):
         assert p.schedule(3).actions == ring_schedule(p.stages(3), 3, kind, 2).actions
 
 
+def test_stage_costs_bind_the_ring_order():
+    import dataclasses
+
+    from fxdisag.schedule import ring_schedule, stage_costs, validate
+
+    base = Plan.manual(1, 1, 4, 6, num_moe_layers=4, pipeline_depth=2, schedule_kind="1f1b")
+    costs = {"F": 1.0, "B": 2.0, "EF": 1.0, "EB": 2.0, "FJ": 0.0, "BJ": 0.0}
+    timed = dataclasses.replace(base, stage_costs=costs)
+    schedule = timed.schedule()
+    validate(schedule)
+    assert schedule.actions == ring_schedule(timed.stages(), 6, "1f1b", None, cost=stage_costs(costs, 4)).actions
+    assert schedule.actions != base.schedule().actions  # the order follows the costs
+    assert Plan.from_json(timed.to_json()) == timed and "stage_costs" in timed.binding()
+    with pytest.raises(ValueError, match="stage_costs orders the ring schedule of pipeline_depth > 1"):
+        dataclasses.replace(Plan.manual(1, 1, 4, 2), stage_costs=costs)
+    with pytest.raises(ValueError, match="missing"):
+        dataclasses.replace(base, stage_costs={"F": 1.0})
+    with pytest.raises(ValueError, match="stage_costs"):
+        dataclasses.replace(base, stage_costs={**costs, "X": 1.0})
+
+
+def test_searched_deep_plans_carry_their_stage_costs():
+    from fxdisag.planner.profile import synthetic_profile
+
+    prof = synthetic_profile(num_layers=4, hidden_size=256, num_experts=4, top_k=2, params_per_expert=200_000,
+                             attention_flops_per_token=6e6, attention_params_per_layer=8_000_000,
+                             head_flops_per_token=2e7, head_params=500_000, seq_len=512)
+    result = plan(prof, ClusterSpec.parse("2x2xh800"), 4, pipeline_depth=2, baseline=False)
+    t = result.breakdown
+    assert result.stage_costs["F"] == pytest.approx(t["attn_f"]) and result.stage_costs["EB"] == pytest.approx(
+        t["expert_b"])
+    assert result.stage_costs["FJ"] == pytest.approx(t["post_f"])
+    assert result.stage_costs["FJ"] > result.stage_costs["F"]  # the head costs more than a layer here
+    result.schedule()  # validated, ordered by those costs
+    assert plan(prof, ClusterSpec.parse("2x2xh800"), 4, pipeline_depth=1, baseline=False).stage_costs == {}
+
+
 def test_pipeline_expert_owner_is_the_p1_rule_per_group():
     one = Plan.manual(2, 3, 8, 4)
     two = Plan.manual(2, 3, 8, 4, pipeline_depth=2)

@@ -14,11 +14,13 @@ eagerly in one process on the same global batch:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from fxdisag.planner.plan import Plan
 
 STEPS = 5
 
@@ -38,7 +40,7 @@ CASES = [
 
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
            schedule_kind: str = "gpipe", depth: int = 1, num_layers: int = 2, assignment: str = "round_robin",
-           optimizer: str = "adamw") -> dict:
+           optimizer: str = "adamw", stage_costs: dict | None = None) -> dict:
     import fxdisag
     from fxdisag.testing.models import example_batch, tiny_model
     from fxdisag.planner.plan import Plan
@@ -53,6 +55,8 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         plan = Plan.manual(num_attention=n_attn, num_expert=world // depth - n_attn, num_experts=num_experts,
                            num_microbatches=m, schedule_kind=schedule_kind, pipeline_depth=depth,
                            layer_assignment=assignment)
+    if stage_costs:
+        plan = dataclasses.replace(plan, stage_costs=stage_costs)
     dmodel = fxdisag.disaggregate(model, batches[0], plan)
     if optimizer == "zero":  # the README's recipe: attention-side state sharded over the replicas
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -152,17 +156,26 @@ def test_1f1b_training_matches_eager(family, n_attn, n_exp, m, env):
 # p = 2: 4 ranks (one attention and one expert rank per group), every hop crossed. The
 # families cover shared experts (qwen2_moe, deepseek_v3) and leading dense layers
 # (deepseek_v3); 3 layers give an odd number of MoE layers per group.
-MULTI_STAGE_CASES = [("qwen3_moe", 3, "gpipe", "round_robin", {}), ("qwen2_moe", 2, "1f1b", "round_robin", {}),
-                     ("deepseek_v3", 3, "gpipe", "round_robin", {"FXDISAG_P2P_ORDERED": "1"}),
-                     ("mixtral", 4, "1f1b", "contiguous", {})]
+# mixtral: its 1F1B order comes from stage costs with a heavy head (Plan.stage_costs), an
+# order the unit costs do not give (checked in the test)
+HEAVY_HEAD = {"F": 0.1, "B": 0.2, "EF": 0.1, "EB": 0.2, "FJ": 1.0, "BJ": 2.0}
+MULTI_STAGE_CASES = [("qwen3_moe", 3, "gpipe", "round_robin", {}, None),
+                     ("qwen2_moe", 2, "1f1b", "round_robin", {}, None),
+                     ("deepseek_v3", 3, "gpipe", "round_robin", {"FXDISAG_P2P_ORDERED": "1"}, None),
+                     ("mixtral", 4, "1f1b", "contiguous", {}, HEAVY_HEAD)]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family, layers, kind, assignment, env", MULTI_STAGE_CASES,
-                         ids=[f"{c[0]}-L{c[1]}-{c[2]}-{c[3]}{'-ordered' if c[4] else ''}" for c in MULTI_STAGE_CASES])
-def test_two_stage_pipeline_matches_eager(family, layers, kind, assignment, env):
-    _check_against_eager(run_distributed(_train, 4, family, 1, 2, "afpipe", kind, 2, layers, assignment,
-                                         timeout=300, env=env))
+@pytest.mark.parametrize("family, layers, kind, assignment, env, costs", MULTI_STAGE_CASES,
+                         ids=[f"{c[0]}-L{c[1]}-{c[2]}-{c[3]}{'-ordered' if c[4] else ''}{'-costs' if c[5] else ''}"
+                              for c in MULTI_STAGE_CASES])
+def test_two_stage_pipeline_matches_eager(family, layers, kind, assignment, env, costs):
+    if costs:
+        base = Plan.manual(1, 1, 8, 2, num_moe_layers=layers, pipeline_depth=2, schedule_kind=kind,
+                           layer_assignment=assignment)
+        assert dataclasses.replace(base, stage_costs=costs).schedule().actions != base.schedule().actions
+    _check_against_eager(run_distributed(_train, 4, family, 1, 2, "afpipe", kind, 2, layers, assignment, "adamw",
+                                         costs, timeout=300, env=env))
 
 
 @pytest.mark.dist

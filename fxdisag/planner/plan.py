@@ -27,6 +27,9 @@ Binding fields:
   group j mod p) or ``"contiguous"`` (p blocks of consecutive layers);
 * ``loss_group`` -- the attention group running the final norm, head and loss (None:
   where the next layer would go, ``Stages.dealt``'s default);
+* ``stage_costs`` -- p > 1: the unit durations the ring schedule's order assumes
+  (``fxdisag.schedule.stage_costs`` keys ``F B EF EB`` and optionally ``F0 B0 FJ BJ``;
+  the search writes its predicted stage times); empty: forward 1, backward 2;
 * ``expert_owner(rank, layer_group)[e]`` -- the expert rank that attention rank ``rank``
   sends expert ``e``'s rows to in the layers of expert group ``layer_group`` (the
   runtime's routing table; one rank per (attention rank, expert)). Searched plans store
@@ -78,7 +81,7 @@ LAYER_ASSIGNMENTS = ("round_robin", "contiguous")  # how MoE layers are dealt ov
 BINDING_FIELDS = (
     "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
     "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
-    "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group",
+    "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group", "stage_costs",
 )
 
 
@@ -128,6 +131,7 @@ class Plan:
     pipeline_depth: int = 1  # p attention groups and p expert groups, layers dealt over them
     layer_assignment: str = "round_robin"  # p > 1: "round_robin" | "contiguous"
     loss_group: int | None = None  # attention group of the final norm/head/loss (None: Stages.dealt's default)
+    stage_costs: dict[str, float] = field(default_factory=dict)  # p > 1: unit durations ring_schedule orders by
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
@@ -184,6 +188,17 @@ class Plan:
                                  f"into {p} equal groups; use a multiple of {p} ranks or another pipeline_depth")
         if self.layer_assignment not in LAYER_ASSIGNMENTS:
             raise ValueError(f"Plan: layer_assignment={self.layer_assignment!r}; must be one of {LAYER_ASSIGNMENTS}")
+        if self.stage_costs:
+            if p == 1:
+                raise ValueError("Plan: stage_costs orders the ring schedule of pipeline_depth > 1; at depth 1 the "
+                                 "runtime's builders take no costs: leave stage_costs empty")
+            from fxdisag.schedule import stage_costs
+
+            stage_costs(self.stage_costs, 1)  # refuses missing keys
+            bad = {k: v for k, v in self.stage_costs.items()
+                   if k not in ("F", "B", "EF", "EB", "F0", "B0", "FJ", "BJ") or not v >= 0}
+            if bad:
+                raise ValueError(f"Plan: stage_costs {bad}: keys are F B EF EB F0 B0 FJ BJ, values seconds >= 0")
         g = self.loss_group
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < p):
             raise ValueError(f"Plan: loss_group={g!r}; must be None or an attention group 0..{p - 1} "
@@ -377,7 +392,11 @@ class Plan:
                                  "'gpipe' order only")
             schedule = ep_schedule(self.attention_ranks, layers, self.num_microbatches)
         elif self.pipeline_depth > 1:
-            schedule = ring_schedule(self.stages(layers), self.num_microbatches, self.schedule_kind, self.in_flight)
+            from fxdisag.schedule import stage_costs
+
+            cost = stage_costs(self.stage_costs, layers) if self.stage_costs else None
+            schedule = ring_schedule(self.stages(layers), self.num_microbatches, self.schedule_kind, self.in_flight,
+                                     cost=cost)
         elif self.schedule_kind == "1f1b":
             schedule = one_f_one_b_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches,
                                             self.in_flight)

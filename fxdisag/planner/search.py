@@ -449,6 +449,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         pipeline_depth=p,
         loss_group=loss_group(work, p),
         nic_split=layout.nic_split() * p,
+        stage_costs=_stage_costs(times) if p > 1 else {},
         model=profile.model,
         cluster=cluster.describe(),
         seq_len=work.seq_len,
@@ -465,6 +466,13 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         evaluations=[e.to_dict() for e in rec.evaluations],
         notes=notes,
     )
+
+
+def _stage_costs(times: dict) -> dict[str, float]:
+    """The predicted compute action times, for the ring schedule's order (Plan.stage_costs)."""
+    return {"F": times["attn_f"], "B": times["attn_b"], "EF": times["expert_f"], "EB": times["expert_b"],
+            "F0": times["attn_f"] + times["pre_f"], "B0": times["attn_b"] + times["pre_b"],
+            "FJ": times["post_f"], "BJ": times["post_b"]}
 
 
 def _recompute_str(recompute: tuple[bool, bool]) -> str:
