@@ -113,3 +113,21 @@ def test_measure_action_overhead_is_a_small_positive_time():
     # more ops in the proxy graph take longer (it measures per-op dispatch, not a constant)
     more = ClusterSpec.measure(matmul_size=128, repeats=3, overhead_ops=400)
     assert more.action_overhead > c.action_overhead
+
+
+def _measure_throttled(rank, world_size):
+    from fxdisag.testing.throttle import install_from_env
+
+    install_from_env()
+    return ClusterSpec.measure(matmul_size=128, message_bytes=2 << 20, repeats=3).to_dict()
+
+
+@pytest.mark.dist
+def test_measure_reads_the_link_latency_and_rate():
+    # in-process throttle at 200 Mbit/s with 3 ms one way: the spec's latency is the link's,
+    # not inflated by load, and its bandwidth the rate (within the throttle's pacing error)
+    specs = run_distributed(_measure_throttled, 2, timeout=120,
+                            env={"FXDISAG_THROTTLE": "200mbit,latency=3ms"})
+    c = ClusterSpec.from_dict(specs[0])
+    assert 3e-3 <= c.inter_node_latency < 4.5e-3
+    assert 0.7 * 25e6 < c.nic_bandwidth < 1.2 * 25e6
