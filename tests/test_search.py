@@ -2,6 +2,7 @@
 baseline against its own brute force and against the EP baseline it generalises, memory
 formulas on hand-computed cases, predictions in the JSON."""
 
+import dataclasses
 import itertools
 import math
 
@@ -17,6 +18,7 @@ from fxdisag.planner.cost_megatron import (
     megatron_grid,
     megatron_memory,
     megatron_times,
+    tp_degrees,
 )
 from fxdisag.planner.formulas import INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, PIPELINE_1F1B, PIPELINE_TIME
 from fxdisag.planner.placement import STRATEGIES, GroupLayout
@@ -155,19 +157,38 @@ def test_megatron_search_equals_brute_force(cluster_text, G, memory):
     cap = 0.9 * cluster.memory_capacity
     expected = {v: math.inf for v in VARIANTS}
     configs = 0
-    for base in megatron_grid(work, cluster, G):
-        for recompute in itertools.product((False, True), repeat=2):
-            cfg = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, recompute)
-            if megatron_memory(work, cluster, cfg, "adam", True) > cap:
-                continue
-            configs += 1
-            times = megatron_times(work, cluster, cfg)
-            for v in VARIANTS:
-                expected[v] = min(expected[v], times[f"step_{v}"])
+    for tps in ((1,), tp_degrees(cluster)):  # TP only for a variant nothing fits without it
+        open_variants = [v for v in VARIANTS if math.isinf(expected[v])]
+        for base in megatron_grid(work, cluster, G, tps):
+            for recompute in itertools.product((False, True), repeat=2):
+                cfg = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, recompute, base.tp)
+                if megatron_memory(work, cluster, cfg, "adam", True) > cap:
+                    continue
+                configs += 1
+                times = megatron_times(work, cluster, cfg)
+                for v in open_variants:
+                    expected[v] = min(expected[v], times[f"step_{v}"])
     assert configs > 0
     found = best_megatron(work, cluster, G, "adam", True, cap)
     for v in VARIANTS:
         assert found[v][0] == pytest.approx(expected[v], rel=1e-12)
+
+
+def test_megatron_uses_tensor_parallelism_only_to_fit():
+    # 2 layers of 16M dense parameters on 4 devices: pp <= 2, so at 0.2 GB only TP 2 fits the
+    # dense part (16M x (4 + 12 / 2) bytes per stage without it)
+    work = Workload.from_profile(model(layers=2, attention_params_per_layer=16_000_000, params_per_expert=200_000),
+                                 512)
+    roomy = ClusterSpec.parse("1x4xh800")
+    assert all(cfg.tp == 1 for _, cfg in best_megatron(work, roomy, 4, "adam", True, 72e9).values())
+    tight = roomy.replace(memory_capacity=0.2e9)
+    found = best_megatron(work, tight, 4, "adam", True, 0.9 * 0.2e9)
+    assert all(result is not None and result[1].tp == 2 for result in found.values())
+    cfg = found["overlap"][1]
+    assert "TP 2" in cfg.describe(4, work.num_experts) and cfg.dp(4) == 4 // (cfg.pp * 2)
+    # a TP rank holds half the dense parameters and activations
+    assert megatron_memory(work, tight, cfg, "adam", True) < megatron_memory(
+        work, tight, dataclasses.replace(cfg, tp=1), "adam", True)
 
 
 def test_megatron_grid_follows_the_stated_rules():

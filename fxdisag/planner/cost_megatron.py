@@ -36,15 +36,22 @@ the grid below for each variant on its own. Formulas (``formulas.py``)::
     backward (AF-pipe's expert side keeps its received rows: nothing is re-sent).
 
 At pp = 1, v = 1 this is the EP baseline of ``cost_ep.py`` with m accumulation rounds
-(tested). The search grid: pp dividing W with pp <= J; v = 1 at pp = 1, else v <= 16
+(tested). The search grid: pp dividing W / tp with pp <= J; v = 1 at pp = 1, else v <= 16
 dividing ceil(J / pp); ep dividing gcd(E, W / pp); seqs dividing ceil(G / dp) with
 m = ceil(G / dp) / seqs (every micro-batch of the step in one pipeline flush, as Megatron
-runs), m a multiple of pp when v > 1 (Megatron's rule); every recomputation choice.
-Exhaustive: no point of the grid is skipped except by the exact rules that later
-recompute options only add time (so the first that fits is the fastest).
+runs), m a multiple of pp when v > 1 (Megatron's rule); every recomputation choice;
+tp = 1, and only for a variant where no tp = 1 configuration fits, tp > 1 dividing a node
+(dp = W / (pp tp)). Exhaustive: no point of the grid is skipped except by exact rules: later recompute
+options only add time (so the first that fits is the fastest), and a point whose
+least-memory option (recomputing both) does not fit is skipped whole.
 
-Assumptions (besides the cost model's, ``formulas.py``): no tensor parallelism (if nothing
-fits, the planner says so); pipeline stages hold equal layer counts; P2P sends hide behind
+Tensor parallelism (tp > 1, with sequence parallelism, experts not tensor-parallel): a
+TP rank computes 1/tp of its group's attention-side work and keeps 1/tp of its dense
+parameters and activations; each layer adds an all-gather and a reduce-scatter of the
+micro-batch's S x H activations over NVLink (one ALLREDUCE_TIME's worth) to the attention
+stage, forward and backward; a rank dispatches its 1/tp of the tokens.
+
+Assumptions (besides the cost model's, ``formulas.py``): pipeline stages hold equal layer counts; P2P sends hide behind
 compute in steady state (overlap_p2p_comm) and are exposed only on the first forward's
 and last backward's chain.
 """
@@ -85,12 +92,14 @@ class MegatronConfig:
     seqs: int  # sequences per device per micro-batch
     m: int  # micro-batches per step
     recompute: tuple[bool, bool] = (False, False)  # (attention side, experts)
+    tp: int = 1  # tensor parallelism of the dense part (with sequence parallelism), inside a node
 
     def dp(self, world: int) -> int:
-        return world // self.pp
+        return world // (self.pp * self.tp)
 
     def describe(self, world: int, num_experts: int) -> str:
         parts = [f"PP {self.pp}" + (f" x {self.v} virtual" if self.v > 1 else ""),
+                 *([f"TP {self.tp}"] if self.tp > 1 else []),
                  f"EP {self.ep} ({num_experts // self.ep} expert(s) per device)", f"DP {self.dp(world)}",
                  f"{self.m} micro-batch(es) of {self.seqs} sequence(s)"]
         on = [k for k, x in zip(("attention", "experts"), self.recompute) if x]
@@ -113,7 +122,7 @@ def _p2p(work: Workload, cluster, cfg: MegatronConfig, recorder=None) -> float:
     a node sends at once over the node's NICs when the stages sit on different nodes."""
     if cfg.pp == 1:
         return 0.0
-    per_device = cfg.seqs * work.seq_len * work.expert_input_per_row
+    per_device = cfg.seqs * work.seq_len * work.expert_input_per_row / cfg.tp  # sequence parallel: 1/tp each
     block = cluster.world_size // cfg.pp
     dpn = cluster.devices_per_node
     if block % dpn == 0:  # stages on different nodes
@@ -142,9 +151,9 @@ def megatron_sync(work: Workload, cluster, cfg: MegatronConfig, recorder=None, t
     share = work.group_share(cfg.pp, "contiguous", cfg.pp - 1)
     common = dict(bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
                   lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency)
-    g, k = group_span(list(range(block)), dpn)
+    g, k = group_span(list(range(0, block, cfg.tp)), dpn)  # same TP rank of every DP replica
     t = ALLREDUCE_TIME(recorder, f"{tag}: all-reduce dense grads over DP", bytes=max(share.attention_params)
-                       * work.dtype_bytes, g=g, k=k, nics=cluster.nics_per_node * g / dpn, **common)
+                       * work.dtype_bytes / cfg.tp, g=g, k=k, nics=cluster.nics_per_node * g / dpn, **common)
     if block // cfg.ep > 1:
         g, k = group_span(list(range(0, block, cfg.ep)), dpn)
         held = work.num_experts // cfg.ep
@@ -167,7 +176,7 @@ def megatron_times(work: Workload, cluster, cfg: MegatronConfig, recorder=None, 
     for variant in variants:
         halves = 1 if variant == "no_overlap" else 2
         tag = f"Megatron {variant.replace('_', ' ')}"
-        part = cfg.seqs / halves
+        part = cfg.seqs / halves / cfg.tp  # a TP rank computes 1/tp of its group's sequences' work
         key = (part, cfg.recompute[0])
         if attn_cache is not None and key in attn_cache:
             attn = attn_cache[key]
@@ -183,11 +192,17 @@ def megatron_times(work: Workload, cluster, cfg: MegatronConfig, recorder=None, 
         cb = ep_transfer(cluster, cfg.ep, tokens * work.combine_per_token, rec, f"{tag}: combine all-to-all")
         gc = ep_transfer(cluster, cfg.ep, tokens * work.combine_grad_per_token)
         gd = ep_transfer(cluster, cfg.ep, tokens * work.dispatch_grad_per_token)
+        t_tp = 0.0
+        if cfg.tp > 1:  # sequence parallel: all-gather before attention, reduce-scatter after, per layer
+            t_tp = ALLREDUCE_TIME(rec, f"{tag}: TP all-gather + reduce-scatter, one layer",
+                                  bytes=cfg.seqs / halves * S * work.expert_input_per_row, g=cfg.tp, k=1, nics=1,
+                                  bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth,
+                                  lat_link=cluster.intra_node_latency, lat_nic=cluster.inter_node_latency)
         chunk = {}
         for phase, sfx, (t1, te, t2) in (("fwd", "f", (d, ef, cb)), ("bwd", "b", (gc, eb, gd))):
             pre, post = _stage_extras(attn, cfg.pp, sfx)
-            ta = ATTENTION_STAGE(rec, f"{tag}: attention stage {phase}", t_attn=attn[f"attn_{sfx}"], t_pre=pre,
-                                 t_post=post, L=per_device_layers)
+            ta = ATTENTION_STAGE(rec, f"{tag}: attention stage {phase}", t_attn=attn[f"attn_{sfx}"] + t_tp,
+                                 t_pre=pre, t_post=post, L=per_device_layers)
             if phase == "bwd" and cfg.recompute[1]:  # a recomputed MoE block re-sends the forward all-to-all
                 t1, t2 = t1 + d, t2 + cb
             R = ta + t1 + te + t2
@@ -221,11 +236,12 @@ def _stage_memory(work: Workload, cluster, cfg: MegatronConfig, optimizer: str, 
     where = f" (stage {stage})" if cfg.pp > 1 else ""
     n = INTERLEAVED_IN_FLIGHT(recorder, f"Megatron: micro-batches in flight{where}", m=cfg.m, pp=cfg.pp, v=cfg.v,
                               s=stage)
-    act_a = _attention_activations(work, n * cfg.seqs, cfg.seqs, cfg.recompute[0], recorder,
+    seqs = cfg.seqs / cfg.tp  # sequence parallel: a TP rank keeps 1/tp of the activations
+    act_a = _attention_activations(work, n * seqs, seqs, cfg.recompute[0], recorder,
                                    f"Megatron activations: dense part{where}", share, stage)
-    dense = MEMORY(recorder, f"Megatron memory: dense part{where}", P=share.attention_params[stage], w=w, grad=g,
-                   opt=o, shard=W // cfg.pp if shard_optimizer else 1, act=act_a)
-    rows = cfg.seqs * work.seq_len * work.top_k
+    dense = MEMORY(recorder, f"Megatron memory: dense part{where}", P=share.attention_params[stage] / cfg.tp, w=w,
+                   grad=g, opt=o, shard=cfg.dp(W) if shard_optimizer else 1, act=act_a)
+    rows = seqs * work.seq_len * work.top_k
     layers = share.moe_layers[stage]
     if cfg.recompute[1]:  # the MoE block recomputed: no dispatched row is kept, backward re-runs its all-to-all
         act_e = ACTIVATIONS(recorder, f"Megatron activations: experts part{where}, full-layer recompute", n=0.0,
@@ -243,22 +259,31 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def megatron_grid(work: Workload, cluster, global_batch: int):
-    """Every configuration of the search grid (module docstring), without recomputation."""
+def megatron_grid(work: Workload, cluster, global_batch: int, tps=(1,)):
+    """Every configuration of the search grid (module docstring) with TP degree in ``tps``,
+    without recomputation."""
     W, J, E = cluster.world_size, work.num_moe_layers, work.num_experts
-    for pp in _divisors(W):
-        if pp > J:
+    for tp in tps:
+        if cluster.devices_per_node % tp or W % tp:
             continue
-        vs = [1] if pp == 1 else [v for v in _divisors(math.ceil(J / pp)) if v <= 16]
-        dp = W // pp
-        s_dev = math.ceil(global_batch / dp)
-        for ep in _divisors(math.gcd(E, dp)):
-            for v in vs:
-                for seqs in _divisors(s_dev):
-                    m = s_dev // seqs
-                    if v > 1 and m % pp:
-                        continue
-                    yield MegatronConfig(pp, v, ep, seqs, m)
+        for pp in _divisors(W // tp):
+            if pp > J:
+                continue
+            vs = [1] if pp == 1 else [v for v in _divisors(math.ceil(J / pp)) if v <= 16]
+            dp = W // (pp * tp)
+            s_dev = math.ceil(global_batch / dp)
+            for ep in _divisors(math.gcd(E, W // pp)):
+                for v in vs:
+                    for seqs in _divisors(s_dev):
+                        m = s_dev // seqs
+                        if v > 1 and m % pp:
+                            continue
+                        yield MegatronConfig(pp, v, ep, seqs, m, tp=tp)
+
+
+def tp_degrees(cluster) -> list[int]:
+    """TP degrees above 1 the search tries when nothing fits without: divisors of a node."""
+    return [t for t in _divisors(cluster.devices_per_node) if t > 1]
 
 
 def best_megatron(work: Workload, cluster, global_batch: int, optimizer: str, shard: bool, cap: float,
@@ -267,15 +292,22 @@ def best_megatron(work: Workload, cluster, global_batch: int, optimizer: str, sh
     or None when none fits."""
     best: dict[str, tuple[float, MegatronConfig] | None] = {v: None for v in VARIANTS}
     cache: dict = {}
-    for base in megatron_grid(work, cluster, global_batch):
-        for recompute in _RECOMPUTE:
-            cfg = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, recompute)
-            if megatron_memory(work, cluster, cfg, optimizer, shard) > cap:
-                continue
-            times = megatron_times(work, cluster, cfg, attn_cache=cache)
-            for variant in VARIANTS:
-                t = times[f"step_{variant}"]
-                if best[variant] is None or t < best[variant][0] * (1 - 1e-12):
-                    best[variant] = (t, cfg)
-            break  # later recompute options only add work
+    for tps in ((1,), tp_degrees(cluster)):
+        open_variants = [v for v in VARIANTS if best[v] is None]  # TP only where nothing fits without it
+        if not open_variants:
+            break
+        for base in megatron_grid(work, cluster, global_batch, tps):
+            least = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, (True, True), base.tp)
+            if megatron_memory(work, cluster, least, optimizer, shard) > cap:
+                continue  # recomputing everything needs the least memory: nothing of this point fits
+            for recompute in _RECOMPUTE:
+                cfg = MegatronConfig(base.pp, base.v, base.ep, base.seqs, base.m, recompute, base.tp)
+                if megatron_memory(work, cluster, cfg, optimizer, shard) > cap:
+                    continue
+                times = megatron_times(work, cluster, cfg, attn_cache=cache)
+                for variant in open_variants:
+                    t = times[f"step_{variant}"]
+                    if best[variant] is None or t < best[variant][0] * (1 - 1e-12):
+                        best[variant] = (t, cfg)
+                break  # later recompute options only add work
     return best

@@ -399,7 +399,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         for variant, result in found.items():
             if result is None:
                 notes.append(f"Megatron-LM baseline ({variant.replace('_', ' ')}) does not fit in memory on this "
-                             "cluster (no PP x EP x DP configuration fits; tensor parallelism is not modelled)")
+                             "cluster (no PP x TP x EP x DP configuration fits)")
                 continue
             _, cfg = result
             t = megatron_times(work, cluster, cfg, rec, variants=(variant,))
