@@ -13,6 +13,11 @@ the outcome. Run on an otherwise idle machine.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fxdisag, not an installed one
+
 import argparse
 import statistics
 import time

@@ -13,6 +13,11 @@ and leaves the rest of it as written.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fxdisag, not an installed one
+
 import argparse
 import sys
 import time
