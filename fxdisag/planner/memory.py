@@ -1,39 +1,38 @@
-"""Per-device memory (bytes) of an AF-pipe layout and of the EP baseline.
+"""Per-device memory (bytes) of AF-pipe layouts and plans (the baseline's: ``cost_megatron.py``).
 
 Contract
 --------
 :func:`afpipe_memory` gives ``{"attention": bytes per attention device, "experts": bytes
-on the fullest expert device (most experts held, most rows)}``; :func:`ep_memory` the
-bytes per EP device. Both are MEMORY of ACTIVATIONS (``formulas.py``)::
+on the fullest expert device (most experts held, most rows)}``, as MEMORY of ACTIVATIONS
+(``formulas.py``)::
 
     MEMORY          M = P (w + g) + P o / s + A                   params P, bytes/param of weights
                     w, grads g, optimizer o (sharded s ways), activations A
     ACTIVATIONS     A = n keep + transient                        n sequences / rows in flight
 
-At pipeline depth p > 1 (``share``: :meth:`Workload.group_share`) a device holds only its
-group's stages (attention) or MoE layers (experts), and the result is the fullest
-group's. The activations kept are those of the micro-batches the schedule keeps in
-flight: all m of a round under GPipe, k under 1F1B, where the last stage's (final
-norm, head, loss: the logits) are kept for one micro-batch only, since 1F1B runs that
-stage's backward right after its forward.
-
 with (w, g, o) from :func:`param_bytes` (weights and gradients in the training dtype;
-optimizer state from ``workload.optimizer_bytes_per_param``), the optimizer state sharded
-over the data-parallel replicas when ``shard_optimizer``, and the activations kept for
-backward: of all m in-flight micro-batches for AF-pipe (GPipe-style), of one micro-step
-for EP.
+optimizer state from ``workload.optimizer_bytes_per_param``) and the optimizer state
+sharded over the data-parallel replicas when ``shard_optimizer``. At pipeline depth
+p > 1 (``share``: :meth:`Workload.group_share`) a device holds only its group's stages
+(attention) or MoE layers (experts), and the result is the fullest group's. The
+activations kept are those of the micro-batches the schedule keeps in flight: all m of
+a round under GPipe, k under 1F1B, where the last stage's (final norm, head, loss: the
+logits) are kept for one micro-batch only, since 1F1B runs that stage's backward right
+after its forward.
 
 :func:`rank_parameter_bytes` gives the weight bytes each rank of a runnable plan holds,
 from a measured profile: an attention rank the attention-side parameters of its group's
 stages (``profile.stage_params``), an expert rank its experts' slices in its group's MoE
-layers. The runtime holds exactly these (tested).
+layers. The runtime holds exactly these (tested). :func:`rank_activation_bytes` gives the
+activations each rank of a plan keeps, as the search counts them (compared with the
+measured peak in ``benchmarks/bench_schedules.py``).
 
-Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
-recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
-layer) or each routed row's input (experts: H per row), and re-runs the forward of that
-layer during backward (backward = 3 x forward for those regions instead of 2 x; the
-recomputed unit's full activations are a transient). Nothing is re-sent over the network:
-the expert side keeps its received rows.
+Activation recomputation (searched per group): a group that recomputes keeps only each
+decoder layer's input (attention side: S x H per sequence and layer) or each routed
+row's input (experts: H per row), and re-runs the forward of that layer during backward
+(backward = 3 x forward for those regions instead of 2 x; the recomputed unit's full
+activations are a transient). Nothing is re-sent over the network: the expert side keeps
+its received rows.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from fxdisag.planner.formulas import ACTIVATIONS, MEMORY
 from fxdisag.planner.placement import GroupLayout
 from fxdisag.planner.workload import GroupShare, Workload, optimizer_bytes_per_param
 
-__all__ = ["afpipe_memory", "ep_memory", "param_bytes", "rank_activation_bytes", "rank_parameter_bytes"]
+__all__ = ["afpipe_memory", "param_bytes", "rank_activation_bytes", "rank_parameter_bytes"]
 
 
 def param_bytes(optimizer: str, dtype_bytes: int) -> tuple[float, float, float]:
@@ -127,21 +126,6 @@ def _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimiz
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
     return MEMORY(recorder, f"memory per expert device{where}", P=layout.experts_per_device * work.params_per_expert * L,
                   w=w, grad=g, opt=o, shard=layout.min_replicas if shard_optimizer else 1, act=act_e)
-
-
-def ep_memory(work: Workload, cluster, ep: int, seqs: int, optimizer: str, shard_optimizer: bool,
-              recorder=None, recompute: tuple[bool, bool] = (False, False)) -> float:
-    w, g, o = param_bytes(optimizer, work.dtype_bytes)
-    W = cluster.world_size
-    S, L = work.seq_len, work.num_moe_layers
-    act_a = _attention_activations(work, seqs, seqs, recompute[0], recorder, "EP activations: attention part")
-    attention = MEMORY(recorder, "EP memory: attention part", P=work.attention_params, w=w, grad=g, opt=o,
-                       shard=W if shard_optimizer else 1, act=act_a)
-    rows = seqs * S * work.top_k
-    act_e = _expert_activations(work, L * rows, rows, recompute[1], recorder, "EP activations: experts part")
-    experts = MEMORY(recorder, "EP memory: experts part", P=work.num_experts // ep * work.params_per_expert * L,
-                     w=w, grad=g, opt=o, shard=W // ep if shard_optimizer else 1, act=act_e)
-    return attention + experts
 
 
 def rank_parameter_bytes(profile, plan) -> dict[int, int]:
