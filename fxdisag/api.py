@@ -139,7 +139,6 @@ class DisaggregatedModel(nn.Module):
         self.stage_map = stage_map
         first = captured.model.get_submodule(self.layout.moe[0].experts)
         dtype = next(first.parameters()).dtype
-        top_k = max(m.top_k for m in self.layout.moe)
         if self.has_attention:
             if multi:
                 _check_parameters_stay_in_group(program, schedule)
@@ -154,7 +153,7 @@ class DisaggregatedModel(nn.Module):
                 program, self.rank, own_group, list(schedule.expert_ranks),
                 schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
                 self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
-                stages=stage_map, row_format=(self.layout.hidden_size, dtype, top_k),
+                stages=stage_map, row_format=(self.layout.hidden_size, dtype),
             )
             self.runner.register(self._attention)
         if self.has_experts:
@@ -176,7 +175,8 @@ class DisaggregatedModel(nn.Module):
             one_group = sorted(stage_map.attention_groups[0]) if multi else list(schedule.attention_ranks)
             self.runner.register(ExpertHandlers(
                 dict(zip(self.expert_layers, self.local_experts)), one_group, schedule.num_microbatches,
-                self.layout.hidden_size, (dtype, dtype), top_k, self.mailbox,
+                self.layout.hidden_size, (dtype, dtype), {j: self.layout.moe[j].top_k for j in self.expert_layers},
+                self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
                 hops=stage_map.hops if multi else frozenset(),
             ))

@@ -12,7 +12,7 @@ import fxdisag
 from fxdisag.testing.models import TINY_FAMILIES, example_batch, tiny_model
 from fxdisag.codegen.insert_dispatch import insert_dispatch
 from fxdisag.codegen.split_stages import split_stages
-from fxdisag.runtime.dispatch import combine, pack
+from fxdisag.runtime.dispatch import combine, expert_rows, pack, row_ranks
 
 
 def test_pack_combine_equals_the_experts_call():
@@ -22,12 +22,41 @@ def test_pack_combine_equals_the_experts_call():
     hidden = torch.randn(10, 64)
     idx = torch.randint(0, 4, (10, 2))
     w = torch.rand(10, 2)
-    xs, ws, ids, inv = pack(hidden, idx, w, owner=(1, 0, 1, 0))
-    # Rows are grouped by owner slot: slot 0 (experts 1, 3) first.
-    slot = torch.tensor([1, 0, 1, 0])[ids.view(-1)]
+    owner = (1, 0, 1, 0)
+    xs, ws, ids, token, n = pack(hidden, idx, w, owner=owner)
+    # One row per (token, rank reached), grouped by owner slot: slot 0 (experts 1, 3) first.
+    reached = {(t, owner[int(e)]) for t in range(10) for e in idx[t]}
+    assert xs.shape[0] == len(reached) and n.shape == (10, 0)
+    slot = row_ranks(ids, torch.tensor(owner))
     assert torch.equal(slot, slot.sort().values)
-    out = combine(experts(xs, ids, ws), inv, top_k=2)
+    assert sorted(zip(token.tolist(), slot.tolist())) == sorted(reached)
+    # a row's valid slots are exactly the token's choices on its rank, weights beside them
+    for r in range(xs.shape[0]):
+        t = int(token[r])
+        for k in range(2):
+            on_rank = owner[int(idx[t, k])] == int(slot[r])
+            assert int(ids[r, k]) == (int(idx[t, k]) if on_rank else -1)
+            assert float(ws[r, k]) == (float(w[t, k]) if on_rank else 0.0)
+    out = combine(expert_rows(experts, xs, ids, ws), token, n)
     torch.testing.assert_close(out, experts(hidden, idx, w), rtol=1e-6, atol=1e-6)
+
+
+def test_pack_gradients_equal_the_experts_call():
+    torch.manual_seed(1)
+    experts = tiny_model("qwen3_moe").model.layers[0].mlp.experts
+    E = experts.gate_up_proj.shape[0]
+    hidden = torch.randn(12, experts.gate_up_proj.shape[1], requires_grad=True)
+    idx = torch.stack([torch.randperm(E)[:4] for _ in range(12)])
+    w = torch.rand(12, 4, requires_grad=True)
+    xs, ws, ids, token, n = pack(hidden, idx, w, owner=tuple(e % 3 for e in range(E)))
+    out = combine(expert_rows(experts, xs, ids, ws), token, n)
+    g = torch.randn_like(out)
+    gh, gw = torch.autograd.grad(out, [hidden, w], g)
+    ref = experts(hidden, idx, w)
+    rh, rw = torch.autograd.grad(ref, [hidden, w], g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -56,11 +85,11 @@ class SplitShapeTest(expecttest.TestCase):
         captured = fxdisag.capture(model, batch)
         program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2))
         self.assertExpectedInline(program.describe(), """\
-attention stage 0: inputs ['input_ids', 'config'] -> outputs ['xs_0', 'ids_0', 'ws_0', 'inv_0', 'getitem_23', 'getitem_24', 'getitem_25', 'add_1', 'model_rotary_emb', 'create_causal_mask', 'unsqueeze']
+attention stage 0: inputs ['input_ids', 'config'] -> outputs ['xs_0', 'ids_0', 'ws_0', 'token_0', 'ntok_0', 'getitem_25', 'getitem_26', 'getitem_27', 'add_1', 'model_rotary_emb', 'create_causal_mask', 'unsqueeze']
   boundary 0 (model.layers.0.mlp.experts): send xs_0, ids_0, ws_0 -> receive ys_0
-attention stage 1: inputs ['ys_0', 'inv_0', 'getitem_23', 'getitem_24', 'getitem_25', 'add_1', 'model_rotary_emb', 'create_causal_mask', 'unsqueeze'] -> outputs ['xs_1', 'ids_1', 'ws_1', 'inv_1', 'getitem_26', 'getitem_27', 'getitem_28', 'add_3']
+attention stage 1: inputs ['ys_0', 'token_0', 'ntok_0', 'getitem_25', 'getitem_26', 'getitem_27', 'add_1', 'model_rotary_emb', 'create_causal_mask', 'unsqueeze'] -> outputs ['xs_1', 'ids_1', 'ws_1', 'token_1', 'ntok_1', 'getitem_28', 'getitem_29', 'getitem_30', 'add_3']
   boundary 1 (model.layers.1.mlp.experts): send xs_1, ids_1, ws_1 -> receive ys_1
-attention stage 2: inputs ['ys_1', 'inv_1', 'getitem_26', 'getitem_27', 'getitem_28', 'add_3', 'labels'] -> outputs ['cross_entropy', 'lm_head']""")
+attention stage 2: inputs ['ys_1', 'token_1', 'ntok_1', 'getitem_28', 'getitem_29', 'getitem_30', 'add_3', 'labels'] -> outputs ['cross_entropy', 'lm_head']""")
 
     def test_insert_dispatch_rejects_bad_placement(self):
         model = tiny_model("mixtral")

@@ -38,19 +38,35 @@ CASES = [
 ]
 
 
+def _model(family: str, num_layers: int, top_k: int | None):
+    """``tiny_model``, or the same family with ``top_k`` experts per token (seed 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from fxdisag.testing.models import tiny_config, tiny_model
+
+    if top_k is None:
+        return tiny_model(family, seed=0, num_layers=num_layers)
+    cfg = tiny_config(family, num_layers=num_layers)
+    cfg.num_experts_per_tok = top_k
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.train()
+
+
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
            schedule_kind: str = "gpipe", depth: int = 1, num_layers: int = 2, assignment: str = "round_robin",
-           optimizer: str = "adamw", stage_costs: dict | None = None) -> dict:
+           optimizer: str = "adamw", stage_costs: dict | None = None, top_k: int | None = None) -> dict:
     import fxdisag
-    from fxdisag.testing.models import example_batch, tiny_model
+    from fxdisag.testing.models import example_batch
     from fxdisag.planner.plan import Plan
 
-    model = tiny_model(family, seed=0, num_layers=num_layers)
+    model = _model(family, num_layers, top_k)
     reference = copy.deepcopy(model)
     batches = [example_batch(model, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
-    if mode == "ep":
-        plan = Plan.expert_parallel(world, num_experts, m)
+    if mode in ("ep", "ep-overlap"):
+        plan = Plan.expert_parallel(world, num_experts, m, overlap=mode == "ep-overlap")
     else:
         plan = Plan.manual(num_attention=n_attn, num_expert=world // depth - n_attn, num_experts=num_experts,
                            num_microbatches=m, schedule_kind=schedule_kind, pipeline_depth=depth,
@@ -92,7 +108,7 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     from fxdisag.planner.memory import rank_parameter_bytes
     from fxdisag.planner.profile import profile
 
-    fresh = tiny_model(family, seed=0, num_layers=num_layers)
+    fresh = _model(family, num_layers, top_k)
     predicted = rank_parameter_bytes(profile(fxdisag.capture(fresh, batches[0]), 1, 12, torch.float32), plan)
 
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
@@ -131,6 +147,62 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
 @pytest.mark.parametrize("family, n_attn, n_exp, m", CASES, ids=[f"{c[0]}-{c[1]}a{c[2]}e-m{c[3]}" for c in CASES])
 def test_training_matches_eager(family, n_attn, n_exp, m):
     _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, timeout=240))
+
+
+# top_k = 4 of 8 experts over 2 expert ranks: most tokens send one row to a rank for
+# several of their experts (one row per (token, rank), summed on the expert rank).
+TOP_K4_CASES = [("olmoe", 1, 2, 2, "afpipe"), ("olmoe", 2, 2, 1, "ep")]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, n_attn, n_exp, m, mode", TOP_K4_CASES,
+                         ids=[f"{c[0]}-top4-{c[1]}a{c[2]}e-m{c[3]}-{c[4]}" for c in TOP_K4_CASES])
+def test_top_k4_training_matches_eager(family, n_attn, n_exp, m, mode):
+    world = n_attn + n_exp if mode == "afpipe" else n_attn
+    _check_against_eager(run_distributed(_train, world, family, n_attn, m, mode, "gpipe", 1, 2, "round_robin",
+                                         "adamw", None, 4, timeout=240))
+
+
+def _dispatch_bytes(rank: int, world: int, top_k: int) -> dict:
+    import fxdisag
+    from fxdisag.runtime.routing import Routing
+    from fxdisag.testing.models import example_batch
+
+    model = _model("olmoe", 2, top_k)
+    reference = copy.deepcopy(model)
+    batch = example_batch(model, 4, 12, seed=0)
+    plan = Plan.manual(num_attention=1, num_expert=2, num_experts=8, num_microbatches=1)
+    dmodel = fxdisag.disaggregate(model, batch, plan)
+    dmodel(**batch).loss.backward()
+    sent = dmodel.step_sent_bytes()
+    # The routing, independently: eager's experts calls, through the plan's owner table.
+    chosen = []
+    for layer in reference.model.layers:
+        layer.mlp.experts.register_forward_pre_hook(lambda mod, args: chosen.append(args[1].clone()))
+    reference(**batch, use_cache=False)
+    owner = Routing.from_plan(plan, 8).owner_slot(0)
+    rows = [[len({t for t in range(idx.shape[0]) for e in idx[t].tolist() if owner[e] == r}) for r in (0, 1)]
+            for idx in chosen]
+    return {"sent": sent, "rows": rows, "tokens": [idx.shape[0] for idx in chosen]}
+
+
+@pytest.mark.dist
+def test_dispatch_sends_one_row_per_token_and_expert_rank():
+    # Bytes on the wire, from the messages' layouts (fp32, H = 64, int32 ids, 8-byte
+    # aligned parts, an 8-byte row count in front of a dispatch), against the rows the
+    # eager model's routing gives: one per (token, expert rank holding >= 1 of its top_k).
+    H, K = 64, 4
+    out = run_distributed(_dispatch_bytes, 3, K, timeout=120)
+    pad = lambda n: -(-n // 8) * 8  # noqa: E731
+    rows, tokens = out[0]["rows"], out[0]["tokens"]
+    for r in (0, 1):
+        R = [layer[r] for layer in rows]
+        to_expert = sum(8 + pad(n * H * 4) + 2 * pad(n * K * 4) + pad(n * H * 4) for n in R)  # D + GC
+        from_expert = sum(pad(n * H * 4) + pad(n * H * 4) + pad(n * K * 4) for n in R)  # C + GD
+        assert out[0]["sent"][1 + r] == to_expert
+        assert out[1 + r]["sent"] == {0: from_expert}
+    # several of a token's 4 experts share a rank: far fewer rows than top_k per token
+    assert sum(map(sum, rows)) < 0.6 * K * sum(tokens)
 
 
 @pytest.mark.dist
@@ -193,6 +265,18 @@ EP_CASES = [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 1), ("gpt_oss", 2, 4)]
 @pytest.mark.parametrize("family, world, m", EP_CASES, ids=[f"{c[0]}-ep{c[1]}-m{c[2]}" for c in EP_CASES])
 def test_expert_parallel_baseline_matches_eager(family, world, m):
     _check_against_eager(run_distributed(_train, world, family, world, m, "ep", timeout=240))
+
+
+# Overlapped EP: micro-batch pairs, each one's all-to-all behind the other's compute (an odd m,
+# whose last micro-batch runs alone, is validated in test_schedule); once with the NCCL receive discipline.
+EP_OVERLAP_CASES = [("qwen3_moe", 2, 2, {}), ("deepseek_v3", 4, 2, {}), ("gpt_oss", 2, 4, {"FXDISAG_P2P_ORDERED": "1"})]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, world, m, env", EP_OVERLAP_CASES,
+                         ids=[f"{c[0]}-ep{c[1]}-m{c[2]}{'-ordered' if c[3] else ''}" for c in EP_OVERLAP_CASES])
+def test_overlapped_expert_parallel_matches_eager(family, world, m, env):
+    _check_against_eager(run_distributed(_train, world, family, world, m, "ep-overlap", timeout=240, env=env))
 
 
 def _check_against_eager(results: list[dict]) -> None:

@@ -329,6 +329,46 @@ step | 0:AE               | 1:AE
    5 | EB0.0 >GD0.0       | EB0.0 >GD0.0
    6 | B0.0 R             | B0.0 R""")
 
+    def test_overlapped_ep_pairs_micro_batches(self):
+        from fxdisag.schedule import ep_schedule
+        from fxdisag.schedule.simulate import UniformLink, simulate
+
+        for world, J, m in ((2, 1, 2), (2, 2, 3), (4, 2, 4), (3, 1, 5)):
+            validate(ep_schedule(range(world), J, m, overlap=True))
+        s = ep_schedule([0, 1], 1, 3, overlap=True)
+        assert s.name == "ep-overlap"
+        self.assertExpectedInline(str(s), """\
+step | 0:AE                             | 1:AE
+   0 | <D0.0 <D0.1                      | <D0.0 <D0.1
+   1 | F0.0 >D0.0 <C0.0                 | F0.0 >D0.0 <C0.0
+   2 | F0.1 >D0.1 <C0.1                 | F0.1 >D0.1 <C0.1
+   3 | EF0.0 >C0.0                      | EF0.0 >C0.0
+   4 | EF0.1 >C0.1                      | EF0.1 >C0.1
+   5 | F1.0                             | F1.0
+   6 | F1.1 <D0.2                       | F1.1 <D0.2
+   7 | F0.2 >D0.2 <C0.2                 | F0.2 >D0.2 <C0.2
+   8 | EF0.2 >C0.2                      | EF0.2 >C0.2
+   9 | F1.2 <GC0.0 <GC0.1 <GD0.0 <GD0.1 | F1.2 <GC0.0 <GC0.1 <GD0.0 <GD0.1
+  10 | B1.0 >GC0.0                      | B1.0 >GC0.0
+  11 | B1.1 >GC0.1                      | B1.1 >GC0.1
+  12 | EB0.0 >GD0.0                     | EB0.0 >GD0.0
+  13 | EB0.1 >GD0.1                     | EB0.1 >GD0.1
+  14 | B0.0                             | B0.0
+  15 | B0.1 <GC0.2 <GD0.2               | B0.1 <GC0.2 <GD0.2
+  16 | B1.2 >GC0.2                      | B1.2 >GC0.2
+  17 | EB0.2 >GD0.2                     | EB0.2 >GD0.2
+  18 | B0.2 R                           | B0.2 R""")
+        # Compute 1 (F, EF) and 2 (B, EB) per micro-batch, each message 1: the exchanges of a
+        # pair hide behind its partner's compute, so the step is shorter than without overlap.
+        table = {K.F: 1.0, K.EF: 1.0, K.B: 2.0, K.EB: 2.0, K.REDUCE: 0.0}
+        link = UniformLink(1.0)
+
+        def step(overlap):
+            return simulate(ep_schedule([0, 1], 2, 4, overlap), lambda r, a: table[a.kind],
+                            lambda *_: 1.0, link).step_time
+
+        assert step(True) < 0.8 * step(False)
+
     def test_ep_rank_missing_its_expert_half(self):
         from fxdisag.schedule import ep_schedule
 

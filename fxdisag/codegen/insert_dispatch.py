@@ -4,17 +4,24 @@ Contract: ``insert_dispatch(gm, layout, owner, num_ranks) -> gm`` (in place, ret
 
 * rewrites each ``call_module(<experts>)(hidden, top_k_index, top_k_weights)`` into::
 
-      xs, ws, ids, inv = fxdisag.runtime.dispatch.pack(hidden, top_k_index, top_k_weights, owner)
-      ys  = call_module(<experts>)(xs, ids, ws)        # one row per (token, slot); K = 1
-      out = fxdisag.runtime.dispatch.combine(ys, inv, K)
+      xs, ws, ids, token, n = fxdisag.runtime.dispatch.pack(hidden, top_k_index, top_k_weights, owner)
+      x, e, w, row = fxdisag.runtime.dispatch.expand(xs, ids, ws)     # } the expert side:
+      y   = call_module(<experts>)(x, e, w)       # one call row per (token, slot); K = 1
+      ys  = fxdisag.runtime.dispatch.reduce_rows(y, row, xs)          # } one row per (token, rank)
+      out = fxdisag.runtime.dispatch.combine(ys, token, n)
 
+  (``dispatch.py``: one row per (token, expert rank it reaches); ``ws``/``ids`` [R, K]
+  with the slots of other ranks zeroed / -1);
 * the graph stays runnable in one process and computes the same values as before the
-  pass (the experts module is called on the same rows, in groups of one slot);
-* after it, the tensors that cross the attention/experts boundary are exactly the
-  experts node's arguments (``xs, ids, ws``) and its result (``ys``); the runtime
-  slices the buffers per expert rank with ``bincount(owner[ids])``;
-* ``node.meta["fxdisag_boundary"] = j`` marks the experts node of MoE layer j; the new
-  nodes keep the region tags (pack: ``router[l]``, combine: ``combine[l]``).
+  pass up to float rounding of the per-token sum (the experts module is called on the
+  same (row, expert, weight) triples);
+* after it, the tensors that cross the attention/experts boundary are exactly ``xs, ids,
+  ws`` (in) and ``ys`` (out); the runtime slices the buffers per expert rank with
+  ``bincount(owner[ids.amax(1)])``;
+* ``node.meta["fxdisag_boundary"] = j`` marks the experts node of MoE layer j and
+  ``meta["fxdisag_boundary_part"] = j`` the expand/reduce nodes around it (the expert
+  side of the cut, ``split_stages``); the new nodes keep the region tags (pack:
+  ``router[l]``, expand/reduce: ``experts[l]``, combine: ``combine[l]``).
 
 ``owner[e]`` is the expert-rank slot (0..R-1) holding expert e; ``R`` the number of
 expert ranks. The pass does not decide placement: the plan does.
@@ -78,22 +85,31 @@ def insert_dispatch(gm: fx.GraphModule, layout: ModelLayout, owner: Sequence[int
             raise ValueError(f"placement gives {len(owner)} experts, MoE layer {moe.layer} has {moe.num_experts}")
         hidden, index, weights = _args3(node)
         router_tag = RegionTag("router", moe.layer, moe.block)
+        experts_tag = node.meta.get("fxdisag_region", RegionTag("experts", moe.layer, node.target))
+
+        def make(fn, args, name, tag, part=None, outputs=()):
+            made = graph.create_node("call_function", fn, args, name=name)
+            made.meta["fxdisag_region"] = tag
+            if part is not None:
+                made.meta["fxdisag_boundary_part"] = part
+            items = []
+            for k, label in enumerate(outputs):
+                item = graph.create_node("call_function", operator.getitem, (made, k), name=f"{label}_{j}")
+                item.meta.update({k2: v for k2, v in made.meta.items() if k2.startswith("fxdisag")})
+                items.append(item)
+            return items or made
+
         with graph.inserting_before(node):
-            packed = graph.create_node("call_function", dispatch.pack, (hidden, index, weights, owner), name=f"pack_{j}")
-            packed.meta["fxdisag_region"] = router_tag
-            parts = []
-            for k, label in enumerate(("xs", "ws", "ids", "inv")):
-                part = graph.create_node("call_function", operator.getitem, (packed, k), name=f"{label}_{j}")
-                part.meta["fxdisag_region"] = router_tag
-                parts.append(part)
-            xs, ws, ids, inv = parts
-            ys = graph.create_node("call_module", node.target, (xs, ids, ws), name=f"ys_{j}")
-            ys.meta.update(node.meta)
-            ys.meta["fxdisag_boundary"] = j
-            ys.meta["fxdisag_experts_fqn"] = node.target
-        with graph.inserting_after(ys):
-            out = graph.create_node("call_function", dispatch.combine, (ys, inv, moe.top_k), name=f"combined_{j}")
-            out.meta["fxdisag_region"] = RegionTag("combine", moe.layer, moe.block)
+            xs, ws, ids, token, n = make(dispatch.pack, (hidden, index, weights, owner), f"pack_{j}", router_tag,
+                                         outputs=("xs", "ws", "ids", "token", "ntok"))
+            x, e, w, row = make(dispatch.expand, (xs, ids, ws), f"expand_{j}", experts_tag, part=j,
+                                outputs=("pair_x", "pair_id", "pair_w", "pair_row"))
+            y = graph.create_node("call_module", node.target, (x, e, w), name=f"pairs_{j}")
+            y.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})  # shape changed
+            y.meta["fxdisag_boundary"] = j
+            y.meta["fxdisag_experts_fqn"] = node.target
+            ys = make(dispatch.reduce_rows, (y, row, xs), f"ys_{j}", experts_tag, part=j)
+            out = make(dispatch.combine, (ys, token, n), f"combined_{j}", RegionTag("combine", moe.layer, moe.block))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.lint()

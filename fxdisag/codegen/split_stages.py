@@ -8,8 +8,9 @@ Contract: ``split_stages(gm) -> StagedProgram`` for a graph that went through
   experts node s in the graph's order (stage 0 starts at the inputs, stage J ends at
   the outputs). Keeping the original order keeps the model's own sequence of
   operations, so every stage computes exactly what the whole graph did;
-* boundary j's inputs are the experts node's arguments (``xs, ids, ws``), all produced
-  by stage j; its output ``ys`` is consumed by stage j+1 only;
+* boundary j holds the experts node and the ``expand``/``reduce_rows`` around it; its
+  inputs are ``expand``'s arguments (``xs, ids, ws``), all produced by stage j; its
+  output ``ys`` is consumed by stage j+1 only;
 * values that stage s needs from earlier stages (residual stream, rotary tables, the
   mask, labels, ...) are explicit stage inputs, named after the top-level value;
 * ``program.graph_module`` (the ``split_module`` result) still runs in one process and
@@ -17,7 +18,7 @@ Contract: ``split_stages(gm) -> StagedProgram`` for a graph that went through
 
 Pseudo-code::
 
-    stage(n) = number of experts nodes before n        # boundaries: 2j+1, stages: 2s
+    stage(n) = boundaries entered before n            # boundary j (expand, experts, reduce): 2j+1
     top = split_module(gm, stage, keep_original_order=True, tuple_return=True)
     for each submodule call in top: record its input value names and output value names
 """
@@ -31,6 +32,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from fxdisag.dump import maybe_dump_graph
+from fxdisag.runtime import dispatch
 
 __all__ = ["AttentionStage", "ExpertBoundary", "StagedProgram", "split_stages"]
 
@@ -47,10 +49,10 @@ class AttentionStage:
 class ExpertBoundary:
     index: int  # MoE layer j (0..J-1), in layer order
     experts_fqn: str
-    xs: str  # token rows,      [P, H]
-    ids: str  # global expert id [P, 1]
-    ws: str  # routing weights   [P, 1]
-    ys: str  # expert outputs    [P, H]  (weighted)
+    xs: str  # token rows, one per (token, expert rank)       [R, H]
+    ids: str  # the row's expert ids, -1 in other ranks' slots [R, K]
+    ws: str  # routing weights, 0 in other ranks' slots        [R, K]
+    ys: str  # weighted expert outputs summed per row          [R, H]
     module: fx.GraphModule = field(repr=False)
 
 
@@ -73,15 +75,19 @@ class StagedProgram:
 
 
 def _partition_ids(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Boundary j (the experts node and the expand/reduce nodes around it) -> 2j + 1; every
+    other node -> 2 x (boundaries entered before it)."""
     part: dict[fx.Node, int] = {}
-    j = 0
+    j = 0  # boundaries entered so far
     for node in gm.graph.nodes:
-        boundary = node.meta.get("fxdisag_boundary")
+        boundary = node.meta.get("fxdisag_boundary", node.meta.get("fxdisag_boundary_part"))
         if boundary is not None:
-            if boundary != j:
+            if boundary not in (j - 1, j):
                 raise ValueError(f"experts nodes out of order: expected boundary {j}, found {boundary} at {node.name}")
-            part[node] = 2 * j + 1
-            j += 1
+            if boundary == j - 1 and part.get(node.prev) != 2 * boundary + 1:
+                raise ValueError(f"boundary {boundary} is interrupted before {node.name}: its nodes must be consecutive")
+            part[node] = 2 * boundary + 1
+            j = boundary + 1
         else:
             part[node] = 2 * j
     return part
@@ -156,7 +162,10 @@ def split_stages(gm: fx.GraphModule) -> StagedProgram:
                 raise ValueError(f"boundary submodule {node.target} must hold exactly the experts call, got {len(call)}")
             placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
             pos = {p: i for i, p in enumerate(placeholders)}
-            xs, ids, ws = (arg_names[pos[a]] for a in call[0].args)
+            expand = [n for n in sub.graph.nodes if n.op == "call_function" and n.target is dispatch.expand]
+            if len(expand) != 1 or not all(a in pos for a in expand[0].args):
+                raise ValueError(f"boundary submodule {node.target} must start with one dispatch.expand of its inputs")
+            xs, ids, ws = (arg_names[pos[a]] for a in expand[0].args)
             boundaries.append(
                 ExpertBoundary(
                     pid // 2,

@@ -41,7 +41,9 @@ Binding fields:
   rank; None: whatever the batch gives, ``batch / (attention ranks of one group x m)``);
 * ``schedule_kind`` -- the schedule the runtime builds: ``"gpipe"`` (all forwards, then
   all backwards) or ``"1f1b"`` (at most ``in_flight`` micro-batches in flight, backward
-  work first; AF-pipe plans only);
+  work first; AF-pipe plans only); expert-parallel plans: ``"gpipe"`` (all-to-all on the
+  critical path) or ``"overlap"`` (two micro-batches in flight, each one's all-to-all
+  behind the other's compute: ``ep_schedule(overlap=True)``);
 * ``recompute`` -- activation recomputation per group (``{"attention": bool,
   "experts": bool}``);
 * ``num_moe_layers`` -- when set, must match the model.
@@ -75,7 +77,8 @@ if TYPE_CHECKING:  # fxdisag.schedule is imported where used (it is the heavier 
 __all__ = ["BINDING_FIELDS", "LAYER_ASSIGNMENTS", "PLAN_KINDS", "Plan", "SCHEDULE_KINDS", "contiguous_placement"]
 
 PLAN_KINDS = ("afpipe", "ep")
-SCHEDULE_KINDS = ("gpipe", "1f1b")  # what the runtime builds
+SCHEDULE_KINDS = ("gpipe", "1f1b")  # what the runtime builds (AF-pipe plans)
+EP_SCHEDULE_KINDS = ("gpipe", "overlap")  # expert-parallel plans: exposed or overlapped all-to-all
 RECOMPUTE_GROUPS = ("attention", "experts")
 LAYER_ASSIGNMENTS = ("round_robin", "contiguous")  # how MoE layers are dealt over p > 1 groups
 BINDING_FIELDS = (
@@ -362,9 +365,12 @@ class Plan:
                    notes=["manual plan"])
 
     @classmethod
-    def expert_parallel(cls, world: int, num_experts: int, num_microbatches: int) -> "Plan":
+    def expert_parallel(cls, world: int, num_experts: int, num_microbatches: int, overlap: bool = False) -> "Plan":
         """The expert-parallel baseline: every rank runs attention on 1/world of the batch and a
-        contiguous block of ``num_experts / world`` experts (expert e on rank ``e * world // E``)."""
+        contiguous block of ``num_experts / world`` experts (expert e on rank ``e * world // E``).
+
+        ``overlap``: the all-to-all of one micro-batch hides behind another's compute
+        (schedule ``"overlap"``; needs ``num_microbatches >= 2``)."""
         for name, value in (("world", world), ("num_experts", num_experts), ("num_microbatches", num_microbatches)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Plan.expert_parallel: {name} must be an int >= 1, got {value!r}")
@@ -373,8 +379,13 @@ class Plan:
                              "at least one expert")
         ranks = list(range(world))
         placement = [[e * world // num_experts] for e in range(num_experts)]
+        if overlap and num_microbatches < 2:
+            raise ValueError("Plan.expert_parallel(overlap=True) needs num_microbatches >= 2: the all-to-all of one "
+                             "micro-batch hides behind the compute of another")
         return cls(ranks, list(ranks), placement, num_microbatches, kind="ep",
-                   notes=["expert-parallel baseline: attention on every rank, all-to-all dispatch and combine"])
+                   schedule_kind="overlap" if overlap else "gpipe",
+                   notes=["expert-parallel baseline: attention on every rank, all-to-all dispatch and combine"
+                          + (", overlapped across micro-batch pairs" if overlap else "")])
 
     # ------------------------------------------------------------------ runtime
     def schedule(self, num_moe_layers: int | None = None):
@@ -383,14 +394,15 @@ class Plan:
         from fxdisag.schedule import af_pipe_schedule, ep_schedule, one_f_one_b_schedule, ring_schedule, validate
 
         layers = self._layers(num_moe_layers, "schedule")
-        if self.schedule_kind not in SCHEDULE_KINDS:
+        if self.kind == "ep":
+            if self.schedule_kind not in EP_SCHEDULE_KINDS:
+                raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the expert-parallel baseline runs "
+                                 f"{EP_SCHEDULE_KINDS} schedules only")
+            schedule = ep_schedule(self.attention_ranks, layers, self.num_microbatches,
+                                   overlap=self.schedule_kind == "overlap")
+        elif self.schedule_kind not in SCHEDULE_KINDS:
             raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the runtime builds {SCHEDULE_KINDS} "
                              "schedules only")
-        if self.kind == "ep":
-            if self.schedule_kind != "gpipe":
-                raise ValueError(f"Plan.schedule_kind={self.schedule_kind!r}: the expert-parallel baseline runs "
-                                 "'gpipe' order only")
-            schedule = ep_schedule(self.attention_ranks, layers, self.num_microbatches)
         elif self.pipeline_depth > 1:
             from fxdisag.schedule import stage_costs
 

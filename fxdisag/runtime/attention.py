@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fxdisag.codegen.split_stages import StagedProgram
-from fxdisag.runtime import hop
+from fxdisag.runtime import dispatch, hop
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
@@ -69,12 +69,12 @@ class AttentionHandlers:
         attention_group: dist.ProcessGroup | None,
         recompute: bool = False,
         stages: Stages | None = None,
-        row_format: tuple[int, torch.dtype, int] | None = None,
+        row_format: tuple[int, torch.dtype] | None = None,
     ):
         """``attention_ranks``: this rank's attention group (its slot is its index);
         ``expert_ranks``: the expert group (p = 1); ``stages``: which group runs which
-        stage (None: p = 1, every stage here); ``row_format``: (hidden size, row dtype,
-        max top_k) to size a combine that crosses a hop."""
+        stage (None: p = 1, every stage here); ``row_format``: (hidden size, row dtype)
+        to size a combine that crosses a hop."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
@@ -166,7 +166,7 @@ class AttentionHandlers:
         state.grads = [{} for _ in range(m)]
         if self.row_format is not None and "input_ids" in batch:
             ids = batch["input_ids"]
-            state.capacity_rows = ids.shape[0] // (n_attn * m) * ids.shape[1] * self.row_format[2]
+            state.capacity_rows = ids.shape[0] // (n_attn * m) * ids.shape[1]  # one row per (token, rank) at most
 
     # ---- handlers
     def _forward(self, state: StepState, action: Action) -> None:
@@ -217,7 +217,7 @@ class AttentionHandlers:
         if counts is None:
             b = self.program.boundaries[j]
             ids = state.env[i][b.ids]
-            slot = self.owner.to(ids.device)[ids.view(-1)]
+            slot = dispatch.row_ranks(ids, self.owner.to(ids.device))
             counts = torch.bincount(slot, minlength=len(self.expert_peers[j])).tolist()
             state.sent_counts[(j, i)] = counts
             xs, ws = state.env[i][b.xs], state.env[i][b.ws]
@@ -230,7 +230,9 @@ class AttentionHandlers:
         env = state.env[i]
         xs, ids, ws = env[b.xs], env[b.ids], env[b.ws]
         counts = self._counts(state, j, i)
-        local_ids = self.local_ids.to(ids.device)[ids.view(-1)].view(-1, 1)
+        # -1 (a slot routed to another rank) stays -1; int32 on the wire
+        local = self.local_ids.to(ids.device)[ids.clamp(min=0)]
+        local_ids = torch.where(ids >= 0, local, -1).to(torch.int32)
         tag = message_tag("D", j, i)
         messages, start = [], 0
         for r, n in zip(self.expert_peers[j], counts):
@@ -241,7 +243,7 @@ class AttentionHandlers:
 
     def _post_rows(self, state: StepState, channel: str, j: int, i: int) -> None:
         if channel == "C" and j in self.hops:  # the rows of F(j, i), run on another group
-            hidden, xdtype, _ = self.row_format  # type: ignore[misc]
+            hidden, xdtype = self.row_format  # type: ignore[misc]
             tag = message_tag("C", j, i)
             self._post(state, ("C", j, i), [
                 Receive(r, tag, size_of=lambda n: byte_size([((n, hidden), xdtype)]),
@@ -250,10 +252,11 @@ class AttentionHandlers:
             return
         counts = self._counts(state, j, i)
         hidden, xdtype, wdtype = state.row_shape
+        top_k = state.env[i][self.program.boundaries[j].ws].shape[1]
         tag = message_tag(channel, j, i)
         receives = []
         for r, n in zip(self.expert_peers[j], counts):
-            layout = [((n, hidden), xdtype)] + ([((n, 1), wdtype)] if channel == "GD" else [])
+            layout = [((n, hidden), xdtype)] + ([((n, top_k), wdtype)] if channel == "GD" else [])
             receives.append(Receive(r, tag, nbytes=byte_size(layout)))
             receives[-1].layout = layout  # type: ignore[attr-defined]
         self._post(state, (channel, j, i), receives)
@@ -264,7 +267,7 @@ class AttentionHandlers:
 
     def _wait_counted(self, state: StepState, key: tuple[str, int, int]) -> tuple[list, list[int]]:
         """Rows of a message that carried its row count, and the counts."""
-        hidden, xdtype, _ = self.row_format  # type: ignore[misc]
+        hidden, xdtype = self.row_format  # type: ignore[misc]
         parts, counts = [], []
         for r in state.recvs.pop(key):
             self.mailbox.wait(r)

@@ -1,30 +1,46 @@
 """Compute-only steps around the token exchange (Megatron-Core dispatcher style).
 
-Contract::
+Contract: one row per (token, destination expert rank)::
 
-    xs, ws, ids, inv = pack(hidden[N,H], top_k_index[N,K], top_k_weights[N,K], owner=(r_0..r_{E-1}))
-    # one row per (token, slot) pair, grouped by the expert rank that owns the chosen expert:
-    #   xs [N*K, H]   token rows       (differentiable w.r.t. hidden)
-    #   ws [N*K, 1]   routing weights  (differentiable w.r.t. top_k_weights)
-    #   ids[N*K, 1]   global expert id (rows per expert rank = bincount(owner[ids]))
-    #   inv [N*K]     inverse permutation back to (token, slot) order
-    ys = experts(xs, ids, ws)                          # anywhere: one process or many
-    out = combine(ys, inv, top_k=K)                    # [N, H] == experts(hidden, top_k_index, top_k_weights)
+    xs, ws, ids, token, n = pack(hidden[N,H], top_k_index[N,K], top_k_weights[N,K], owner=(r_0..r_{E-1}))
+    # one row per (token, expert rank holding >= 1 of its top_k experts), grouped by rank
+    # (rank slot order, tokens ascending inside a rank's block):
+    #   xs    [R, H]  token rows                        (differentiable w.r.t. hidden)
+    #   ws    [R, K]  the token's routing weights, 0 in slots routed to another rank
+    #                 (differentiable w.r.t. top_k_weights)
+    #   ids   [R, K]  the slots' expert ids, -1 in slots routed to another rank
+    #   token [R]     the token of each row
+    #   n     [N, 0]  no data: its shape carries the token count to the combine (which
+    #                 may run on another group, p > 1) without a shape baked into the graph
+    ys = expert_rows(experts, xs, ids, ws)        # [R, H]: sum over the row's valid slots of
+                                                  # w * expert(x), on the rank holding them
+    out = combine(ys, token, n)                   # [N, H] == experts(hidden, top_k_index, top_k_weights)
 
-``pack`` and ``combine`` do no communication; the exchange in between is the only part
-that differs between one process (the experts module called in place) and the
-disaggregated runtime (rows sent to expert ranks and back). Overlap is therefore a
-scheduling decision, not a rewrite of these functions.
+A token whose top_k experts sit on r distinct ranks crosses the link as r rows (not K),
+forward and backward: the expert rank applies the routing weights and sums the token's
+expert outputs before the combine, and the gradient of a dispatched row comes back summed
+over the rank's experts (autograd of the row gather in :func:`expert_rows`), with the
+weights' gradients beside it (``ws``'s gradient, 0 in foreign slots).
 
-``combine`` sums the K slots of a token in slot order, as the transformers experts
-implementations do (``view(N, K, H).sum(1)``), so results match them.
+``pack``, ``expert_rows`` and ``combine`` do no communication; the exchange between pack
+and expert_rows (and back) is the only part that differs between one process and the
+disaggregated runtime. The same :func:`expert_rows` runs in the single-process graph
+(``insert_dispatch``: :func:`expand` -> experts module -> :func:`reduce_rows`) and on
+expert ranks, with local expert ids there.
+
+Numerics: the expert module sees exactly the (row, expert, weight) triples it saw before
+(one slot per call row, ``K = 1``); the sum of a token's K weighted outputs is regrouped
+(per rank, then over ranks, with ``index_add``), so results equal the experts call up to
+float rounding of that sum. On CUDA ``index_add_`` accumulates with atomics: not bitwise
+deterministic unless ``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["pack", "combine"]
+__all__ = ["pack", "expand", "reduce_rows", "expert_rows", "combine", "row_ranks"]
 
 
 def pack(
@@ -32,20 +48,44 @@ def pack(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     owner: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, top_k = top_k_index.shape
-    expert_ids = top_k_index.reshape(-1)
-    owner_of = _owner_table(owner, expert_ids.device)
-    rank_slot = owner_of[expert_ids]
-    # Stable sort keeps (token, slot) order inside each rank's block: deterministic buffers.
-    perm = torch.sort(rank_slot, stable=True).indices
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    token_of_pair = perm // top_k
-    xs = hidden[token_of_pair]
-    ws = top_k_weights.reshape(-1)[perm].unsqueeze(1)
-    ids = expert_ids[perm].unsqueeze(1)
-    return xs, ws, ids, inv
+    owner_of = _owner_table(owner, top_k_index.device)
+    slot_rank = owner_of[top_k_index]  # [N, K]
+    present = torch.zeros(num_tokens, max(owner) + 1, dtype=torch.bool, device=hidden.device)
+    present.scatter_(1, slot_rank, True)
+    # nonzero of the transpose: rows ordered by rank, tokens ascending within a rank.
+    rank, token = present.t().nonzero(as_tuple=True)
+    token = token.clone()  # its own storage (nonzero returns views of one buffer): it may cross a pipeline hop
+    mine = slot_rank[token] == rank.unsqueeze(1)  # [R, K]: the row's slots on its rank
+    xs = hidden[token]
+    ws = torch.where(mine, top_k_weights[token], torch.zeros((), dtype=top_k_weights.dtype, device=hidden.device))
+    ids = torch.where(mine, top_k_index[token], torch.full((), -1, dtype=top_k_index.dtype, device=hidden.device))
+    return xs, ws, ids, token, hidden.new_empty((num_tokens, 0))
+
+
+def row_ranks(ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The expert-rank slot of every row of ``pack`` (its valid slots all share one)."""
+    return owner[ids.amax(dim=1)]
+
+
+def expand(xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, slot) pairs of the valid slots, row-major: (x per pair, id [P,1], weight [P,1], row)."""
+    row, slot = (ids >= 0).nonzero(as_tuple=True)
+    return xs[row], ids[row, slot].unsqueeze(1), ws[row, slot].unsqueeze(1), row
+
+
+def reduce_rows(y_pairs: torch.Tensor, row: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Sum the pairs' weighted expert outputs per row: [R, H]."""
+    out = y_pairs.new_zeros((xs.shape[0], y_pairs.shape[1]))
+    return out.index_add(0, row, y_pairs)
+
+
+def expert_rows(experts: nn.Module, xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """What an expert rank computes for its rows (``ids``: ids the module knows, -1 elsewhere)."""
+    x, e, w, row = expand(xs, ids, ws)
+    return reduce_rows(experts(x, e, w), row, xs)
 
 
 _OWNER_TABLES: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -61,7 +101,6 @@ def _owner_table(owner: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return table
 
 
-def combine(ys: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
-    pairs, hidden = ys.shape
-    return ys[inv].view(pairs // top_k, top_k, hidden).sum(dim=1)
-
+def combine(ys: torch.Tensor, token: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Sum each token's rows (one per expert rank it reached), in rank order: [N, H]."""
+    return ys.new_zeros((n.shape[0], ys.shape[1])).index_add(0, token, ys)

@@ -1,7 +1,13 @@
 """Expert handlers: the rank's local experts of every MoE layer, on the rows it receives.
 
 Contract: :class:`ExpertHandlers` registers RECV_D, EF, SEND_C, RECV_GC, EB and SEND_GD on
-a :class:`~fxdisag.runtime.runner.StepRunner`. After the step every local expert
+a :class:`~fxdisag.runtime.runner.StepRunner`. A dispatched row is one token for this
+rank (``dispatch.py``): its hidden row, and per top_k slot a routing weight and a local
+expert id (-1 where the slot went to another rank). ``EF`` runs
+``dispatch.expert_rows`` (the rank's experts on each valid slot, weighted, summed per
+row), so the combine sends one row per token back, and ``EB`` returns the row's
+gradient summed over the rank's experts with the weights' gradients ([n, K], 0 in
+foreign slots). After the step every local expert
 parameter's ``.grad`` holds its gradient accumulated over the rows it computed, summed
 over the replicas when several expert ranks hold the expert (``replica_groups``). With
 ``recompute`` an expert call keeps only its inputs and runs again inside ``EB``.
@@ -23,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fxdisag.runtime.attention import row_messages
+from fxdisag.runtime.dispatch import expert_rows
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
@@ -41,20 +48,22 @@ class ExpertHandlers:
         num_microbatches: int,
         hidden_size: int,
         dtypes: tuple[torch.dtype, torch.dtype],
-        max_top_k: int,
+        top_k: Mapping[int, int],
         mailbox: Mailbox,
         replica_groups: list[tuple[list[int], dist.ProcessGroup]] = (),
         recompute: bool = False,
         hops: frozenset[int] = frozenset(),
     ):
         """``attention_ranks``: one attention group (its size sizes the dispatch receives);
-        ``replica_groups``: (local ids of the shared experts, process group) per replica set."""
+        ``top_k``: per MoE layer this rank holds, its top_k (the width of the routing slots
+        of a dispatched row); ``replica_groups``: (local ids of the shared experts, process
+        group) per replica set."""
         self.experts = experts
         self.attention_ranks = list(attention_ranks)
         self.num_microbatches = num_microbatches
         self.hidden = hidden_size
         self.xdtype, self.wdtype = dtypes
-        self.max_top_k = max_top_k
+        self.top_k = dict(top_k)
         self.mailbox = mailbox
         self.recompute = recompute
         self.hops = hops
@@ -78,21 +87,23 @@ class ExpertHandlers:
         }
 
     def prepare(self, state: StepState, batch: Mapping[str, torch.Tensor]) -> None:
-        """Size the dispatch receives: the most rows one attention rank sends per message."""
+        """Size the dispatch receives: the most rows one attention rank sends per message
+        (one per token at most: a token reaches a rank once)."""
         ids = batch.get("input_ids")
         if ids is None or ids.dim() != 2:
             raise ValueError("the batch needs input_ids of shape [batch, seq_len] (it sizes the expert receives)")
         per_message = ids.shape[0] // (len(self.attention_ranks) * self.num_microbatches)
-        state.capacity_rows = per_message * ids.shape[1] * self.max_top_k
+        state.capacity_rows = per_message * ids.shape[1]
 
-    def _dispatch_layout(self, n: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        return [((n, self.hidden), self.xdtype), ((n, 1), self.wdtype), ((n, 1), torch.int64)]
+    def _dispatch_layout(self, j: int, n: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        k = self.top_k[j]  # rows, their routing weights and local expert ids (-1: another rank's slot)
+        return [((n, self.hidden), self.xdtype), ((n, k), self.wdtype), ((n, k), torch.int32)]
 
     def _post_dispatch(self, state: StepState, action: Action) -> None:
         j, i = action.stage, action.microbatch
-        capacity = byte_size(self._dispatch_layout(state.capacity_rows))
+        capacity = byte_size(self._dispatch_layout(j, state.capacity_rows))
         tag = message_tag("D", j, i)
-        rs = [Receive(a, tag, size_of=lambda n: byte_size(self._dispatch_layout(n)), capacity=capacity)
+        rs = [Receive(a, tag, size_of=lambda n: byte_size(self._dispatch_layout(j, n)), capacity=capacity)
               for a in action.peers]
         state.recvs[("D", j, i)] = rs
         self.mailbox.post(rs)
@@ -103,18 +114,18 @@ class ExpertHandlers:
         for r in state.recvs.pop(("D", j, i)):
             self.mailbox.wait(r)
             n = r.header_value  # the row count
-            x, w, e = unpack_bytes(r.payload, self._dispatch_layout(n))
+            x, w, e = unpack_bytes(r.payload, self._dispatch_layout(j, n))
             xs.append(x)
             ws.append(w)
             ids.append(e)
             counts.append(n)
         x = torch.cat(xs).requires_grad_(state.grad_enabled)
         w = torch.cat(ws).requires_grad_(state.grad_enabled)
-        e = torch.cat(ids)
+        e = torch.cat(ids).long()
         if self.recompute and state.grad_enabled:
-            y = checkpoint(self.experts[j], x, e, w, use_reentrant=False)
+            y = checkpoint(expert_rows, self.experts[j], x, e, w, use_reentrant=False)
         else:
-            y = self.experts[j](x, e, w)
+            y = expert_rows(self.experts[j], x, e, w)
         if state.grad_enabled:
             state.saved[(j, i)] = (x, w, y)
         state.recv_counts[(j, i)] = counts

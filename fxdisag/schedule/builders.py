@@ -28,6 +28,18 @@ order, with no cross-micro-batch overlap:
         <GC(s-1,i)  <GD(s-1,i)  B(s,i)  >GC(s-1,i)  EB(s-1,i)  >GD(s-1,i)
     R
 
+With ``overlap=True`` (DeepSeek's DualPipe and Megatron-LM's
+``--overlap-moe-expert-parallel-comm`` do the same) micro-batches go in pairs (a, b; an
+odd last one alone) and each stage's exchange of one hides behind the other's compute:
+
+    forward, for each pair, for each stage s:
+        <D(s,a) <D(s,b)  F(s,a) >D(s,a) <C(s,a)  F(s,b) >D(s,b) <C(s,b)   # a's dispatch flies during F(s,b)
+        EF(s,a) >C(s,a)  EF(s,b) >C(s,b)                                  # a's combine flies during EF(s,b)
+    backward, for each pair, for each stage s from the last:
+        <GC(s-1,a) <GC(s-1,b) <GD(s-1,a) <GD(s-1,b)
+        B(s,a) >GC(s-1,a)  B(s,b) >GC(s-1,b)  EB(s-1,a) >GD(s-1,a)  EB(s-1,b) >GD(s-1,b)
+    R
+
 Every exchange posts all of its receives before any send: gloo runs a pair half-duplex
 when a send is posted first, and ``all_to_all_single`` reaches about half the link rate
 (../shared/notes/cpu-cluster-emulation.md). EP is a baseline to measure against, so it
@@ -108,35 +120,42 @@ def af_pipe_schedule(attention_ranks: Sequence[int], expert_ranks: Sequence[int]
                     dict(sorted(actions.items())))
 
 
-def ep_schedule(ranks: Sequence[int], num_moe_layers: int, num_microbatches: int) -> Schedule:
-    """The EP action list of every rank (all ranks do the same; see the module docstring)."""
+def ep_schedule(ranks: Sequence[int], num_moe_layers: int, num_microbatches: int, overlap: bool = False) -> Schedule:
+    """The EP action list of every rank (all ranks do the same; see the module docstring).
+
+    ``overlap``: two micro-batches in flight, each one's all-to-all behind the other's compute."""
     ranks = tuple(sorted(ranks))
     J, m = num_moe_layers, num_microbatches
     if J < 1 or m < 1:
         raise ValueError(f"ep_schedule: need num_moe_layers >= 1 and num_microbatches >= 1, got {J}, {m}")
     K = ActionKind
+    width = 2 if overlap else 1
+    groups = [list(range(i, min(i + width, m))) for i in range(0, m, width)]
     acts: list[Action] = []
-    for i in range(m):
+    for group in groups:
         for s in range(J + 1):
-            if s < J:
-                acts.append(Action(K.RECV_D, s, i, ranks))
-            acts.append(Action(K.F, s, i))
-            if s < J:
-                acts += [
-                    Action(K.SEND_D, s, i, ranks),
-                    Action(K.RECV_C, s, i, ranks),
-                    Action(K.EF, s, i),
-                    Action(K.SEND_C, s, i, ranks),
-                ]
-    for i in range(m):
+            if s == J:
+                acts += [Action(K.F, s, i) for i in group]
+                continue
+            acts += [Action(K.RECV_D, s, i, ranks) for i in group]
+            for i in group:
+                acts += [Action(K.F, s, i), Action(K.SEND_D, s, i, ranks), Action(K.RECV_C, s, i, ranks)]
+            for i in group:
+                acts += [Action(K.EF, s, i), Action(K.SEND_C, s, i, ranks)]
+    for group in groups:
         for s in reversed(range(J + 1)):
             if s > 0:
-                acts += [Action(K.RECV_GC, s - 1, i, ranks), Action(K.RECV_GD, s - 1, i, ranks)]
-            acts.append(Action(K.B, s, i))
+                acts += [Action(K.RECV_GC, s - 1, i, ranks) for i in group]
+                acts += [Action(K.RECV_GD, s - 1, i, ranks) for i in group]
+            for i in group:
+                acts.append(Action(K.B, s, i))
+                if s > 0:
+                    acts.append(Action(K.SEND_GC, s - 1, i, ranks))
             if s > 0:
-                acts += [Action(K.SEND_GC, s - 1, i, ranks), Action(K.EB, s - 1, i), Action(K.SEND_GD, s - 1, i, ranks)]
+                for i in group:
+                    acts += [Action(K.EB, s - 1, i), Action(K.SEND_GD, s - 1, i, ranks)]
     acts.append(Action(K.REDUCE, -1, -1, ranks))
-    return Schedule(ranks, ranks, J, m, {r: list(acts) for r in ranks}, name="ep")
+    return Schedule(ranks, ranks, J, m, {r: list(acts) for r in ranks}, name="ep-overlap" if overlap else "ep")
 
 
 def one_f_one_b_schedule(attention_ranks: Sequence[int], expert_ranks: Sequence[int],
