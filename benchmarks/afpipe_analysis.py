@@ -219,16 +219,21 @@ def predict_afpipe(work, cluster, layout, seqs_per_mb: int, m: int, measured_att
 
 
 def predict_ep(work, cluster, world: int, seqs_per_rank: int, m: int, measured_attention: float | None = None,
-               measured_experts: float | None = None) -> Prediction:
-    """EP step as the runtime runs it: EP degree = world, m micro-batches one after the
-    other (``rounds=m``), no overlap, gradient all-reduce exposed (``step_no_overlap``)."""
+               measured_experts: float | None = None, overlap: bool = False) -> Prediction:
+    """EP step as the runtime runs it: EP degree = world, gradient all-reduce exposed.
+    Without ``overlap``: m micro-batches one after the other (``rounds=m``,
+    ``step_no_overlap``); with it: m/2 rounds of a micro-batch pair, each half's all-to-all
+    behind the other's compute (``step_overlap``, the runtime's ``ep_schedule(overlap=True)``)."""
     from fxdisag.planner.cost_afpipe import attention_times, expert_time
     from fxdisag.planner.cost_ep import ep_times
 
-    if seqs_per_rank % m:
-        raise ValueError(f"predict_ep: {seqs_per_rank} sequences per rank do not split into {m} micro-batches")
+    if seqs_per_rank % m or (overlap and m % 2):
+        raise ValueError(f"predict_ep: {seqs_per_rank} sequences per rank do not split into {m} micro-batches"
+                         + (" (in pairs)" if overlap else ""))
     seqs = seqs_per_rank // m
-    a_priori = ep_times(work, cluster, world, seqs, m)["step_no_overlap"]
+    # ep_times' overlap variant splits its `seqs` into two halves: a pair of micro-batches
+    key, seqs_arg, rounds = ("step_overlap", 2 * seqs, m // 2) if overlap else ("step_no_overlap", seqs, m)
+    a_priori = ep_times(work, cluster, world, seqs_arg, rounds)[key]
     if measured_attention is None or measured_experts is None:
         return Prediction(a_priori, None, None, None)
     flat = _no_memory_bound(cluster)
@@ -238,5 +243,5 @@ def predict_ep(work, cluster, world: int, seqs_per_rank: int, m: int, measured_a
     k_a = measured_attention / _attention_busy(attention_times(work, flat, seqs), L, m)
     modelled_experts = m * L * (expert_time(work, flat, rows, held, False) + expert_time(work, flat, rows, held, True))
     k_e = measured_experts / modelled_experts
-    calibrated = ep_times(_scaled(work, k_a, k_e), flat, world, seqs, m)["step_no_overlap"]
+    calibrated = ep_times(_scaled(work, k_a, k_e), flat, world, seqs_arg, rounds)[key]
     return Prediction(a_priori, calibrated, k_a, k_e)
