@@ -38,30 +38,14 @@ CASES = [
 ]
 
 
-def _model(family: str, num_layers: int, top_k: int | None):
-    """``tiny_model``, or the same family with ``top_k`` experts per token (seed 0)."""
-    from transformers import AutoModelForCausalLM
-
-    from fxdisag.testing.models import tiny_config, tiny_model
-
-    if top_k is None:
-        return tiny_model(family, seed=0, num_layers=num_layers)
-    cfg = tiny_config(family, num_layers=num_layers)
-    cfg.num_experts_per_tok = top_k
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-    return model.train()
-
-
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
            schedule_kind: str = "gpipe", depth: int = 1, num_layers: int = 2, assignment: str = "round_robin",
            optimizer: str = "adamw", stage_costs: dict | None = None, top_k: int | None = None) -> dict:
     import fxdisag
-    from fxdisag.testing.models import example_batch
+    from fxdisag.testing.models import example_batch, tiny_model
     from fxdisag.planner.plan import Plan
 
-    model = _model(family, num_layers, top_k)
+    model = tiny_model(family, seed=0, num_layers=num_layers, top_k=top_k)
     reference = copy.deepcopy(model)
     batches = [example_batch(model, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
@@ -108,7 +92,7 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     from fxdisag.planner.memory import rank_parameter_bytes
     from fxdisag.planner.profile import profile
 
-    fresh = _model(family, num_layers, top_k)
+    fresh = tiny_model(family, seed=0, num_layers=num_layers, top_k=top_k)
     predicted = rank_parameter_bytes(profile(fxdisag.capture(fresh, batches[0]), 1, 12, torch.float32), plan)
 
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
@@ -166,9 +150,9 @@ def test_top_k4_training_matches_eager(family, n_attn, n_exp, m, mode):
 def _dispatch_bytes(rank: int, world: int, top_k: int) -> dict:
     import fxdisag
     from fxdisag.runtime.routing import Routing
-    from fxdisag.testing.models import example_batch
+    from fxdisag.testing.models import example_batch, tiny_model
 
-    model = _model("olmoe", 2, top_k)
+    model = tiny_model("olmoe", seed=0, top_k=top_k)
     reference = copy.deepcopy(model)
     batch = example_batch(model, 4, 12, seed=0)
     plan = Plan.manual(num_attention=1, num_expert=2, num_experts=8, num_microbatches=1)

@@ -193,8 +193,10 @@ def _check_experts_implementation(experts_implementation: str) -> None:
         )
 
 
-def tiny_config(family: str, *, num_layers: int = 2, experts_implementation: str = "grouped_mm") -> PreTrainedConfig:
-    """The config ``tiny_model`` builds from (see the module docstring for the sizes)."""
+def tiny_config(family: str, *, num_layers: int = 2, experts_implementation: str = "grouped_mm",
+                top_k: int | None = None) -> PreTrainedConfig:
+    """The config ``tiny_model`` builds from (see the module docstring for the sizes);
+    ``top_k`` overrides the family's experts per token."""
     key = _family_key(family)
     _check_experts_implementation(experts_implementation)
     if num_layers < 1:
@@ -207,6 +209,8 @@ def tiny_config(family: str, *, num_layers: int = 2, experts_implementation: str
     config = config_class(num_hidden_layers=num_layers, **_TINY_COMMON, **family_kwargs, **extra)
     config._attn_implementation = "eager"
     config._experts_implementation = experts_implementation
+    if top_k is not None:
+        config.num_experts_per_tok = top_k
     return config
 
 
@@ -217,15 +221,17 @@ def tiny_model(
     seed: int = 0,
     experts_implementation: str = "grouped_mm",
     dtype: torch.dtype = torch.float32,
+    top_k: int | None = None,
 ) -> PreTrainedModel:
     """A small random-weight causal LM of ``family`` (an HF ``model_type``), in train mode.
 
     vocab 128, hidden 64, 4 heads, 4-8 experts with top-2, expert width 32,
-    256 positions. Weights depend only on (family, num_layers, seed, dtype):
+    256 positions (``top_k``: that many experts per token instead). Weights depend only on
+    (family, num_layers, seed, dtype):
     the global RNG is seeded for construction and restored afterwards.
     ``deepseek_v3``: layer 0 is a dense MLP (``first_k_dense_replace=1``).
     """
-    config = tiny_config(family, num_layers=num_layers, experts_implementation=experts_implementation)
+    config = tiny_config(family, num_layers=num_layers, experts_implementation=experts_implementation, top_k=top_k)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
