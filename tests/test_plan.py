@@ -1,6 +1,7 @@
 """Plan: data contract, JSON round trip, manual plans, routing, the table, memory safety."""
 
 import json
+import math
 
 import expecttest
 import pytest
@@ -108,7 +109,8 @@ def test_plan_validation():
 def test_layout_loads_match_the_routing_table(strategy, A, F, E):
     cluster = ClusterSpec.cpu(A + F, flops=1.0, bandwidth=1.0)
     attention, experts = list(range(A)), list(range(A, A + F))
-    layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, transfer_bytes=(1, 1, 1, 1))
+    layout = GroupLayout.build(cluster, attention, experts, E, strategy=strategy, transfer_bytes=(1, 1, 1, 1),
+                               top_k=2)
     owners = domain_owners(strategy, E, attention, experts)
     rows = {r: 0.0 for r in experts}
     held = {r: set() for r in experts}
@@ -193,10 +195,15 @@ def exact_memory(result: Plan, profile, cluster, fraction=0.9):
             held = [e for e, replicas in enumerate(placement) if r in replicas]
             weights = len(held) * L * moe.params_per_expert * 2 * dsize
             states = sum(L * moe.params_per_expert * opt / len(placement[e]) for e in held)
-            rows = sum(b * S * moe.top_k * sum(1 for x in result.expert_owner(i, g) if x == r) / moe.num_experts
-                       for i in senders)
+            E, K = moe.num_experts, moe.top_k
+            experts_from = [sum(1 for x in result.expert_owner(i, g) if x == r) for i in senders]
+            rows = sum(b * S * K * e / E for e in experts_from)  # routed (token, expert) pairs
             if result.recompute["experts"]:
-                act = n * L * rows * H * dsize + rows * moe.saved_bytes_per_row
+                # it keeps the message rows it received: a token comes once if >= 1 of its K experts
+                # is among the e this sender routes here (uniform K of E without replacement), each
+                # row its hidden row, K weights and K int32 ids; plus one unit's pairs recomputed
+                received = sum(b * S * (1 - math.comb(E - e, K) / math.comb(E, K)) for e in experts_from)
+                act = n * L * received * (H * dsize + K * (dsize + 4)) + rows * moe.saved_bytes_per_row
             else:
                 act = n * L * rows * moe.saved_bytes_per_row
             out[r] = weights + states + act

@@ -1,11 +1,13 @@
 """profile(): FLOPs and bytes per region against hand-computed values."""
 
+import json
+
 import pytest
 import torch
 
 from fxdisag import capture
 from fxdisag.testing.models import example_batch, meta_model, tiny_model
-from fxdisag.planner.profile import ModelProfile, profile
+from fxdisag.planner.profile import ModelProfile, ProfileError, profile
 
 # tiny Mixtral (fxdisag.testing.models): vocab 128, hidden 64, 4 heads of 16, 2 KV heads, 4 experts of width 32, top-2
 H, V, HEADS, HD, KV, E, K, I = 64, 128, 4, 16, 2, 4, 2, 32
@@ -46,9 +48,11 @@ def test_weights_and_boundary_bytes_match_hand_counts(p16):
     moe = p16.moe[0]
     assert (moe.num_experts, moe.top_k, moe.params_per_expert) == (E, K, 3 * H * I)
     assert moe.fwd_flops_per_row == 2 * 3 * H * I
-    assert moe.dispatch_bytes_per_token == K * (H * 2 + 4 + 2)  # rows, int32 expert id, bf16 weight
-    assert moe.combine_bytes_per_token == K * H * 2
-    assert moe.dispatch_bytes(3, 16) == 3 * 16 * K * (H * 2 + 6)
+    # one message row per (token, expert rank): the bf16 hidden row, K bf16 weights, K int32 local ids
+    assert moe.dispatch_bytes_per_row == H * 2 + K * (2 + 4)
+    assert moe.combine_bytes_per_row == moe.combine_grad_bytes_per_row == H * 2  # summed on the expert rank
+    assert moe.dispatch_grad_bytes_per_row == H * 2 + K * 2  # the row's gradient and K weight gradients
+    assert moe.dispatch_bytes(3, 16, 1.5) == 3 * 16 * 1.5 * (H * 2 + K * 6)
     # SwiGLU expert keeps its input (H), gate/up output (2I), activation and product (I each)
     assert moe.saved_bytes_per_row == (H + 4 * I) * 2
     assert p16.total_params == sum(p.numel() for p in tiny_model("mixtral").parameters())
@@ -84,8 +88,29 @@ def test_fused_attention_drops_the_s2_activations(mixtral, p16):
 
 def test_table_and_round_trip(p16):
     text = p16.table()
-    assert "attn[0]" in text and "experts[0-1]" in text and "dispatch 268 B" in text
+    assert "attn[0]" in text and "experts[0-1]" in text and f"dispatch {H * 2 + K * 6} B" in text
     assert ModelProfile.from_dict(p16.to_dict()) == p16
+
+
+def old_format(data: dict) -> dict:
+    """A profile dict as written before message rows: top_k rows per token, one int32 id and
+    one weight each."""
+    data = json.loads(json.dumps(data))
+    for m in data["moe"]:
+        for name in ("dispatch", "combine", "combine_grad", "dispatch_grad"):
+            del m[f"{name}_bytes_per_row"]
+        k, h, d = m["top_k"], m["hidden_size"], data["dtype_bytes"]
+        m.update(dispatch_bytes_per_token=k * (h * d + 4 + d), combine_bytes_per_token=k * h * d,
+                 combine_grad_bytes_per_token=k * h * d, dispatch_grad_bytes_per_token=k * (h * d + d))
+    return data
+
+
+def test_old_profile_files_load_with_bytes_per_row(p16):
+    assert ModelProfile.from_dict(old_format(p16.to_dict())) == p16
+    edited = old_format(p16.to_dict())
+    edited["moe"][1]["combine_bytes_per_token"] += 1  # not what the old format wrote: no conversion
+    with pytest.raises(ProfileError, match="MoE layer 1 .*combine_bytes_per_token"):
+        ModelProfile.from_dict(edited)
 
 
 def test_full_size_meta_deepseek_mla_matches_hand_counts():
@@ -102,7 +127,7 @@ def test_full_size_meta_deepseek_mla_matches_hand_counts():
     (moe,) = p.moe
     assert (moe.layer, moe.num_experts, moe.top_k) == (3, 256, 8)
     assert moe.fwd_flops_per_row == 2 * 3 * 7168 * 2048
-    assert moe.dispatch_bytes_per_token == 8 * (7168 * 2 + 6)
+    assert moe.dispatch_bytes_per_row == 7168 * 2 + 8 * (2 + 4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])

@@ -72,8 +72,8 @@ def brute_force(profile, cluster, G, max_mb, cap, optimizer="adam", shard=True):
                     continue
                 layout = GroupLayout.build(
                     sub, attention, experts, work.num_experts, strategy=strategy, domain_nodes=d,
-                    transfer_bytes=(work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token,
-                                    work.dispatch_grad_per_token),
+                    transfer_bytes=(work.dispatch_per_row, work.combine_per_row, work.combine_grad_per_row,
+                                    work.dispatch_grad_per_row), top_k=work.top_k,
                     sync_bytes=(work.attention_params * work.dtype_bytes,
                                 work.params_per_expert * work.num_moe_layers * work.dtype_bytes),
                     hop_bytes=hop_bytes_per_token(work) if p > 1 else None)
@@ -377,9 +377,13 @@ def test_ring_transfer_by_hand():
     cluster = ClusterSpec.parse("2x4xh800")  # one group pair = 2 nodes of 4: 1 attention + 3 experts each
     layout = GroupLayout.build(cluster, [0, 4], [1, 2, 3, 5, 6, 7], 6, strategy="replicas", domain_nodes=2,
                                nic_split=[4.0, 4.0])
-    X, Y = 6e9, 1e9  # combine and hop bytes per attention device
-    t = ring_transfer(cluster, layout, X, Y, toward_experts=False)
-    # attention side receives X + Y over 4 NICs; the node's 3 experts send half of both attention
-    # devices' rows (2 X / 2) over the other 4; 50 GB/s per NIC
+    X, Y = 6e9, 1e9  # combine bytes of one row per token, and hop bytes, per attention device
+    t = ring_transfer(cluster, layout, X, Y, top_k=1, toward_experts=False)
+    # top_k = 1: one row per token. The attention side receives X + Y over 4 NICs; the node's 3
+    # experts send half of both attention devices' rows (2 X / 2) over the other 4; 50 GB/s per NIC
     expected = max((X + Y) / (4 * 50e9), X / (4 * 50e9)) + cluster.inter_node_latency
     assert t == pytest.approx(expected)
+    # top_k = 2: every expert rank holds one expert, so a token's 2 experts are on 2 ranks: 2 rows
+    # (nothing to merge); attention receives 2 X + Y, the node's experts send 2 X
+    t2 = ring_transfer(cluster, layout, X, Y, top_k=2, toward_experts=False)
+    assert t2 == pytest.approx(max((2 * X + Y) / (4 * 50e9), 2 * X / (4 * 50e9)) + cluster.inter_node_latency)

@@ -16,7 +16,9 @@ The model:
   dispatch and combine directions the two network resources; stages per MoE layer
   t_a (attention side, ATTENTION_STAGE), t_d (dispatch), t_e (experts), t_c (combine),
   so t_b = max(t_a, t_d, t_e, t_c), R = t_a + t_d + t_e + t_c; backward likewise with
-  the gradient transfers.
+  the gradient transfers. The experts compute top_k (token, expert) pairs per token
+  (``GroupLayout.max_load``); the transfers move one message row per (token, expert rank
+  holding >= 1 of its top_k) (ROWS_PER_RANK, ``placement.afpipe_transfer``).
 * **Pipeline depth p > 1**: p group pairs, each on N / p whole nodes, layers dealt
   round robin. The stage times are one pair's (its sub-cluster); the dispatch and its
   gradient stay inside the pair, the combine and its gradient cross to the next pair's
@@ -30,10 +32,11 @@ The model:
 
 Activation recomputation (searched per group, for AF-pipe and EP alike): a group that
 recomputes keeps only each decoder layer's input (attention side: S x H per sequence and
-layer) or each routed row's input (experts: H per row), and re-runs the forward of that
-layer during backward (backward = 3 x forward for those regions instead of 2 x; the
-recomputed unit's full activations are a transient). Nothing is re-sent over the network:
-the expert side keeps its received rows.
+layer) or the message rows it received (experts: one per token and expert rank, its
+hidden row, routing weights and ids), and re-runs the forward of that layer during
+backward (backward = 3 x forward for those regions instead of 2 x; the recomputed unit's
+full activations are a transient). Nothing is re-sent over the network: the expert side
+keeps its received rows.
 
 Assumptions: backward FLOPs and bytes are 2x forward (3x for the recomputed regions);
 bytes per region = weights + activations read and written by the region's leaf modules
@@ -139,23 +142,26 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     S = work.seq_len
     t = dict(attn or attention_times(work, cluster, seqs_per_mb, recorder, recompute[0]))
     tokens = seqs_per_mb * S  # per attention device per micro-batch
-    rows = tokens * work.top_k * layout.max_load  # on the busiest expert device
+    pairs = tokens * work.top_k * layout.max_load  # routed (token, expert) pairs on the busiest expert device
     held = layout.experts_per_device
-    t["expert_f"] = expert_time(work, cluster, rows, held, False, recorder, "experts fwd, busiest device")
-    t["expert_b"] = expert_time(work, cluster, rows, held, True, recorder, "experts bwd, busiest device",
+    t["expert_f"] = expert_time(work, cluster, pairs, held, False, recorder, "experts fwd, busiest device")
+    t["expert_b"] = expert_time(work, cluster, pairs, held, True, recorder, "experts bwd, busiest device",
                                 recompute[1])
+    if recorder is not None:
+        layout.record_rows(recorder, work.top_k)
     hop_f, hop_b = (hop_bytes_per_token(work) if depth > 1 else (0.0, 0.0))
-    for key, per_token, toward, hop, ring in (("dispatch", work.dispatch_per_token, True, hop_f, False),
-                                              ("combine", work.combine_per_token, False, hop_f, True),
-                                              ("combine_grad", work.combine_grad_per_token, True, hop_b, True),
-                                              ("dispatch_grad", work.dispatch_grad_per_token, False, hop_b, False)):
+    K = work.top_k
+    for key, per_row, toward, hop, ring in (("dispatch", work.dispatch_per_row, True, hop_f, False),
+                                            ("combine", work.combine_per_row, False, hop_f, True),
+                                            ("combine_grad", work.combine_grad_per_row, True, hop_b, True),
+                                            ("dispatch_grad", work.dispatch_grad_per_row, False, hop_b, False)):
         label = f"{key} per micro-batch (slowest node)" + (", with the hop" if depth > 1 else "")
         if ring and depth > 1:
-            t[key] = ring_transfer(cluster, layout, tokens * per_token, tokens * hop, toward_experts=toward,
+            t[key] = ring_transfer(cluster, layout, tokens * per_row, tokens * hop, top_k=K, toward_experts=toward,
                                    recorder=recorder, label=label)
         else:
-            t[key] = afpipe_transfer(cluster, layout, tokens * per_token, toward_experts=toward, recorder=recorder,
-                                     label=label, hop=tokens * hop)
+            t[key] = afpipe_transfer(cluster, layout, tokens * per_row, top_k=K, toward_experts=toward,
+                                     recorder=recorder, label=label, hop=tokens * hop)
     return t
 
 

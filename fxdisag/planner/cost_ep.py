@@ -8,7 +8,10 @@ PIPELINE_TIME per phase), the gradient all-reduce ``sync`` (:func:`ep_sync`:
 ALLREDUCE_TIME of the attention parameters over all W devices, then of each expert over
 its W/ep replicas) and ``busy`` (compute per device per step, no overlap).
 :func:`ep_transfer` is one all-to-all inside EP groups of ``ep`` consecutive ranks
-(TRANSFER_TIME on the slowest node). Compute actions are those of AF-pipe
+(TRANSFER_TIME on the slowest node) of message rows: a token goes once to every rank of
+its EP group holding >= 1 of its top_k experts (each rank holds E / ep), so it sends
+:func:`ep_rows_per_token` = ep x ROWS_PER_RANK(g = E / ep) rows, the one to its own rank
+staying local. Compute actions are those of AF-pipe
 (``cost_afpipe.attention_times``, ``cost_afpipe.expert_time``, with the same
 activation recomputation); all formulas are in ``formulas.py``. Times are seconds per
 device.
@@ -35,18 +38,31 @@ from fxdisag.planner.formulas import (
     ALLREDUCE_TIME,
     ATTENTION_STAGE,
     PIPELINE_TIME,
+    ROWS_PER_RANK,
     STEP_TIME,
     TRANSFER_TIME,
 )
-from fxdisag.planner.placement import group_span
+from fxdisag.planner.placement import expected_rows_per_token, group_span
 from fxdisag.planner.workload import Workload
 
-__all__ = ["ep_sync", "ep_times", "ep_transfer"]
+__all__ = ["ep_rows_per_token", "ep_sync", "ep_times", "ep_transfer"]
+
+
+def ep_rows_per_token(work: Workload, ep: int, recorder=None, label: str = "EP") -> float:
+    """Message rows a token sends in an EP group of ``ep`` ranks with E / ep experts each:
+    ``expected_rows_per_token`` of that table (ROWS_PER_RANK recorded once, for one rank)."""
+    E, K = work.num_experts, work.top_k
+    if E % ep:
+        raise ValueError(f"ep_rows_per_token: EP degree {ep} does not divide the {E} experts")
+    if recorder is not None:
+        ROWS_PER_RANK(recorder, f"{label}: rows per token to one EP rank ({E // ep} expert(s))", E=E, K=K, g=E // ep)
+    return expected_rows_per_token(E, K, [E // ep] * ep)
 
 
 def ep_transfer(cluster, ep: int, per_device: float, recorder=None, label: str = "all-to-all") -> float:
     """All-to-all inside EP groups of ``ep`` consecutive ranks; each device sends
-    ``per_device`` bytes spread evenly over the group (its own share stays local)."""
+    ``per_device`` bytes spread evenly over the group (its own share stays local): its
+    message rows x bytes per row, every rank of the group receiving the same expected rows."""
     dpn = cluster.devices_per_node
     worst, worst_vals = -1.0, None
     for n in range(min(cluster.num_nodes, max(1, math.lcm(ep, dpn) // dpn))):
@@ -100,10 +116,11 @@ def ep_times(work: Workload, cluster, ep: int, seqs: int, rounds: int, recorder=
         tag = f"EP {variant.replace('_', ' ')}"
         ef = expert_time(work, cluster, tokens * K, held, False, rec, f"{tag}: experts fwd")
         eb = expert_time(work, cluster, tokens * K, held, True, rec, f"{tag}: experts bwd", recompute[1])
-        d = ep_transfer(cluster, ep, tokens * work.dispatch_per_token, rec, f"{tag}: dispatch all-to-all")
-        c = ep_transfer(cluster, ep, tokens * work.combine_per_token, rec, f"{tag}: combine all-to-all")
-        gc = ep_transfer(cluster, ep, tokens * work.combine_grad_per_token)
-        gd = ep_transfer(cluster, ep, tokens * work.dispatch_grad_per_token)
+        rows = tokens * ep_rows_per_token(work, ep, rec, tag)  # message rows, not the top_k pairs
+        d = ep_transfer(cluster, ep, rows * work.dispatch_per_row, rec, f"{tag}: dispatch all-to-all")
+        c = ep_transfer(cluster, ep, rows * work.combine_per_row, rec, f"{tag}: combine all-to-all")
+        gc = ep_transfer(cluster, ep, rows * work.combine_grad_per_row)
+        gd = ep_transfer(cluster, ep, rows * work.dispatch_grad_per_row)
         phases = {}
         for phase, (ta, t1, te, t2), pre, post in (
             ("fwd", (attn["attn_f"], d, ef, c), attn["pre_f"], attn["post_f"]),

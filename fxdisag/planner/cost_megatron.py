@@ -17,6 +17,9 @@ the grid below for each variant on its own. Formulas (``formulas.py``)::
       overlap     t_chunk = PIPELINE_TIME(L=c, m=2, t_b=max(t_a + t_e, t_d + t_c), R)
                   (two halves of the micro-batch: one's all-to-all hides behind the other's
                   compute, as DualPipe or --overlap-moe-expert-parallel-comm do)
+      t_d, t_c (and gradients) = ep_transfer of the micro-batch's message rows: tokens x
+      cost_ep.ep_rows_per_token (ROWS_PER_RANK: a token goes once to each EP rank holding
+      >= 1 of its top_k experts) x bytes per row
       t_a = ATTENTION_STAGE(t_attn, t_pre, t_post, L = v c): the embedding on the first
       stage and head + loss on the last, spread over the device's layers (the slowest
       stage holds the larger of the two; pp = 1 holds both)
@@ -53,7 +56,9 @@ stage, forward and backward; a rank dispatches its 1/tp of the tokens.
 
 Assumptions (besides the cost model's, ``formulas.py``): pipeline stages hold equal layer counts; P2P sends hide behind
 compute in steady state (overlap_p2p_comm) and are exposed only on the first forward's
-and last backward's chain.
+and last backward's chain; the all-to-all sends one row per (token, EP rank holding >= 1
+of its experts), as de-duplicating dispatchers do (DeepEP, Megatron's flex dispatcher;
+the plain alltoall dispatcher sends top_k copies, which this baseline does not charge).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fxdisag.planner.cost_afpipe import attention_times, expert_time
-from fxdisag.planner.cost_ep import ep_transfer
+from fxdisag.planner.cost_ep import ep_rows_per_token, ep_transfer
 from fxdisag.planner.formulas import (
     ACTIVATIONS,
     ALLREDUCE_TIME,
@@ -188,10 +193,11 @@ def megatron_times(work: Workload, cluster, cfg: MegatronConfig, recorder=None, 
         rec = recorder
         ef = expert_time(work, cluster, tokens * K, held, False, rec, f"{tag}: experts fwd")
         eb = expert_time(work, cluster, tokens * K, held, True, rec, f"{tag}: experts bwd", cfg.recompute[1])
-        d = ep_transfer(cluster, cfg.ep, tokens * work.dispatch_per_token, rec, f"{tag}: dispatch all-to-all")
-        cb = ep_transfer(cluster, cfg.ep, tokens * work.combine_per_token, rec, f"{tag}: combine all-to-all")
-        gc = ep_transfer(cluster, cfg.ep, tokens * work.combine_grad_per_token)
-        gd = ep_transfer(cluster, cfg.ep, tokens * work.dispatch_grad_per_token)
+        rows = tokens * ep_rows_per_token(work, cfg.ep, rec, tag)  # message rows, not the top_k pairs
+        d = ep_transfer(cluster, cfg.ep, rows * work.dispatch_per_row, rec, f"{tag}: dispatch all-to-all")
+        cb = ep_transfer(cluster, cfg.ep, rows * work.combine_per_row, rec, f"{tag}: combine all-to-all")
+        gc = ep_transfer(cluster, cfg.ep, rows * work.combine_grad_per_row)
+        gd = ep_transfer(cluster, cfg.ep, rows * work.dispatch_grad_per_row)
         t_tp = 0.0
         if cfg.tp > 1:  # sequence parallel: all-gather before attention, reduce-scatter after, per layer
             t_tp = ALLREDUCE_TIME(rec, f"{tag}: TP all-gather + reduce-scatter, one layer",

@@ -63,6 +63,14 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
     MEMORY          M = P (w + g) + P o / s + A                   params P, bytes/param of weights
                     w, grads g, optimizer o (sharded s ways), activations A
     ACTIVATIONS     A = n keep + transient                        n sequences / rows in flight
+    ROWS_PER_RANK   P = 1 - C(E - g, K) / C(E, K)
+                    rows per token an attention rank sends to an expert rank that receives
+                    the rows of g of the E experts from it: a token sends one row to every
+                    expert rank holding >= 1 of its K = top_k experts (chosen uniformly,
+                    without replacement), so P is the chance that >= 1 of the K falls among
+                    the g. A token's rows (its distinct destination ranks) are the sum of P
+                    over the ranks; every dispatch / combine byte count is rows x bytes per
+                    row (``placement.expected_rows_per_token``)
 
 The cost model built from them: the inputs (``workload.py``: :class:`Workload`), where
 the two groups sit and what their transfers cost (``placement.py``), the step-time
@@ -71,14 +79,16 @@ Megatron-LM PP x EP x DP baseline, all-to-all exposed and overlapped; ``cost_ep.
 pp = 1 case, the runtime's EP mode) and per-device memory (``memory.py``).
 
 Assumptions of the whole cost model, stated once: uniform routing (every expert gets the
-same share of a token's top_k rows); an attention rank sends all rows of one expert to
-one expert rank (the routing table ``Plan.expert_owner``, which is what the runtime's
-dispatch supports), so replicas balance load only across attention ranks; dispatch
-sends top_k rows per token (no per-device de-duplication); backward FLOPs and bytes are
-2x forward; bytes per region = weights + activations read and written by the region's
-leaf modules (no caching across regions); NIC sharing between devices of a node
-(PXN-style) is free; a NIC shared by both groups of a node counts half for each; the
-optimizer update itself is not timed.
+same share of a token's top_k (token, expert) pairs); an attention rank sends all rows of
+one expert to one expert rank (the routing table ``Plan.expert_owner``, which is what the
+runtime's dispatch supports), so replicas balance load only across attention ranks;
+transfers count distinct destination ranks: a token crosses as one row per expert rank
+holding >= 1 of its top_k experts (ROWS_PER_RANK; the expert rank sums its experts'
+weighted outputs), while expert compute and activations count the top_k pairs; backward
+FLOPs and bytes are 2x forward; bytes per region = weights + activations read and written
+by the region's leaf modules (no caching across regions); NIC sharing between devices of
+a node (PXN-style) is free; a NIC shared by both groups of a node counts half for each;
+the optimizer update itself is not timed.
 """
 
 from __future__ import annotations
@@ -104,6 +114,7 @@ __all__ = [
     "ALLREDUCE_TIME",
     "MEMORY",
     "ACTIVATIONS",
+    "ROWS_PER_RANK",
     "FORMULAS",
     "Evaluation",
     "explain",
@@ -125,7 +136,7 @@ class Formula:
     @cached_property
     def _fn(self):
         syms = [sp.Symbol(n) for n in self.symbols]
-        return sp.lambdify(syms, self.expr, modules=[{"Max": max, "Min": min}, "math"])
+        return sp.lambdify(syms, self.expr, modules=[{"Max": max, "Min": min, "binomial": _binomial}, "math"])
 
     def __call__(self, recorder: "Recorder | None" = None, label: str | None = None, **values: float) -> float:
         try:
@@ -138,6 +149,14 @@ class Formula:
 
     def __str__(self) -> str:
         return f"{self.name} = {sp.sstr(self.expr)}"
+
+
+def _binomial(n: float, k: float) -> int:
+    """C(n, k) exactly (integers; 0 when k > n): math's gamma form overflows at E = 256 and
+    has poles where C(E - g, K) = 0."""
+    if n != int(n) or k != int(k) or n < 0 or k < 0:
+        raise ValueError(f"binomial({n}, {k}): needs non-negative integers")
+    return math.comb(int(n), int(k))
 
 
 def _s(names: str):
@@ -245,10 +264,20 @@ ACTIVATIONS = Formula(
     "recomputation, the one unit being recomputed needs `transient` more",
 )
 
+_E, _K, _g = _s("E K g")
+ROWS_PER_RANK = Formula(
+    "ROWS_PER_RANK",
+    1 - sp.binomial(_E - _g, _K) / sp.binomial(_E, _K),
+    "rows per token an attention rank sends to an expert rank receiving the rows of g of the E experts from "
+    "it (one row per (token, expert rank holding >= 1 of its top_k = K), uniform routing); a token's rows = "
+    "the sum over the expert ranks",
+)
+
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, PIPELINE_1F1B,
-              INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS)
+              INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS,
+              ROWS_PER_RANK)
 }
 
 

@@ -27,12 +27,18 @@ layers. The runtime holds exactly these (tested). :func:`rank_activation_bytes` 
 activations each rank of a plan keeps, as the search counts them (compared with the
 measured peak in ``benchmarks/bench_schedules.py``).
 
+Expert activations count the routed (token, expert) pairs (``GroupLayout.max_load``:
+the expert computation saves per-pair activations); what the expert side keeps of its
+received messages counts message rows (one per token and expert rank,
+``GroupLayout.max_received_rows``, ROWS_PER_RANK).
+
 Activation recomputation (searched per group): a group that recomputes keeps only each
-decoder layer's input (attention side: S x H per sequence and layer) or each routed
-row's input (experts: H per row), and re-runs the forward of that layer during backward
+decoder layer's input (attention side: S x H per sequence and layer) or the message rows
+it received (experts: per row its hidden row, routing weights and expert ids, the
+dispatch's bytes per row), and re-runs the forward of that layer during backward
 (backward = 3 x forward for those regions instead of 2 x; the recomputed unit's full
-activations are a transient). Nothing is re-sent over the network: the expert side keeps
-its received rows.
+activations, its pairs', are a transient). Nothing is re-sent over the network: the
+expert side keeps its received rows.
 """
 
 from __future__ import annotations
@@ -68,13 +74,19 @@ def _attention_activations(work: Workload, seqs_in_flight: float, seqs_per_unit:
             + ACTIVATIONS(recorder, label + ", last stage (head, loss)", n=tail_in_flight, keep=tail, transient=0.0))
 
 
-def _expert_activations(work: Workload, rows_in_flight: float, rows_per_unit: float, recompute: bool,
-                        recorder=None, label: str = "activations") -> float:
+def _expert_activations(work: Workload, pairs_in_flight: float, pairs_per_unit: float, recompute: bool,
+                        recorder=None, label: str = "activations", received_in_flight: float | None = None) -> float:
+    """Activations an expert device keeps: without recomputation, the saved activations of
+    ``pairs_in_flight`` routed (token, expert) pairs; with it, the ``received_in_flight``
+    message rows it received (as sent: ``dispatch_per_row`` bytes each), plus one unit's
+    (``pairs_per_unit``) full activations while it is recomputed."""
     if recompute:
-        keep, transient = work.expert_input_per_row, rows_per_unit * work.expert_saved_per_row
-    else:
-        keep, transient = work.expert_saved_per_row, 0.0
-    return ACTIVATIONS(recorder, label, n=rows_in_flight, keep=keep, transient=transient)
+        if received_in_flight is None:
+            raise ValueError("_expert_activations: recomputation keeps the received message rows; pass "
+                             "received_in_flight")
+        return ACTIVATIONS(recorder, label, n=received_in_flight, keep=work.dispatch_per_row,
+                           transient=pairs_per_unit * work.expert_saved_per_row)
+    return ACTIVATIONS(recorder, label, n=pairs_in_flight, keep=work.expert_saved_per_row, transient=0.0)
 
 
 def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int, optimizer: str,
@@ -120,9 +132,11 @@ def _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimiz
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
     L = share.moe_layers[group]
     where = f" (group {group})" if share.depth > 1 else ""
-    rows = seqs_per_mb * work.seq_len * work.top_k * layout.max_load  # per micro-batch and layer, busiest device
-    act_e = _expert_activations(work, m * L * rows, rows, recompute[1], recorder,
-                                f"activations per expert device{where}")
+    tokens = seqs_per_mb * work.seq_len  # per attention device, micro-batch and layer
+    pairs = tokens * work.top_k * layout.max_load  # routed pairs on the busiest device
+    received = tokens * layout.max_received_rows(work.top_k)  # message rows on the device receiving the most
+    act_e = _expert_activations(work, m * L * pairs, pairs, recompute[1], recorder,
+                                f"activations per expert device{where}", received_in_flight=m * L * received)
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
     return MEMORY(recorder, f"memory per expert device{where}", P=layout.experts_per_device * work.params_per_expert * L,
                   w=w, grad=g, opt=o, shard=layout.min_replicas if shard_optimizer else 1, act=act_e)

@@ -25,16 +25,26 @@ the profile scales to any sequence length and micro-batch size.
 
 The routed experts are not run (routing on fake tensors has no values); their cost is
 analytic, assuming **uniform routing** (every expert gets the same share of the
-``tokens x top_k`` rows): FLOPs per routed row = 2 x (parameters of one expert);
+``tokens x top_k`` routed rows, one per (token, expert) pair): FLOPs per routed row =
+2 x (parameters of one expert);
 saved activations per row = the expert input, the first projection's output, and the
 activation output (+ the gated product for gated experts); traffic per row = inputs and
-outputs of every projection and of the activation. Per MoE layer the profile also
-holds the bytes crossing the attention/experts boundary per token:
+outputs of every projection and of the activation. Per MoE layer the profile also holds
+the bytes of one *message row* crossing the attention/experts boundary: a token crosses as
+one row per expert rank holding >= 1 of its top_k experts (the runtime's wire format,
+``runtime/dispatch.py``), so a token sends between 1 and top_k rows; how many, on average,
+depends on the routing table and is the cost model's (``formulas.ROWS_PER_RANK``,
+``placement.expected_rows_per_token``). Per row, with K = top_k:
 
-    dispatch  (attention -> experts, forward)  = top_k x (H x dtype + 4 (int32 expert id) + dtype (weight))
-    combine   (experts -> attention, forward)  = top_k x H x dtype
-    combine gradient  (attention -> experts)   = top_k x H x dtype
-    dispatch gradient (experts -> attention)   = top_k x (H x dtype + dtype (routing-weight gradient))
+    dispatch  (attention -> experts, forward)  = H x dtype + K x (dtype (weight) + 4 (int32 local expert id))
+    combine   (experts -> attention, forward)  = H x dtype   (the token's weighted expert outputs, summed)
+    combine gradient  (attention -> experts)   = H x dtype
+    dispatch gradient (experts -> attention)   = H x dtype + K x dtype (routing-weight gradients)
+
+(slots of a row routed to another rank are padded: weight 0, id -1). Profiles written
+before this format (``*_bytes_per_token`` fields, top_k rows per token) are read by
+:meth:`ModelProfile.from_dict`, which checks them against the old format and replaces
+them with these.
 
 ``fused_attention=True`` (the default) models the fused attention kernels GPUs train
 with: the S^2 terms of saved activations and memory traffic (materialised attention
@@ -120,17 +130,20 @@ class MoELayerProfile:
     fwd_flops_per_row: float  # 2 x params_per_expert
     saved_bytes_per_row: float
     io_bytes_per_row: float
-    dispatch_bytes_per_token: float
-    combine_bytes_per_token: float
-    combine_grad_bytes_per_token: float
-    dispatch_grad_bytes_per_token: float
+    # Bytes of one message row (one token to one expert rank; module docstring). The three
+    # fields above ending in _per_row count routed (token, expert) pairs; these, message rows.
+    dispatch_bytes_per_row: float
+    combine_bytes_per_row: float
+    combine_grad_bytes_per_row: float
+    dispatch_grad_bytes_per_row: float
 
-    def dispatch_bytes(self, batch_size: int, seq_len: int) -> float:
-        """Bytes an attention rank sends to the experts for one micro-batch of this layer."""
-        return batch_size * seq_len * self.dispatch_bytes_per_token
+    def dispatch_bytes(self, batch_size: int, seq_len: int, rows_per_token: float) -> float:
+        """Bytes an attention rank sends to the experts for one micro-batch of this layer, when
+        a token sends ``rows_per_token`` rows (1..top_k: ``placement.expected_rows_per_token``)."""
+        return batch_size * seq_len * rows_per_token * self.dispatch_bytes_per_row
 
-    def combine_bytes(self, batch_size: int, seq_len: int) -> float:
-        return batch_size * seq_len * self.combine_bytes_per_token
+    def combine_bytes(self, batch_size: int, seq_len: int, rows_per_token: float) -> float:
+        return batch_size * seq_len * rows_per_token * self.combine_bytes_per_row
 
 
 @dataclass
@@ -217,9 +230,9 @@ class ModelProfile:
             m = self.moe[0]
             lines.append(
                 f"MoE layers: {len(self.moe)} x (E={m.num_experts}, top_k={m.top_k}, {_si(m.params_per_expert)} params "
-                f"per expert); per token: dispatch {m.dispatch_bytes_per_token:.0f} B, combine "
-                f"{m.combine_bytes_per_token:.0f} B (per sequence: {m.dispatch_bytes(1, s) / 1e6:.2f} MB, "
-                f"{m.combine_bytes(1, s) / 1e6:.2f} MB)"
+                f"per expert); per row sent (one token to one expert rank; 1..{m.top_k} per token): dispatch "
+                f"{m.dispatch_bytes_per_row:.0f} B, combine {m.combine_bytes_per_row:.0f} B (per sequence at one "
+                f"row per token: {m.dispatch_bytes(1, s, 1) / 1e6:.2f} MB, {m.combine_bytes(1, s, 1) / 1e6:.2f} MB)"
             )
         return "\n".join(lines)
 
@@ -239,9 +252,41 @@ class ModelProfile:
             for k in ("fwd_flops", "bwd_flops", "saved_bytes", "io_bytes", "materialised_bytes"):
                 r[k] = SeqCost(**r[k])
             regions.append(RegionProfile(**r))
-        moe = [MoELayerProfile(**m) for m in data.pop("moe")]
+        moe = [MoELayerProfile(**_upgrade_moe(m, data["dtype_bytes"])) for m in data.pop("moe")]
         hop = [SeqCost(**c) for c in data.pop("hop_bytes", [])]
         return cls(regions=regions, moe=moe, hop_bytes=hop, **data)
+
+
+def message_row_bytes(hidden: int, dtype_bytes: int, top_k: int) -> dict[str, float]:
+    """Bytes of one message row of each boundary transfer (module docstring), as the
+    ``*_bytes_per_row`` fields of :class:`MoELayerProfile`."""
+    return {
+        "dispatch_bytes_per_row": float(hidden * dtype_bytes + top_k * (dtype_bytes + 4)),
+        "combine_bytes_per_row": float(hidden * dtype_bytes),
+        "combine_grad_bytes_per_row": float(hidden * dtype_bytes),
+        "dispatch_grad_bytes_per_row": float(hidden * dtype_bytes + top_k * dtype_bytes),
+    }
+
+
+_OLD_PER_TOKEN = ("dispatch_bytes_per_token", "combine_bytes_per_token", "combine_grad_bytes_per_token",
+                  "dispatch_grad_bytes_per_token")
+
+
+def _upgrade_moe(m: dict, dtype_bytes: int) -> dict:
+    """A MoE layer entry of a profile file; one written with the old per-token fields (top_k
+    rows per token) is checked against that format and given the per-row fields instead."""
+    m = dict(m)
+    if not any(k in m for k in _OLD_PER_TOKEN):
+        return m
+    H, K, d = m["hidden_size"], m["top_k"], dtype_bytes
+    old = {"dispatch_bytes_per_token": K * (H * d + 4 + d), "combine_bytes_per_token": K * H * d,
+           "combine_grad_bytes_per_token": K * H * d, "dispatch_grad_bytes_per_token": K * (H * d + d)}
+    for key, want in old.items():
+        if m.pop(key, None) != want:  # not the old wire format: nothing to convert it from
+            raise ProfileError(f"MoE layer {m.get('layer')} of the profile file: {key} is missing or is not "
+                               f"top_k x the old row (H = {H}, dtype {d} B): {want}; cannot convert it to bytes "
+                               "per row")
+    return {**m, **message_row_bytes(H, d, K)}
 
 
 def _si(n: float) -> str:
@@ -508,10 +553,7 @@ def profile(
                     fwd_flops_per_row=2.0 * per_expert,
                     saved_bytes_per_row=saved_row,
                     io_bytes_per_row=io_row,
-                    dispatch_bytes_per_token=k * (hidden * dsize + 4 + dsize),
-                    combine_bytes_per_token=k * hidden * dsize,
-                    combine_grad_bytes_per_token=k * hidden * dsize,
-                    dispatch_grad_bytes_per_token=k * (hidden * dsize + dsize),
+                    **message_row_bytes(hidden, dsize, k),
                 )
             )
             fwd = SeqCost(2.0 * per_expert * k)
@@ -600,10 +642,7 @@ def synthetic_profile(
             params_per_expert=params_per_expert, expert_weight_bytes=params_per_expert * dtype_bytes,
             fwd_flops_per_row=2.0 * params_per_expert, saved_bytes_per_row=expert_saved_per_row,
             io_bytes_per_row=0.0,
-            dispatch_bytes_per_token=top_k * (hidden_size * dtype_bytes + 4 + dtype_bytes),
-            combine_bytes_per_token=top_k * hidden_size * dtype_bytes,
-            combine_grad_bytes_per_token=top_k * hidden_size * dtype_bytes,
-            dispatch_grad_bytes_per_token=top_k * (hidden_size * dtype_bytes + dtype_bytes),
+            **message_row_bytes(hidden_size, dtype_bytes, top_k),
         ))
     if head_flops_per_token or head_params:
         head = SeqCost(head_flops_per_token)

@@ -149,7 +149,8 @@ def _sync_bytes(work: Workload) -> tuple[float, float]:
 
 
 def _transfer_bytes(work: Workload) -> tuple[float, float, float, float]:
-    return (work.dispatch_per_token, work.combine_per_token, work.combine_grad_per_token, work.dispatch_grad_per_token)
+    """Bytes per message row of (dispatch, combine, combine gradient, dispatch gradient)."""
+    return (work.dispatch_per_row, work.combine_per_row, work.combine_grad_per_row, work.dispatch_grad_per_row)
 
 
 def depth_options(work: Workload, cluster) -> list[int]:
@@ -195,7 +196,7 @@ def _hop_bytes(work: Workload, depth: int) -> tuple[float, float] | None:
 
 def _build_layout(work: Workload, sub, depth: int, attention, experts, d: int, strategy: str) -> GroupLayout:
     return GroupLayout.build(sub, attention, experts, work.num_experts, strategy=strategy, domain_nodes=d,
-                             transfer_bytes=_transfer_bytes(work), sync_bytes=_sync_bytes(work),
+                             transfer_bytes=_transfer_bytes(work), top_k=work.top_k, sync_bytes=_sync_bytes(work),
                              hop_bytes=_hop_bytes(work, depth))
 
 
@@ -424,8 +425,10 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
     share = group_share(work, p)
     breakdown["sync_attention"], breakdown["sync_experts"] = afpipe_sync_parts(work, sub, layout, share=share)
     tokens = best.seqs * work.seq_len
-    for key, per_token in zip(("dispatch", "combine", "combine_grad", "dispatch_grad"), _transfer_bytes(work)):
-        breakdown[f"{key}_bytes"] = tokens * per_token  # per attention device per micro-batch
+    rows = tokens * layout.rows_per_token(work.top_k)  # message rows per attention device per micro-batch
+    breakdown["rows_per_token"] = layout.rows_per_token(work.top_k)
+    for key, per_row in zip(("dispatch", "combine", "combine_grad", "dispatch_grad"), _transfer_bytes(work)):
+        breakdown[f"{key}_bytes"] = rows * per_row  # per attention device per micro-batch
     if p > 1:
         hop_f, hop_b = hop_bytes_per_token(work)
         breakdown["hop_bytes"], breakdown["hop_grad_bytes"] = tokens * hop_f, tokens * hop_b

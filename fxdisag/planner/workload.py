@@ -7,11 +7,14 @@ Contract
 inside and after the MoE layers (:class:`RegionCost`: forward / backward FLOPs and
 activation bytes per sequence, weight bytes), the attention-side parameters and saved
 activations, and one homogeneous MoE layer (expert FLOPs, bytes and saved activations
-per routed row; dispatch / combine bytes and their gradients per token).
+per routed row; dispatch / combine bytes and their gradients per message row).
 :func:`optimizer_bytes_per_param` gives the optimizer-state bytes per parameter.
 
 Units: FLOPs, bytes, parameters (counts); per sequence at ``seq_len``, per routed row
-(one token x one of its top_k experts) or per token as each field says; ``hop_per_seq``: the bytes a pipeline hop carries
+(one token x one of its top_k experts), per message row (one token to one expert rank:
+the ``*_per_row`` transfer fields; how many rows a token sends is the layout's,
+``placement.expected_rows_per_token``) or per token as each field says;
+``hop_per_seq``: the bytes a pipeline hop carries
 between attention groups at p > 1 (hop design: docs/CONTRACTS.md). No formula is
 evaluated here (``formulas.py``).
 """
@@ -98,11 +101,12 @@ class Workload:
     expert_flops_per_row: float
     expert_io_per_row: float
     expert_saved_per_row: float
-    expert_input_per_row: float  # H x dtype: what a recomputing expert device keeps per row
-    dispatch_per_token: float
-    combine_per_token: float
-    combine_grad_per_token: float
-    dispatch_grad_per_token: float
+    expert_input_per_row: float  # H x dtype: one token's hidden row (a routed pair's expert input)
+    # bytes per message row (one token to one expert rank), not per routed row
+    dispatch_per_row: float
+    combine_per_row: float
+    combine_grad_per_row: float
+    dispatch_grad_per_row: float
     model_flops_per_seq: float  # forward + backward, the whole model
     # per sequence, mean over MoE layers: what a pipeline hop (p > 1) sends from attention
     # group g to g+1 besides the experts' combine (residual stream, rotary tables, masks);
@@ -234,10 +238,10 @@ class Workload:
             expert_io_per_row=mean("io_bytes_per_row"),
             expert_saved_per_row=mean("saved_bytes_per_row"),
             expert_input_per_row=float(profile.hidden_size * profile.dtype_bytes),
-            dispatch_per_token=mean("dispatch_bytes_per_token"),
-            combine_per_token=mean("combine_bytes_per_token"),
-            combine_grad_per_token=mean("combine_grad_bytes_per_token"),
-            dispatch_grad_per_token=mean("dispatch_grad_bytes_per_token"),
+            dispatch_per_row=mean("dispatch_bytes_per_row"),
+            combine_per_row=mean("combine_bytes_per_row"),
+            combine_grad_per_row=mean("combine_grad_bytes_per_row"),
+            dispatch_grad_per_row=mean("dispatch_grad_bytes_per_row"),
             model_flops_per_seq=total_flops,
             hop_per_seq=sum(c.at(seq_len) for c in profile.hop_bytes) / len(profile.hop_bytes)
             if profile.hop_bytes else 0.0,
