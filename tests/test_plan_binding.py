@@ -46,7 +46,7 @@ def test_unsupported_binding_fields_are_refused_by_name():
     assert p.schedule().name == "1f1b"
     ep = Plan.expert_parallel(2, 4, 2)
     ep.schedule_kind = "1f1b"
-    with pytest.raises(ValueError, match="runs \('gpipe', 'overlap'\) schedules only"):
+    with pytest.raises(ValueError, match=r"runs \('gpipe', 'overlap'\) schedules only"):
         ep.schedule(2)
     p.schedule_kind = "gpipe"
     with pytest.raises(ValueError, match="num_moe_layers=2 but the model has 3 MoE layers"):
