@@ -51,6 +51,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel  # noqa: E402
 
 from corpus import VOCAB_SIZE, load_stdlib_corpus, sample_batch  # noqa: E402
+import fxdisag  # noqa: E402
 from fxdisag import DisaggregatedModel, Plan, disaggregate, find_layout  # noqa: E402
 from fxdisag.testing.models import TINY_FAMILIES, tiny_config  # noqa: E402
 
@@ -110,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", metavar="FILE.json",
                    help="record per-rank timelines; write the last training step as a Chrome trace "
                         "(and FILE.png, a Gantt chart, when matplotlib is installed)")
+    p.add_argument("--front-door", choices=("disaggregate", "compile"), default="disaggregate",
+                   help="disaggregate: fxdisag.disaggregate(model, ...); compile: torch.compile(model, "
+                        "backend='fxdisag'), with AdamW on model.parameters() as for any compiled model")
+    p.add_argument("--compile-stages", action="store_true",
+                   help="run every stage program and experts call through torch.compile (inductor) on its rank")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic progress lines")
     args = p.parse_args(argv)
     if args.family.strip().lower().replace("-", "_") not in TINY_FAMILIES:
@@ -263,18 +269,22 @@ def _rel_err(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
     return diff / scale
 
 
-def parity_check(dmodel: DisaggregatedModel, config: PreTrainedConfig, seed: int, batch: torch.Tensor) -> ParityReport:
+def parity_check(forward, config: PreTrainedConfig, seed: int, batch: torch.Tensor,
+                 dmodel=None) -> ParityReport:
     """Loss and consolidated gradients of one step on ``batch``, disaggregated vs eager.
 
-    Collective (every rank calls it). Leaves no gradient on ``dmodel``. Rank 0 builds the
-    eager reference from scratch with ``seed`` and first checks it starts from the very
-    weights ``dmodel`` holds, so the comparison is of the computation, not of the init.
+    ``forward``: the disaggregated model, or the torch.compile'd one (then ``dmodel`` is
+    looked up after its first call: the backend builds it). Collective (every rank calls
+    it). Leaves no gradient behind. Rank 0 builds the eager reference from scratch with
+    ``seed`` and first checks it starts from the very weights ``dmodel`` holds, so the
+    comparison is of the computation, not of the init.
     """
-    weights = dmodel.consolidated_state_dict()
-    out = dmodel(input_ids=batch, labels=batch)
+    out = forward(input_ids=batch, labels=batch)
     out.loss.backward()
+    dmodel = dmodel or fxdisag.disaggregated(forward)
+    weights = dmodel.consolidated_state_dict()  # no optimizer step yet: the initial weights
     grads = dmodel.consolidated_grads()
-    for p in dmodel.parameters():
+    for p in list(dmodel.parameters()) + list(dmodel._model.parameters()):
         p.grad = None
     report = None
     if dist.get_rank() == 0:
@@ -302,9 +312,9 @@ def parity_check(dmodel: DisaggregatedModel, config: PreTrainedConfig, seed: int
 
 
 @torch.no_grad()
-def heldout_loss(dmodel: DisaggregatedModel, batches: list[torch.Tensor]) -> float:
+def heldout_loss(forward, batches: list[torch.Tensor]) -> float:
     """Mean loss over ``batches`` (a forward without backward: the runtime drops its activations)."""
-    return sum(float(dmodel(input_ids=x, labels=x).loss) for x in batches) / len(batches)
+    return sum(float(forward(input_ids=x, labels=x).loss) for x in batches) / len(batches)
 
 
 # --------------------------------------------------------------------------- trace
@@ -460,23 +470,33 @@ def _run(args: argparse.Namespace) -> int:
     parity_batch = sample_batch(corpus.train, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed + 2))
 
     t0 = time.perf_counter()
-    dmodel = disaggregate(model, {"input_ids": parity_batch, "labels": parity_batch}, plan=plan,
-                          trace=bool(args.trace))
+    if args.front_door == "compile":
+        # The torch.compile front door: the backend disaggregates on the first call (the parity
+        # step), and the optimizer holds the model's own parameters, as for any compiled model.
+        forward = torch.compile(model, backend="fxdisag", options={
+            "plan": plan, "trace": bool(args.trace), "compile_stages": args.compile_stages})
+        parity = parity_check(forward, config, args.seed, parity_batch)
+        dmodel = fxdisag.disaggregated(model)
+        params = list(model.parameters())
+    else:
+        dmodel = disaggregate(model, {"input_ids": parity_batch, "labels": parity_batch}, plan=plan,
+                              trace=bool(args.trace), compile_stages=args.compile_stages)
+        forward, params = dmodel, list(dmodel.parameters())
+        parity = parity_check(dmodel, config, args.seed, parity_batch, dmodel)
     if plan == "auto":
         say(str(dmodel.plan))
         say("expert placement (every MoE layer):\n" + describe_placement(dmodel.plan))
-    say(f"disaggregated in {time.perf_counter() - t0:.1f} s; rank {rank} holds "
+    say(f"disaggregated ({args.front_door}{', compiled stages' if args.compile_stages else ''}) and checked in "
+        f"{time.perf_counter() - t0:.1f} s; rank {rank} computes with "
         f"{sum(p.numel() for p in dmodel.parameters()) / 1e6:.2f} M parameters")
-
-    parity = parity_check(dmodel, config, args.seed, parity_batch)
     say(str(parity), flush=True)
     if not parity.ok:
         return 1
 
-    before = heldout_loss(dmodel, eval_set)
+    before = heldout_loss(forward, eval_set)
     say(f"held-out loss before training: {before:.4f}", flush=True)
 
-    opt = torch.optim.AdamW(dmodel.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr)
     progress = Progress(args.steps, enabled=rank == 0 and not args.quiet)
     losses: list[float] = []
     step_times: list[float] = []
@@ -484,7 +504,7 @@ def _run(args: argparse.Namespace) -> int:
     for step in range(1, args.steps + 1):
         x = sample_batch(corpus.train, args.batch_size, args.seq_len, batches)
         start = time.perf_counter()
-        loss = dmodel(input_ids=x, labels=x).loss
+        loss = forward(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -497,7 +517,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.trace:  # before any other forward: the runtime keeps the spans of the latest step only
         say("timeline of the last step: " + ", ".join(write_trace(dmodel, args.trace)))
-    after = heldout_loss(dmodel, eval_set)
+    after = heldout_loss(forward, eval_set)
 
     timed = step_times[1:] or step_times  # step 1 pays one-off warm-up (allocations, first messages)
     median = statistics.median(timed)

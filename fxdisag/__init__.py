@@ -6,6 +6,9 @@ The data path, each step one public function with a plain data object in and out
     prof     = fxdisag.profile(captured, batch_size, seq_len)      # FLOPs and bytes per region
     plan     = fxdisag.plan(prof, cluster, global_batch)           # ranks, placement, micro-batches
     dmodel   = fxdisag.disaggregate(model, example_inputs, plan)   # this rank's part, trainable
+
+or, the same path from dynamo's graph: ``torch.compile(model, backend="fxdisag")``
+(``fxdisag.backend``; ``fxdisag.disaggregated(model)`` is the part it built).
 """
 
 from fxdisag.capture import CapturedModel, CaptureError, RegionTag, capture
@@ -23,6 +26,7 @@ __all__ = [
     "RegionTag",
     "capture",
     "disaggregate",
+    "disaggregated",
     "find_layout",
     "plan",
     "profile",
@@ -30,6 +34,7 @@ __all__ = [
 
 _LAZY = {
     "disaggregate": ("fxdisag.api", "disaggregate"),
+    "disaggregated": ("fxdisag.backend", "disaggregated"),
     "DisaggregatedModel": ("fxdisag.api", "DisaggregatedModel"),
     "Plan": ("fxdisag.planner.plan", "Plan"),
     "plan": ("fxdisag.planner.search", "plan"),

@@ -40,13 +40,13 @@ from fxdisag.codegen.split_stages import StagedProgram, split_stages
 from fxdisag.planner.plan import Plan
 from fxdisag.runtime.attention import AttentionHandlers
 from fxdisag.runtime.expert import ExpertHandlers
-from fxdisag.runtime.experts import local_experts
+from fxdisag.runtime.experts import expert_tensors, local_experts, model_experts
 from fxdisag.runtime.mailbox import Mailbox
 from fxdisag.runtime.routing import Routing, SlotRouting
 from fxdisag.runtime.runner import StepRunner
 from fxdisag.schedule import Schedule, format_grid
 
-__all__ = ["DisaggregatedModel", "DisaggregatedOutput", "disaggregate"]
+__all__ = ["DisaggregatedModel", "DisaggregatedOutput", "build", "disaggregate"]
 
 
 @dataclass
@@ -114,6 +114,9 @@ class DisaggregatedModel(nn.Module):
         groups: dict,
         trace: bool,
         release_unused: bool = True,
+        *,
+        expert_weights: str = "slices",
+        compile_stages: bool = False,
     ):
         super().__init__()
         self.plan = plan
@@ -153,7 +156,7 @@ class DisaggregatedModel(nn.Module):
                 program, self.rank, own_group, list(schedule.expert_ranks),
                 schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
                 self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
-                stages=stage_map, row_format=(self.layout.hidden_size, dtype),
+                stages=stage_map, row_format=(self.layout.hidden_size, dtype), compile_stages=compile_stages,
             )
             self.runner.register(self._attention)
         if self.has_experts:
@@ -161,14 +164,17 @@ class DisaggregatedModel(nn.Module):
             model = captured.model
             self.expert_layers = stage_map.layers_of(stage_map.expert_group_of(self.rank)) if multi \
                 else list(range(len(self.layout.moe)))
+            build_experts = model_experts if expert_weights == "model" else local_experts
             self.local_experts = nn.ModuleList(
-                [local_experts(model.get_submodule(self.layout.moe[j].experts), mine) for j in self.expert_layers]
+                [build_experts(model.get_submodule(self.layout.moe[j].experts), mine) for j in self.expert_layers]
             ).to(device)
             self.expert_ids = mine
             for j in self.expert_layers:
                 maybe_dump_graph(f"expert_boundary{j}", program.boundaries[j].module)
+            # Rows of the expert tensors the rank computes with: local slots, or global ids.
+            row_of = (lambda e: e) if expert_weights == "model" else mine.index
             replica_groups = [
-                ([mine.index(e) for e in shared], groups[ranks])
+                ([row_of(e) for e in shared], groups[ranks])
                 for ranks, shared in routing.replica_sets
                 if self.rank in ranks
             ]
@@ -178,7 +184,7 @@ class DisaggregatedModel(nn.Module):
                 self.layout.hidden_size, (dtype, dtype), {j: self.layout.moe[j].top_k for j in self.expert_layers},
                 self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
-                hops=stage_map.hops if multi else frozenset(),
+                hops=stage_map.hops if multi else frozenset(), compile_stages=compile_stages,
             ))
         # This rank's data-parallel replicas (its attention group) and, per set of experts it
         # shares with replicas, (local indices, process group); None / [] where not a member.
@@ -280,9 +286,10 @@ class DisaggregatedModel(nn.Module):
                 owned[name] = (None, None if t is None else t.detach().cpu())
         if self.has_experts:
             for m, mod in zip([self.layout.moe[j] for j in self.expert_layers], self.local_experts):
-                for pname, p in mod.named_parameters(recurse=False):
+                ids = mod.fxdisag_expert_ids
+                for pname, p, rows in expert_tensors(mod):
                     t = p.grad if grads else p.detach()
-                    owned[f"{m.experts}.{pname}"] = (mod.fxdisag_expert_ids, None if t is None else t.detach().cpu())
+                    owned[f"{m.experts}.{pname}"] = (ids, None if t is None else t.detach()[rows].cpu())
         return owned
 
     def _writes_attention(self) -> bool:
@@ -398,8 +405,12 @@ def disaggregate(
     trace: bool = False,
     release_unused: bool = True,
     schedule: Schedule | None = None,
+    compile_stages: bool = False,
 ) -> DisaggregatedModel:
     """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
+
+    ``compile_stages`` runs every attention stage program and experts call on this rank
+    through ``torch.compile`` (inductor).
 
     ``sync_params`` broadcasts every parameter from rank 0 first (as DDP does), so ranks
     that built the model with different random seeds still train the same model.
@@ -417,8 +428,36 @@ def disaggregate(
     with all-to-all dispatch and combine.
     """
     _init_distributed()
-    device = _device()
     captured = capture(model, example_inputs)
+    return build(captured, example_inputs, plan, cluster, sync_params=sync_params, trace=trace,
+                 release_unused=release_unused, schedule=schedule, compile_stages=compile_stages)
+
+
+def build(
+    captured: CapturedModel,
+    example_inputs: Mapping[str, torch.Tensor],
+    plan: Plan | str = "auto",
+    cluster: Any = None,
+    *,
+    sync_params: bool = True,
+    trace: bool = False,
+    release_unused: bool = True,
+    schedule: Schedule | None = None,
+    expert_weights: str = "slices",
+    compile_stages: bool = False,
+) -> DisaggregatedModel:
+    """This rank's part of the pipeline, from a captured model (either front door's).
+
+    ``expert_weights``: ``"slices"`` gives expert ranks new parameters holding their
+    experts' slices (``disaggregate``); ``"model"`` computes with the model's own full
+    experts tensors, so the parameters a user's optimizer holds stay the ones that train
+    (the torch.compile front door). ``compile_stages`` runs every stage program and
+    experts call through ``torch.compile`` on the rank.
+    """
+    if expert_weights not in ("slices", "model"):
+        raise ValueError(f"expert_weights must be 'slices' or 'model', got {expert_weights!r}")
+    device = _device()
+    model = captured.model
     plan = _resolve_plan(plan, captured, example_inputs, cluster)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a fxdisag Plan or 'auto', got {type(plan).__name__}")
@@ -476,4 +515,5 @@ def disaggregate(
             groups[ranks] = dist.new_group(list(ranks))
     maybe_dump_text("schedule", format_grid(schedule))
     maybe_dump_text("plan", str(plan))
-    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused)
+    return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused,
+                              expert_weights=expert_weights, compile_stages=compile_stages)

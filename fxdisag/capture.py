@@ -334,7 +334,26 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
 # --------------------------------------------------------------------------- tagging
 
 
-def _tag_nodes(gm: fx.GraphModule, layout: ModelLayout) -> None:
+def _module_at(model: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(fqn) if fqn else None
+    except AttributeError:
+        return None
+
+
+def tag_regions(gm: fx.GraphModule, layout: ModelLayout, model: nn.Module | None = None) -> None:
+    """Set ``node.meta["fxdisag_region"]`` on every node of a graph of ``model``'s forward.
+
+    Works on any graph whose nodes carry ``nn_module_stack`` with FQNs relative to
+    ``model`` (the leaf tracer's, and dynamo's after ``capture_dynamo`` normalises it):
+    a node belongs to the innermost layout role (attention, router, experts, shared
+    experts, dense MLP) among its enclosing modules; inside a decoder layer otherwise to
+    ``norm`` (a module owning only 1-D parameters) or ``attn``; before the first layer to
+    ``embed``; after the last to ``norm``, ``head`` (a Linear / ``lm_head``) and ``loss``.
+    The routed experts must already be one ``call_module`` node per layer: nodes of a MoE
+    block after it are ``combine``, before it ``router``.
+    """
+    model = gm if model is None else model
     roles: dict[str, tuple[str, int | None]] = {}
     for layer, fqn in layout.attention.items():
         roles[fqn] = ("attn", layer)
@@ -372,18 +391,19 @@ def _tag_nodes(gm: fx.GraphModule, layout: ModelLayout) -> None:
                 kind = "combine" if probe in experts_done else "router"
                 return RegionTag(kind, blocks[probe], fqn)
             probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        # The module the node runs in: a leaf's own call (the leaf tracer), or the module
+        # whose code an inlined op came from (dynamo's graph) -- the same tag either way.
+        mod = _module_at(model, fqn)
         layer = layer_of(fqn)
         if layer is not None:
             seen_layers = True
-            mod = gm.get_submodule(fqn) if node.op == "call_module" else None
             if mod is not None and all(p.dim() == 1 for p in mod.parameters()) and any(True for _ in mod.parameters()):
                 return RegionTag("norm", layer, fqn)
             return RegionTag("attn", layer, fqn)
         if not seen_layers:
             return RegionTag("embed", None, fqn)
-        if node.op == "call_module":
-            mod = gm.get_submodule(fqn)
-            if isinstance(mod, nn.Linear) or node.target.endswith("lm_head"):
+        if mod is not None and fqn:
+            if isinstance(mod, nn.Linear) or fqn.endswith("lm_head"):
                 head_done = True
                 return RegionTag("head", None, fqn)
             return RegionTag("norm", None, fqn)
@@ -423,8 +443,10 @@ class CapturedModel(nn.Module):
         example_shapes: dict[str, tuple[int, ...]],
         specialized: list[str],
         capture_seconds: float,
+        traced_by: str = "fx",
     ):
         super().__init__()
+        self.traced_by = traced_by  # "fx" (capture) or "dynamo" (capture_dynamo.from_dynamo)
         self.graph_module = graph_module
         self.layout = layout
         self.input_names = input_names
@@ -441,6 +463,20 @@ class CapturedModel(nn.Module):
         if "labels" in self.input_names:
             return CausalLMOutput(loss=out[0], logits=out[1])
         return CausalLMOutput(logits=out)
+
+    def for_profile(self) -> "CapturedModel":
+        """The graph the profile runs: this one, or for dynamo's graph the leaf tracer's of the
+        same model (tagged by the same ``tag_regions``). Dynamo bakes the device, and unless
+        compiled with dynamic shapes the sizes, into its ops; the profile runs on the meta
+        device at two sequence lengths."""
+        if self.traced_by == "fx":
+            return self
+        if self.__dict__.get("_for_profile") is None:
+            example = {n: torch.zeros(self.example_shapes[n], dtype=torch.long) for n in self.input_names}
+            if "attention_mask" in example:
+                example["attention_mask"] = torch.ones_like(example["attention_mask"])
+            self.__dict__["_for_profile"] = capture(self.model, example)
+        return self.__dict__["_for_profile"]
 
     def region_table(self) -> str:
         from fxdisag.dump import region_table
@@ -535,7 +571,7 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> Cap
             node.meta["val"] = tracer.concrete(node)
     _strip_wrapper_prefix(graph)
     gm = fx.GraphModule(model, graph, class_name=f"Captured{type(model).__name__}")
-    _tag_nodes(gm, layout)
+    tag_regions(gm, layout, model)
     seconds = time.perf_counter() - t0
     captured = CapturedModel(
         gm,

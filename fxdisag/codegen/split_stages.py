@@ -28,6 +28,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
@@ -117,6 +118,47 @@ def _duplicate_shared_getattrs(gm: fx.GraphModule, part: dict[fx.Node, int]) -> 
     gm.recompile()
 
 
+def _stages_own_tensors(top: fx.GraphModule) -> None:
+    """A parameter or buffer that split_module passed into a stage as an input (it does so for
+    every get_attr of a tensor: dynamo's graph reads parameters that way) becomes the
+    stage's own attribute, under the same FQN: the stage's ``parameters()`` are then the
+    parameters it computes with, as for leaf-module calls."""
+    from torch.fx.graph_module import _assign_attr
+
+    for call in [n for n in top.graph.nodes if n.op == "call_module"]:
+        sub: fx.GraphModule = top.get_submodule(call.target)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        keep = []
+        for arg, ph in zip(call.args, placeholders):
+            value = None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                value = top
+                for part in arg.target.split("."):
+                    value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                keep.append(arg)
+                continue
+            _assign_attr(value, sub, arg.target)
+            with sub.graph.inserting_before(ph):
+                owned = sub.graph.get_attr(arg.target)
+            owned.meta.update(ph.meta)
+            ph.replace_all_uses_with(owned)
+            sub.graph.erase_node(ph)
+        if len(keep) != len(call.args):
+            call.args = tuple(keep)
+            # get_attr nodes must follow the placeholders
+            first = next((n for n in sub.graph.nodes if n.op != "placeholder"), None)
+            for node in [n for n in sub.graph.nodes if n.op == "get_attr"]:
+                if first is not None and node is not first:
+                    first.prepend(node)
+            sub.graph.lint()
+            sub.recompile()
+    for node in [n for n in top.graph.nodes if n.op == "get_attr" and not n.users]:
+        top.graph.erase_node(node)
+    top.graph.lint()
+    top.recompile()
+
+
 def split_stages(gm: fx.GraphModule) -> StagedProgram:
     part = _partition_ids(gm)
     _duplicate_shared_getattrs(gm, part)
@@ -130,6 +172,7 @@ def split_stages(gm: fx.GraphModule) -> StagedProgram:
         return part[by_name[node.name]] if node.name in by_name else 0
 
     top = split_module(gm, gm, callback, keep_original_order=True, keep_original_node_name=True, tuple_return=True)
+    _stages_own_tensors(top)
 
     stages: list[AttentionStage] = []
     boundaries: list[ExpertBoundary] = []

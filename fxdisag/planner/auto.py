@@ -15,6 +15,8 @@ rank -- returns the same :class:`Plan` on every rank:
    embeddings, so "auto" keeps to what it measured best until the cost model is
    calibrated against those runs;
 4. rank 0's plan is broadcast, so ranks whose measurements differ agree.
+
+``num_microbatches`` pins m (the torch.compile option ``microbatches``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _param_dtype(captured) -> torch.dtype:
     return torch.float32
 
 
-def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int) -> tuple[Plan, list[str]]:
+def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int,
+                  num_microbatches: int | None = None) -> tuple[Plan, list[str]]:
     """The fastest predicted plan the runtime runs in one call per step, and why others were not.
 
     Pins the search to every (attention ranks A, micro-batches m) with A x m x b == batch and
@@ -51,7 +54,8 @@ def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int) -> tuple
             notes.append(f"{a} attention ranks: the batch of {batch} does not split over them")
             continue
         per_rank = batch // a
-        for m in (d for d in range(1, per_rank + 1) if per_rank % d == 0):
+        for m in (d for d in range(1, per_rank + 1) if per_rank % d == 0
+                  and num_microbatches in (None, d)):
             try:
                 candidate = plan(
                     prof, cluster, batch, seq_len=seq_len, num_attention=a, num_microbatches=m,
@@ -73,7 +77,8 @@ def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int) -> tuple
     return best, notes
 
 
-def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None) -> Plan:
+def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None,
+              num_microbatches: int | None = None) -> Plan:
     world = dist.get_world_size() if dist.is_initialized() else None
     if cluster is None:
         cluster = ClusterSpec.measure()
@@ -83,7 +88,7 @@ def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None
         raise ValueError(f"cluster {cluster.describe()} has {cluster.world_size} devices; the job has {world} ranks")
     batch, seq = example_inputs["input_ids"].shape
     prof = profile(captured, batch_size=1, seq_len=seq, dtype=_param_dtype(captured))
-    best, _ = runnable_plan(prof, cluster, batch, seq)
+    best, _ = runnable_plan(prof, cluster, batch, seq, num_microbatches)
     if dist.is_initialized():
         box = [best.to_json()]
         dist.broadcast_object_list(box, src=0)

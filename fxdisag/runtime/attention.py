@@ -70,11 +70,13 @@ class AttentionHandlers:
         recompute: bool = False,
         stages: Stages | None = None,
         row_format: tuple[int, torch.dtype] | None = None,
+        compile_stages: bool = False,
     ):
         """``attention_ranks``: this rank's attention group (its slot is its index);
         ``expert_ranks``: the expert group (p = 1); ``stages``: which group runs which
         stage (None: p = 1, every stage here); ``row_format``: (hidden size, row dtype)
-        to size a combine that crosses a hop."""
+        to size a combine that crosses a hop; ``compile_stages``: run each stage program
+        through ``torch.compile`` (inductor; one static-shape graph per stage)."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
@@ -85,6 +87,8 @@ class AttentionHandlers:
         self.device = device
         self.recompute = recompute
         self.constants = self._constants()
+        self.run_stage = {st.index: (torch.compile(st.module, dynamic=False) if compile_stages else st.module)
+                          for st in program.stages}
         J = len(program.boundaries)
         if stages is None:
             self.my_stages = list(range(J + 1))
@@ -197,9 +201,9 @@ class AttentionHandlers:
                 leaves[name] = value
             args.append(value)
         if self.recompute and state.grad_enabled:
-            outputs = checkpoint(stage.module, *args, use_reentrant=False)
+            outputs = checkpoint(self.run_stage[s], *args, use_reentrant=False)
         else:
-            outputs = stage.module(*args)
+            outputs = self.run_stage[s](*args)
         outs = {}
         for name, value in zip(stage.outputs, outputs):
             env[name] = value

@@ -22,6 +22,7 @@ this rank's group holds to its local experts. A combine across a pipeline hop
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -53,11 +54,13 @@ class ExpertHandlers:
         replica_groups: list[tuple[list[int], dist.ProcessGroup]] = (),
         recompute: bool = False,
         hops: frozenset[int] = frozenset(),
+        compile_stages: bool = False,
     ):
         """``attention_ranks``: one attention group (its size sizes the dispatch receives);
         ``top_k``: per MoE layer this rank holds, its top_k (the width of the routing slots
         of a dispatched row); ``replica_groups``: (local ids of the shared experts, process
-        group) per replica set."""
+        group) per replica set; ``compile_stages``: run each layer's experts call through
+        ``torch.compile`` (dynamic shapes: the row count changes every step)."""
         self.experts = experts
         self.attention_ranks = list(attention_ranks)
         self.num_microbatches = num_microbatches
@@ -67,6 +70,8 @@ class ExpertHandlers:
         self.mailbox = mailbox
         self.recompute = recompute
         self.hops = hops
+        self.run_experts = {j: partial(expert_rows, torch.compile(mod, dynamic=True) if compile_stages else mod)
+                            for j, mod in experts.items()}
         seen: dict[int, nn.Parameter] = {}
         for mod in experts.values():
             for p in mod.parameters():
@@ -123,9 +128,9 @@ class ExpertHandlers:
         w = torch.cat(ws).requires_grad_(state.grad_enabled)
         e = torch.cat(ids).long()
         if self.recompute and state.grad_enabled:
-            y = checkpoint(expert_rows, self.experts[j], x, e, w, use_reentrant=False)
+            y = checkpoint(self.run_experts[j], x, e, w, use_reentrant=False)
         else:
-            y = expert_rows(self.experts[j], x, e, w)
+            y = self.run_experts[j](x, e, w)
         if state.grad_enabled:
             state.saved[(j, i)] = (x, w, y)
         state.recv_counts[(j, i)] = counts

@@ -1,4 +1,4 @@
-"""Local experts: an experts module holding only the experts one rank owns.
+"""Local experts: the experts one rank computes, as a module taking local ids.
 
 Contract: ``local_experts(experts, expert_ids)`` returns a module of the same class that
 computes, for rows routed to *local* ids ``0..len(expert_ids)-1``, exactly what the
@@ -6,6 +6,12 @@ full module computes for the global ids ``expert_ids``. Its parameters are new t
 (slices of the originals along the expert dimension), and ``num_experts``, when the
 class keeps one, is set to the local count -- the transformers experts implementations
 size their grouping by it (the same attribute their own expert parallelism sets).
+
+``model_experts(experts, expert_ids)`` computes the same with the *full* module's own
+parameters (local id i -> global id ``expert_ids[i]``): gradients land in the model's
+parameters, in the rows of the rank's experts (zero elsewhere). The torch.compile front
+door uses it, so the optimizer a user built on ``model.parameters()`` trains them.
+``expert_tensors(module)`` lists (name, tensor, rows of the rank's experts) for either.
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["local_experts"]
+__all__ = ["ModelExperts", "expert_tensors", "local_experts", "model_experts"]
+
+
+def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
+    if ids.numel() == 0:
+        raise ValueError("a rank with no experts cannot run an experts module; check the plan's placement")
+    if int(ids.max()) >= num_experts or int(ids.min()) < 0:
+        raise ValueError(f"expert ids {ids.tolist()} out of range for {num_experts} experts")
 
 
 def local_experts(experts: nn.Module, expert_ids: Sequence[int]) -> nn.Module:
     ids = torch.tensor(list(expert_ids), dtype=torch.long)
     params = dict(experts.named_parameters(recurse=False))
     num_experts = next(iter(params.values())).shape[0]
-    if ids.numel() == 0:
-        raise ValueError("a rank with no experts cannot run an experts module; check the plan's placement")
-    if int(ids.max()) >= num_experts or int(ids.min()) < 0:
-        raise ValueError(f"expert ids {list(expert_ids)} out of range for {num_experts} experts")
+    _check_ids(ids, num_experts)
     # Copy the module without its parameters (they may be huge), then attach the slices.
     saved = experts._parameters
     experts._parameters = {}
@@ -45,3 +55,29 @@ def local_experts(experts: nn.Module, expert_ids: Sequence[int]) -> nn.Module:
     local.fxdisag_expert_ids = tuple(int(i) for i in ids)
     return local
 
+
+
+class ModelExperts(nn.Module):
+    """The rank's experts, computed with the full experts module's parameters."""
+
+    def __init__(self, experts: nn.Module, expert_ids: Sequence[int]):
+        super().__init__()
+        self.full = experts
+        self.register_buffer("global_ids", torch.tensor(list(expert_ids), dtype=torch.long), persistent=False)
+        self.fxdisag_expert_ids = tuple(int(i) for i in expert_ids)
+
+    def forward(self, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.full(hidden, self.global_ids[local_ids], weights)
+
+
+def model_experts(experts: nn.Module, expert_ids: Sequence[int]) -> ModelExperts:
+    num_experts = next(experts.parameters()).shape[0]
+    _check_ids(torch.tensor(list(expert_ids), dtype=torch.long), num_experts)
+    return ModelExperts(experts, expert_ids)
+
+
+def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter, slice | list[int]]]:
+    if isinstance(module, ModelExperts):
+        rows = list(module.fxdisag_expert_ids)
+        return [(n, p, rows) for n, p in module.full.named_parameters(recurse=False)]
+    return [(n, p, slice(None)) for n, p in module.named_parameters(recurse=False)]
