@@ -124,7 +124,7 @@ def fxdisag_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dic
     io = dynamo_inputs(gm)
     names = io.names
     batch = {name: t for name, t in zip(names, example_inputs) if name}
-    outs = dynamo_outputs(gm, find_layout(root).vocab_size)
+    outs = dynamo_outputs(gm, find_layout(root).vocab_size, io)
     if outs.labels_alias:
         batch["labels"] = batch["input_ids"]
     # Stage programs run per micro-batch, so they need a graph that is not specialised to

@@ -343,9 +343,9 @@ def dynamo_inputs(gm: fx.GraphModule) -> DynamoInputs:
     return DynamoInputs(placeholders, params, inputs, sizes, attrs)
 
 
-def dynamo_outputs(gm: fx.GraphModule, vocab_size: int) -> DynamoOutputs:
+def dynamo_outputs(gm: fx.GraphModule, vocab_size: int, io: DynamoInputs | None = None) -> DynamoOutputs:
     """Which of dynamo's outputs is the loss, which the logits, and what the others are."""
-    io = dynamo_inputs(gm)
+    io = io or dynamo_inputs(gm)
     labels = next((n for n, name in io.inputs.items() if name == "labels"), None)
     ids = next((n for n, name in io.inputs.items() if name == "input_ids"), None)
     return _outputs(next(n for n in gm.graph.nodes if n.op == "output"), labels, vocab_size, ids)
@@ -375,7 +375,7 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> C
     emit_at = {out: (fqn, args) for fqn, (args, out) in io.items()}
 
     example = dict(zip(names, example_inputs))
-    out_map = dynamo_outputs(gm, layout.vocab_size)
+    out_map = dynamo_outputs(gm, layout.vocab_size, io_in)
     if out_map.labels_alias:  # the program takes labels like capture's; dynamo's guards keep them == input_ids
         input_names = tuple(n for n in SUPPORTED_INPUTS if n in set(input_names) | {"labels"})
         example["labels"] = example["input_ids"]

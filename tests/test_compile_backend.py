@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from functools import partial
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from eager import grad_errors, train_eager
 from fxdisag.testing.models import TINY_FAMILIES, example_batch, tiny_model
 
 STEPS = 5
@@ -129,19 +131,10 @@ def _train_compiled(rank: int, world: int, family: str, options: dict) -> dict:
               "meta_outputs": out.logits.is_meta, "role": built[0].role}
     if rank != 0:
         return result
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    ref_losses, ref_grads0 = [], None
-    for step, batch in enumerate(batches + [later]):
-        loss = reference(**batch, use_cache=False).loss
-        loss.backward()
-        if step == 0:
-            ref_grads0 = {n: p.grad.clone() for n, p in reference.named_parameters()}
-        ref_losses.append(float(loss))
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref_losses, ref_grads0 = train_eager(reference, batches + [later], partial(torch.optim.AdamW, lr=1e-2))
     result.update(
         ref_losses=ref_losses,
-        grad_err={n: float((grads0[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads0.items()},
+        grad_err=grad_errors(grads0, ref_grads0),
         param_err={n: float((final[n] - p.detach()).abs().max()) for n, p in reference.named_parameters()},
     )
     return result
@@ -218,18 +211,9 @@ def _compiled_stages(rank: int, world: int) -> dict:
                    for f in getattr(dmodel._attention, "run_stage", {}).values())
     if rank != 0:
         return {"compiled": compiled}
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    ref_losses = []
-    for step, batch in enumerate(batches):
-        loss = reference(**batch, use_cache=False).loss
-        loss.backward()
-        if step == 0:
-            grad_err = {n: float((grads0[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-30))
-                        for n, p in reference.named_parameters()}
-        ref_losses.append(float(loss))
-        ref_opt.step()
-        ref_opt.zero_grad()
-    return {"compiled": compiled, "losses": losses, "ref_losses": ref_losses, "grad_err": grad_err}
+    ref_losses, ref_grads0 = train_eager(reference, batches, partial(torch.optim.AdamW, lr=1e-2))
+    return {"compiled": compiled, "losses": losses, "ref_losses": ref_losses,
+            "grad_err": grad_errors(grads0, ref_grads0)}
 
 
 @pytest.mark.dist

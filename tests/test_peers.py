@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from eager import grad_errors, train_eager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -43,17 +45,8 @@ def _train(rank: int, world: int, kind: str, family: str) -> dict:
     sent = peer.step_sent_bytes()
     if rank != 0:
         return {"losses": losses}
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    ref_losses, ref_grads = [], None
-    for step, batch in enumerate(batches):
-        loss = reference(**batch, use_cache=False).loss
-        loss.backward()
-        if step == 0:
-            ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
-        ref_losses.append(float(loss))
-        ref_opt.step()
-        ref_opt.zero_grad()
-    err = {n: float((grads0[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads.items()}
+    ref_losses, ref_grads = train_eager(reference, batches, partial(torch.optim.SGD, lr=0.1))
+    err = grad_errors(grads0, ref_grads)
     return {"losses": losses, "ref_losses": ref_losses, "grad_err": err, "spans": [(s.rank, str(s.action)) for s in spans],
             "sent": sent, "param_bytes": sum(p.numel() * 4 for p in reference.parameters())}
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from eager import grad_errors, train_eager
 from fxdisag.planner.plan import Plan
 
 STEPS = 5
@@ -95,20 +97,8 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     fresh = tiny_model(family, seed=0, num_layers=num_layers, top_k=top_k)
     predicted = rank_parameter_bytes(profile(fxdisag.capture(fresh, batches[0]), 1, 12, torch.float32), plan)
 
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    ref_losses, ref_grads0 = [], None
-    for step, batch in enumerate(batches):
-        loss = reference(**batch, use_cache=False).loss
-        loss.backward()
-        if step == 0:
-            ref_grads0 = {n: p.grad.clone() for n, p in reference.named_parameters()}
-        ref_losses.append(float(loss))
-        ref_opt.step()
-        ref_opt.zero_grad()
-    grad_err = {
-        n: float((grads0[n] - g).norm() / g.norm().clamp_min(1e-30)) if grads0[n] is not None else float("inf")
-        for n, g in ref_grads0.items()
-    }
+    ref_losses, ref_grads0 = train_eager(reference, batches, partial(torch.optim.AdamW, lr=1e-2))
+    grad_err = grad_errors(grads0, ref_grads0)
     # Max-abs within 5% of one AdamW step (lr = 1e-2): AdamW divides each element by its own
     # gradient scale, so an element whose only gradient is ~1e-7 (a token seen once) moves by
     # ~lr whatever its value, and a 1e-8 rounding difference in that gradient moves it ~1e-4.
