@@ -17,6 +17,7 @@ from fxdisag.layout import LayoutError, ModelLayout, MoELayer, find_layout
 __all__ = [
     "CapturedModel",
     "CaptureError",
+    "CheckpointError",
     "ClusterSpec",
     "DisaggregatedModel",
     "LayoutError",
@@ -27,9 +28,13 @@ __all__ = [
     "capture",
     "disaggregate",
     "disaggregated",
+    "export_hf",
     "find_layout",
+    "init_weights",
+    "load",
     "plan",
     "profile",
+    "save",
 ]
 
 _LAZY = {
@@ -40,6 +45,11 @@ _LAZY = {
     "plan": ("fxdisag.planner.search", "plan"),
     "profile": ("fxdisag.planner.profile", "profile"),
     "ClusterSpec": ("fxdisag.planner.cluster", "ClusterSpec"),
+    "save": ("fxdisag.checkpoint", "save"),
+    "load": ("fxdisag.checkpoint", "load"),
+    "export_hf": ("fxdisag.checkpoint", "export_hf"),
+    "CheckpointError": ("fxdisag.checkpoint", "CheckpointError"),
+    "init_weights": ("fxdisag.weights", "init_weights"),
 }
 
 

@@ -41,10 +41,12 @@ from fxdisag.planner.plan import Plan
 from fxdisag.runtime.attention import AttentionHandlers
 from fxdisag.runtime.expert import ExpertHandlers
 from fxdisag.runtime.experts import expert_tensors, local_experts, model_experts
+from fxdisag.runtime.faults import DEFAULT_TIMEOUT, agree_on_inputs, as_timedelta, check_options, collective, wait_work
 from fxdisag.runtime.mailbox import Mailbox
 from fxdisag.runtime.routing import Routing, SlotRouting
 from fxdisag.runtime.runner import StepRunner
 from fxdisag.schedule import Schedule, format_grid
+from fxdisag.weights import HFCheckpoint, SeededInit, WeightSource, is_meta_model, materialize, materialize_experts
 
 __all__ = ["DisaggregatedModel", "DisaggregatedOutput", "build", "disaggregate"]
 
@@ -55,19 +57,21 @@ class DisaggregatedOutput:
     logits: None = None
 
 
-def _init_distributed() -> None:
+def _init_distributed(timeout: float = DEFAULT_TIMEOUT) -> None:
     if not dist.is_initialized():
-        _init_process_group()
+        _init_process_group(timeout)
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeout: float = DEFAULT_TIMEOUT) -> None:
     if "RANK" not in os.environ:
         raise RuntimeError(
             "fxdisag.disaggregate needs torch.distributed: launch with torchrun "
             "(e.g. `torchrun --nproc-per-node 2 train.py`) or call dist.init_process_group first"
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    # The default group's timeout bounds what fxdisag does not wait on itself (the plan's
+    # broadcast, cluster measurement): a hung peer fails the job in `timeout`, not gloo's 30 min.
+    dist.init_process_group(backend, timeout=as_timedelta(timeout))
 
 
 def _device() -> torch.device:
@@ -117,6 +121,9 @@ class DisaggregatedModel(nn.Module):
         *,
         expert_weights: str = "slices",
         compile_stages: bool = False,
+        weights: WeightSource | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        check_inputs: str = "first",
     ):
         super().__init__()
         self.plan = plan
@@ -133,8 +140,13 @@ class DisaggregatedModel(nn.Module):
         roles = schedule.roles(self.rank)
         self.has_attention = "A" in roles
         self.has_experts = "E" in roles
-        self.mailbox = Mailbox(device)
+        self.timeout = timeout  # seconds any wait on a peer may take (fxdisag.runtime.faults)
+        self.check_inputs = check_inputs
+        self._inputs_checked = False  # check_inputs="first": whether a step has passed the check
+        self._world = groups["world"]  # fxdisag's collectives over every rank, with `timeout`
+        self.mailbox = Mailbox(device, timeout=timeout)
         self.runner = StepRunner(schedule, self.rank, self.mailbox, trace)
+        self.materialized_bytes = 0  # a meta-device build: bytes this rank gave storage to
         recompute = plan.recompute
         self._attention: AttentionHandlers | None = None
         multi = plan.pipeline_depth > 1
@@ -149,7 +161,11 @@ class DisaggregatedModel(nn.Module):
                 mine, own_group = stage_map.stages_of(group), sorted(stage_map.attention_groups[group])
             else:
                 mine, own_group = range(len(program.stages)), list(schedule.attention_ranks)
-            self.stages = nn.ModuleList([program.stages[s].module for s in mine]).to(device)
+            stages = nn.ModuleList([program.stages[s].module for s in mine])
+            if weights is not None:  # a meta-device model: give this rank's stages their tensors
+                self.materialized_bytes += materialize(captured.model, list(stages.parameters()) + list(
+                    stages.buffers()), weights)
+            self.stages = stages.to(device)
             for s in mine:
                 maybe_dump_graph(f"attention_stage{s}", program.stages[s].module)
             self._attention = AttentionHandlers(
@@ -165,9 +181,11 @@ class DisaggregatedModel(nn.Module):
             self.expert_layers = stage_map.layers_of(stage_map.expert_group_of(self.rank)) if multi \
                 else list(range(len(self.layout.moe)))
             build_experts = model_experts if expert_weights == "model" else local_experts
-            self.local_experts = nn.ModuleList(
-                [build_experts(model.get_submodule(self.layout.moe[j].experts), mine) for j in self.expert_layers]
-            ).to(device)
+            local = [build_experts(model.get_submodule(self.layout.moe[j].experts), mine) for j in self.expert_layers]
+            if weights is not None:
+                for j, mod in zip(self.expert_layers, local):
+                    self.materialized_bytes += materialize_experts(model, self.layout.moe[j].experts, mod, weights)
+            self.local_experts = nn.ModuleList(local).to(device)
             self.expert_ids = mine
             for j in self.expert_layers:
                 maybe_dump_graph(f"expert_boundary{j}", program.boundaries[j].module)
@@ -225,6 +243,36 @@ class DisaggregatedModel(nn.Module):
         """This rank's slices of the routed experts, every MoE layer it holds (empty on attention-only ranks)."""
         return list(self.local_experts.parameters()) if self.has_experts else []
 
+    def named_local_tensors(self) -> list[tuple[str, torch.Tensor, tuple[int, ...] | None, slice | list[int]]]:
+        """What this rank holds, under the model's original names: ``(name, tensor, expert_ids, rows)``.
+
+        Attention side (every replica lists it): parameters and persistent buffers, ``expert_ids``
+        None, ``rows`` ``slice(None)``. Routed experts: the parameter the rank computes with,
+        whose rows ``tensor[rows]`` are the global experts ``expert_ids`` in order. ``tensor``
+        is the live parameter (checkpoints map optimizer state through its identity).
+        """
+        out: list[tuple[str, torch.Tensor, tuple[int, ...] | None, slice | list[int]]] = []
+        experts = {m.experts for m in self.layout.moe}
+        if self.has_attention:
+            keep = {id(p) for p in self._attention.params}
+            staged = {id(p) for st in self.program.stages for p in st.module.parameters()}
+            for name, p in self._model.named_parameters():
+                if name.rsplit(".", 1)[0] in experts or p.is_meta:
+                    continue
+                if self.stage_map is not None and id(p) not in keep and (
+                        id(p) in staged or self.stage_map.attention_slot(self.rank)[0] != 0):
+                    continue  # as in _owned: another group's stage holds it
+                out.append((name, p, None, slice(None)))
+            persistent = set(self._model.state_dict(keep_vars=True))
+            for name, b in self._model.named_buffers():
+                if name in persistent and not b.is_meta and name.rsplit(".", 1)[0] not in experts:
+                    out.append((name, b, None, slice(None)))
+        if self.has_experts:
+            for m, mod in zip([self.layout.moe[j] for j in self.expert_layers], self.local_experts):
+                for pname, p, rows in expert_tensors(mod):
+                    out.append((f"{m.experts}.{pname}", p, tuple(mod.fxdisag_expert_ids), rows))
+        return out
+
     def step_sent_bytes(self) -> dict[int, int]:
         """Bytes this rank posted to each peer over the network in the last step (headers included)."""
         return dict(self.mailbox.sent_bytes)
@@ -245,17 +293,34 @@ class DisaggregatedModel(nn.Module):
                     "Pass batches of that size, or make the plan with microbatch_size=None to take it from the batch"
                 )
 
+    def _check_step(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """The step's checks, on every rank before any message; on a checked step
+        (``check_inputs``) the ranks agree on their outcome and compare batch hashes in one
+        collective, so every rank raises the same error (not a lost peer on the others)."""
+        error: Exception | None = None
+        try:
+            if self._pending_backward:
+                raise RuntimeError(
+                    "the previous step's loss.backward() was never called; fxdisag runs the pipeline's backward "
+                    "half from it. Call loss.backward() after every forward (or run the forward under "
+                    "torch.no_grad()).")
+            self._check_batch(batch)
+        except (ValueError, RuntimeError) as exc:
+            error = exc
+        if self.check_inputs == "always" or (self.check_inputs == "first" and not self._inputs_checked):
+            agree_on_inputs(batch, error, self._world, self.timeout)
+            self._inputs_checked = True
+        elif error is not None:
+            raise error
+
     def forward(self, **batch: torch.Tensor) -> DisaggregatedOutput:
-        if self._pending_backward:
-            raise RuntimeError(
-                "the previous step's loss.backward() was never called; fxdisag runs the pipeline's backward "
-                "half from it. Call loss.backward() after every forward (or run the forward under torch.no_grad())."
-            )
-        self._check_batch(batch)
+        self._check_step(batch)
         self.runner.start(batch)
         self.runner.run("forward")
         loss = self.runner.local_loss().to(self.device).reshape(())
-        dist.all_reduce(loss)
+        wait_work(dist.all_reduce(loss, group=self._world, async_op=True), self.rank,
+                  [r for r in range(dist.get_world_size()) if r != self.rank],
+                  "the loss all-reduce did not complete", self.timeout)
         if torch.is_grad_enabled():
             self._pending_backward = True
             loss = _PipelineBackward.apply(self._anchor, loss.cpu(), self)
@@ -302,7 +367,9 @@ class DisaggregatedModel(nn.Module):
 
     def _consolidate(self, grads: bool) -> dict[str, torch.Tensor | None]:
         pieces: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(pieces, self._owned(grads))
+        with collective(self.rank, [r for r in range(len(pieces)) if r != self.rank],
+                        "the consolidation's all_gather_object did not complete", self.timeout):
+            dist.all_gather_object(pieces, self._owned(grads), group=self._world)
         full: dict[str, torch.Tensor | None] = {}
         for owned in pieces:
             for name, (ids, t) in owned.items():
@@ -326,7 +393,9 @@ class DisaggregatedModel(nn.Module):
         if not self.runner.trace:
             raise RuntimeError("no timeline recorded: build the model with fxdisag.disaggregate(..., trace=True)")
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.runner.spans)
+        with collective(self.rank, [r for r in range(len(gathered)) if r != self.rank],
+                        "the timeline's all_gather_object did not complete", self.timeout):
+            dist.all_gather_object(gathered, self.runner.spans, group=self._world)
         spans = [s for rank_spans in gathered for s in rank_spans]
         t0 = min((s.start for s in spans), default=0.0)
         return [dataclasses.replace(s, start=s.start - t0, end=s.end - t0) for s in spans]
@@ -406,8 +475,20 @@ def disaggregate(
     release_unused: bool = True,
     schedule: Schedule | None = None,
     compile_stages: bool = False,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+    timeout: float = DEFAULT_TIMEOUT,
+    check_inputs: str = "first",
 ) -> DisaggregatedModel:
     """Capture ``model``, plan it (or take ``plan``), and build this rank's part of the pipeline.
+
+    A ``model`` built on the meta device (``with torch.device("meta"): ...from_config(cfg)``)
+    is built only where it runs: each rank materializes the tensors it computes with (its
+    stages, its experts' rows), reading them from ``weights`` (an HF ``save_pretrained``
+    directory of safetensors; each rank reads only its own tensors and expert rows) or,
+    without ``weights``, initialising them with the model's own ``_init_weights`` under
+    ``seed`` (equal to ``fxdisag.init_weights(eager_model, seed)``; see
+    :mod:`fxdisag.weights`). ``weights`` needs a meta-device model.
 
     ``compile_stages`` runs every attention stage program and experts call on this rank
     through ``torch.compile`` (inductor).
@@ -426,11 +507,22 @@ def disaggregate(
     ``plan=Plan.expert_parallel(world, E, m)`` builds the expert-parallel baseline
     instead: every rank runs attention on its share of the batch and ``E/W`` experts,
     with all-to-all dispatch and combine.
+
+    ``timeout`` (seconds, default 300) bounds every wait on a peer: a message, a send, a
+    collective fxdisag issues, the default group when fxdisag initialises it. A hung or
+    lost peer makes every other rank raise ``PeerTimeoutError`` / ``PeerLostError``
+    (:mod:`fxdisag.runtime.faults`) naming the peer and the action, instead of blocking.
+
+    ``check_inputs`` (``"first"``, ``"always"``, ``"never"``): on which steps the ranks
+    compare a hash of their batches and agree on the batch checks in one collective, so a
+    different batch, or a batch one rank refuses, raises the same error on every rank.
     """
-    _init_distributed()
+    check_options(timeout, check_inputs)
+    _init_distributed(timeout)
     captured = capture(model, example_inputs)
     return build(captured, example_inputs, plan, cluster, sync_params=sync_params, trace=trace,
-                 release_unused=release_unused, schedule=schedule, compile_stages=compile_stages)
+                 release_unused=release_unused, schedule=schedule, compile_stages=compile_stages,
+                 weights=weights, seed=seed, timeout=timeout, check_inputs=check_inputs)
 
 
 def build(
@@ -445,6 +537,10 @@ def build(
     schedule: Schedule | None = None,
     expert_weights: str = "slices",
     compile_stages: bool = False,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+    timeout: float = DEFAULT_TIMEOUT,
+    check_inputs: str = "first",
 ) -> DisaggregatedModel:
     """This rank's part of the pipeline, from a captured model (either front door's).
 
@@ -452,12 +548,16 @@ def build(
     experts' slices (``disaggregate``); ``"model"`` computes with the model's own full
     experts tensors, so the parameters a user's optimizer holds stay the ones that train
     (the torch.compile front door). ``compile_stages`` runs every stage program and
-    experts call through ``torch.compile`` on the rank.
+    experts call through ``torch.compile`` on the rank. ``weights`` / ``seed``: see
+    :func:`disaggregate` (a meta-device model). ``timeout`` / ``check_inputs``: see
+    :func:`disaggregate`.
     """
+    check_options(timeout, check_inputs)
     if expert_weights not in ("slices", "model"):
         raise ValueError(f"expert_weights must be 'slices' or 'model', got {expert_weights!r}")
     device = _device()
     model = captured.model
+    source = _weight_source(model, weights, seed, expert_weights)
     plan = _resolve_plan(plan, captured, example_inputs, cluster)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a fxdisag Plan or 'auto', got {type(plan).__name__}")
@@ -469,12 +569,17 @@ def build(
             f"plan uses ranks {ranks} but the world has {world} ranks: attention_ranks + expert_ranks must "
             f"cover 0..{world - 1} exactly once" + (" (an expert-parallel plan: every rank once)" if plan.kind == "ep" else "")
         )
+    # fxdisag's collectives over every rank run on a group of its own with `timeout` (a hung
+    # peer fails them in `timeout`, whatever the default group's timeout is).
+    world_group = dist.new_group(list(range(world)), timeout=as_timedelta(timeout))
     if sync_params:
-        for p in model.parameters():
-            if p.device.type != "meta":
-                buf = p.detach().to(device)
-                dist.broadcast(buf, src=0)
-                p.data.copy_(buf.to(p.device))
+        with collective(dist.get_rank(), [r for r in range(world) if r != dist.get_rank()],
+                        "the parameter broadcast from rank 0 did not complete", timeout):
+            for p in model.parameters():
+                if p.device.type != "meta":
+                    buf = p.detach().to(device)
+                    dist.broadcast(buf, src=0, group=world_group)
+                    p.data.copy_(buf.to(p.device))
     num_experts = {m.num_experts for m in captured.layout.moe}
     if len(num_experts) != 1:
         raise NotImplementedError(f"MoE layers with different expert counts {sorted(num_experts)}")
@@ -495,25 +600,46 @@ def build(
     else:
         _check_schedule(schedule, plan, len(program.boundaries))
     # new_group is collective: every rank creates every group, in the same order.
-    groups: dict = {}
+    groups: dict = {"world": world_group}
+    td = as_timedelta(timeout)
     if plan.pipeline_depth > 1:
         for g in plan.attention_groups():
-            pg = dist.new_group(sorted(g))
+            pg = dist.new_group(sorted(g), timeout=td)
             if rank in g:
                 groups["attention"] = pg
         for g in plan.expert_groups():  # the replica sets of group 0, slot for slot in every group
             slot_rank = {same_slot[r]: r for r in g}
             for ranks, _ in base.replica_sets:
                 mapped = tuple(sorted(slot_rank[r] for r in ranks))
-                pg = dist.new_group(list(mapped))
+                pg = dist.new_group(list(mapped), timeout=td)
                 if rank in mapped:
                     groups[routing.rename(ranks)] = pg  # the name the rank's view gives the set
         groups.setdefault("attention", None)
     else:
-        groups["attention"] = dist.new_group(sorted(plan.attention_ranks))
+        groups["attention"] = dist.new_group(sorted(plan.attention_ranks), timeout=td)
         for ranks, _ in routing.replica_sets:
-            groups[ranks] = dist.new_group(list(ranks))
+            groups[ranks] = dist.new_group(list(ranks), timeout=td)
     maybe_dump_text("schedule", format_grid(schedule))
     maybe_dump_text("plan", str(plan))
     return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused,
-                              expert_weights=expert_weights, compile_stages=compile_stages)
+                              expert_weights=expert_weights, compile_stages=compile_stages, weights=source,
+                              timeout=timeout, check_inputs=check_inputs)
+
+
+def _weight_source(model: nn.Module, weights, seed: int, expert_weights: str) -> WeightSource | None:
+    """Where a meta-device model's tensors come from (None: the model is real). Checked
+    here, on every rank alike and before any communication."""
+    if not is_meta_model(model):
+        if weights is not None:
+            raise ValueError(
+                "weights= loads each rank's own tensors into a model built on the meta device, but this model's "
+                "parameters are real. Build it with `with torch.device('meta'): "
+                "AutoModelForCausalLM.from_config(cfg)`, or load it eagerly with from_pretrained and drop weights=")
+        return None
+    if expert_weights == "model":
+        raise NotImplementedError(
+            "the torch.compile front door computes with the model's own full expert tensors, so it cannot build a "
+            "meta-device model rank by rank: use fxdisag.disaggregate(model, batch, weights=...)")
+    source = HFCheckpoint(weights, model) if weights is not None else SeededInit(model, seed)
+    source.check()
+    return source

@@ -34,7 +34,8 @@ Options (``torch.compile(..., options={...})``)::
     mode            "afpipe" | "ep" | "ep-overlap"   (the EP baselines, same runtime)
     trace           bool                     record a timeline (fxdisag.disaggregated(model))
     compile_stages  bool                     inductor on every stage program on the rank
-    timeout_s       float                    the compile handshake's limit (default 300)
+    timeout_s       float                    the compile handshake's limit, and every wait on a peer
+                                             (disaggregate's timeout=; default 300)
 """
 
 from __future__ import annotations
@@ -137,13 +138,13 @@ def fxdisag_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dic
         return gm.forward
     from fxdisag.api import _init_distributed, build
 
-    _init_distributed()
+    _init_distributed(opts.timeout_s)
     state = _STATES.setdefault(captured.model, _ModelState())
     first = state.plan is None
     _agree_across_ranks(batch, opts, state, timeout_s=opts.timeout_s)
     plan = state.plan if not first else _first_plan(captured, batch, opts)
     dmodel = build(captured, batch, plan, opts.cluster, sync_params=first, trace=opts.trace, release_unused=False,
-                   expert_weights="model", compile_stages=opts.compile_stages)
+                   expert_weights="model", compile_stages=opts.compile_stages, timeout=opts.timeout_s)
     state.plan = dmodel.plan
     state.built.append(dmodel)
     if dmodel.rank == 0:

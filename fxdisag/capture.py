@@ -233,7 +233,9 @@ class _MoETracer(fx.Tracer):
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
-        with mode, _untraced():
+        # no_grad: shapes need no autograd graph, and one would keep the model's parameters
+        # referenced (saved for backward) for as long as the fake values live.
+        with mode, _untraced(), torch.no_grad():
             if node.op == "placeholder":
                 result = mode.from_tensor(self._example[node.target]) if node.target in self._example else None
             elif node.op == "get_attr":
@@ -569,6 +571,7 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> Cap
     for node in graph.nodes:
         if node.op != "output":
             node.meta["val"] = tracer.concrete(node)
+    forget_real_tensors(tracer._fake_mode)
     _strip_wrapper_prefix(graph)
     gm = fx.GraphModule(model, graph, class_name=f"Captured{type(model).__name__}")
     tag_regions(gm, layout, model)
@@ -586,6 +589,21 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> Cap
 
     maybe_dump_graph("captured", gm)
     return captured
+
+
+def forget_real_tensors(mode) -> None:
+    """Drop a fake mode's memo of the real tensors it converted (the model's parameters).
+
+    The memo holds weak references to them, and a weakly referenced tensor cannot be
+    swapped in place (``torch.utils.swap_tensors``), which a meta-device build needs to
+    give a rank's own parameters storage. The fake values already made keep working; only
+    a later conversion of the same parameter would make a new fake tensor.
+    """
+    if mode is None:
+        return
+    meta = mode.fake_tensor_converter.meta_converter
+    for memo in (meta.tensor_memo, meta.storage_memo, meta.describer.lookup_tensor, meta.describer.lookup_storage):
+        memo.clear()
 
 
 def _strip_wrapper_prefix(graph: fx.Graph) -> None:

@@ -1,6 +1,6 @@
 """Multi-process test harness: run a function on N gloo ranks, never hang.
 
-Contract of ``run_distributed(fn, world_size, *args, timeout=120.0, env=None)``:
+Contract of ``run_distributed(fn, world_size, *args, timeout=120.0, env=None, grace=2.0)``:
 
 - spawns ``world_size`` processes (multiprocessing "spawn" context); each one
   initialises ``torch.distributed`` with gloo over a free localhost TCP port,
@@ -13,10 +13,13 @@ Contract of ``run_distributed(fn, world_size, *args, timeout=120.0, env=None)``:
 - the whole run has one hard deadline (``timeout`` seconds): on expiry every
   child is killed and ``TimeoutError`` names the ranks that did not finish;
 - if a rank raises, or dies without reporting, the parent waits a short grace
-  period for the other ranks' errors (a peer's failure usually shows up as a
-  secondary gloo error on the others), kills the rest and raises
-  ``DistributedTestError`` quoting the traceback of every failed rank, the
-  likely root cause first (errors saying a peer went away are listed last);
+  period (``grace`` seconds) for the other ranks' errors (a peer's failure
+  usually shows up as a secondary gloo error on the others), kills the rest and
+  raises ``DistributedTestError`` quoting the traceback of every failed rank, the
+  likely root cause first (errors saying a peer went away are listed last); its
+  ``tracebacks`` attribute maps each failed rank to its traceback text (fault
+  tests read the survivors' errors there). SIGKILL also ends a stopped
+  (SIGSTOPped) child;
 - no orphans: children are killed on every exit path of the parent (including
   KeyboardInterrupt), are daemonic, and on Linux also ask the kernel to kill
   them if the parent dies (PR_SET_PDEATHSIG).
@@ -64,7 +67,12 @@ _PORT_RETRIES = 3
 
 
 class DistributedTestError(RuntimeError):
-    """One or more ranks raised (or died); the message holds their tracebacks."""
+    """One or more ranks raised (or died); the message holds their tracebacks,
+    ``tracebacks`` the same per rank."""
+
+    def __init__(self, message: str, tracebacks: dict[int, str] | None = None):
+        super().__init__(message)
+        self.tracebacks = dict(tracebacks or {})
 
 
 @dataclass
@@ -201,6 +209,7 @@ def _run_once(
     timeout: float,
     env: dict[str, str],
     port: int,
+    grace: float = _ERROR_GRACE_S,
 ) -> "_Outcome":
     """One attempt; raises TimeoutError if no rank failed but some never finished."""
     ctx = mp.get_context("spawn")
@@ -261,7 +270,7 @@ def _run_once(
                             )
                             order.append(r)
                 if tracebacks and error_deadline is None:
-                    error_deadline = time.monotonic() + _ERROR_GRACE_S
+                    error_deadline = time.monotonic() + grace
                 continue
             if rep.ok:
                 values[rep.rank] = rep.payload  # type: ignore[assignment]
@@ -269,7 +278,7 @@ def _run_once(
                 tracebacks[rep.rank] = rep.payload  # type: ignore[assignment]
                 order.append(rep.rank)
                 if error_deadline is None:
-                    error_deadline = time.monotonic() + _ERROR_GRACE_S
+                    error_deadline = time.monotonic() + grace
 
         unfinished = [r for r in range(world_size) if r not in values and r not in tracebacks]
         if tracebacks:
@@ -297,6 +306,7 @@ def run_distributed(
     *args: Any,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    grace: float = _ERROR_GRACE_S,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and
     return the per-rank results (see the module docstring for the contract)."""
@@ -306,13 +316,14 @@ def run_distributed(
         raise ValueError(f"run_distributed: timeout must be > 0 seconds, got {timeout}")
     env = {k: str(v) for k, v in (env or {}).items()}
     for attempt in range(_PORT_RETRIES):
-        outcome = _run_once(fn, world_size, args, timeout, env, _free_port())
+        outcome = _run_once(fn, world_size, args, timeout, env, _free_port(), grace)
         if outcome.values is not None:
             return outcome.values
         if not (_looks_like_port_clash(outcome.tracebacks) and attempt + 1 < _PORT_RETRIES):
             raise DistributedTestError(
                 f"run_distributed({getattr(fn, '__qualname__', fn)!r}, world_size="
                 f"{world_size}): "
-                + _format_failure(outcome.tracebacks, outcome.failure_order, outcome.unfinished)
+                + _format_failure(outcome.tracebacks, outcome.failure_order, outcome.unfinished),
+                outcome.tracebacks,
             )
     raise AssertionError("unreachable")

@@ -105,7 +105,7 @@ class AttentionHandlers:
             for p in program.stages[s].module.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
-        self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group)])
+        self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group, timeout=mailbox.timeout)])
 
     def handlers(self) -> dict[ActionKind, Handler]:
         K = ActionKind

@@ -78,7 +78,8 @@ class ExpertHandlers:
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
         # Expert weights are [E_local, ...]: a replica set sums the rows of its shared experts.
-        self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows) for rows, g in replica_groups])
+        self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows, mailbox.timeout)
+                                                    for rows, g in replica_groups])
 
     def handlers(self) -> dict[ActionKind, Handler]:
         K = ActionKind

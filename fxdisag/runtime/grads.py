@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fxdisag.runtime.faults import DEFAULT_TIMEOUT, wait_work
+
 __all__ = ["GradSync", "RowGroup"]
 
 
@@ -31,6 +33,7 @@ class RowGroup:
     params: list[nn.Parameter]
     group: dist.ProcessGroup | None
     rows: list[int] | None = None
+    timeout: float = DEFAULT_TIMEOUT  # seconds the all-reduce may wait for the group (disaggregate(timeout=))
 
     def all_reduce(self) -> None:
         grads = []
@@ -41,7 +44,12 @@ class RowGroup:
         if not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else list(
+            range(dist.get_world_size()))
+        what = "the attention gradients' all-reduce did not complete" if self.rows is None else \
+            f"the all-reduce of replicated experts' gradients (local experts {self.rows}) did not complete"
+        wait_work(dist.all_reduce(flat, group=self.group, async_op=True), dist.get_rank(),
+                  [r for r in ranks if r != dist.get_rank()], what, self.timeout)
         for p, reduced in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads)):
             if self.rows is None:
                 p.grad.copy_(reduced)

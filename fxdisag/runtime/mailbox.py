@@ -16,7 +16,12 @@ Contract:
   micro-batch), always even, because in ``ordered`` mode a message with a header sends
   the header on the tag and its payload on tag + 1;
 * :attr:`Mailbox.sent_bytes` counts the bytes posted to each peer over the network
-  (headers included, messages to itself excluded) since :meth:`Mailbox.reset_counters`.
+  (headers included, messages to itself excluded) since :meth:`Mailbox.reset_counters`;
+* every wait is bounded by ``timeout`` seconds (gloo: ``Work.wait(timeout)``; NCCL: the
+  group's timeout, see :func:`~fxdisag.runtime.faults.wait_work`): a message that does not arrive, or a send the
+  peer does not take, raises :class:`~fxdisag.runtime.faults.PeerTimeoutError` naming the
+  peer and the message (:func:`describe_tag`); a peer whose connection closed raises
+  :class:`~fxdisag.runtime.faults.PeerLostError`. The step runner adds the action.
 
 Two ways to receive a message of unknown size, chosen by the backend:
 
@@ -47,7 +52,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mailbox", "Receive", "byte_size", "message_tag", "pack_bytes", "unpack_bytes"]
+from fxdisag.runtime.faults import DEFAULT_TIMEOUT, peer_error, wait_work
+
+__all__ = ["Mailbox", "Receive", "byte_size", "describe_tag", "message_tag", "pack_bytes", "unpack_bytes"]
 
 _CHANNELS = ("D", "C", "GC", "GD", "H", "GH")
 MAX_LAYERS = 256
@@ -69,6 +76,17 @@ def message_tag(channel: str, layer: int, microbatch: int) -> int:
         raise ValueError(f"micro-batch {microbatch} out of range: message tags encode at most "
                          f"{MAX_MICROBATCHES} micro-batches")
     return ((_CHANNELS.index(channel) * MAX_LAYERS + layer) * MAX_MICROBATCHES + microbatch) * 2
+
+
+def describe_tag(tag: int) -> str:
+    """``message_tag``'s inverse, for errors: ``"D layer 0, micro-batch 1"`` (``+ payload`` for tag + 1)."""
+    half, payload = divmod(tag, 2)
+    rest, microbatch = divmod(half, MAX_MICROBATCHES)
+    channel, layer = divmod(rest, MAX_LAYERS)
+    if channel >= len(_CHANNELS):
+        return f"tag {tag}"
+    what = "cut" if _CHANNELS[channel] in ("H", "GH") else "layer"
+    return f"{_CHANNELS[channel]} {what} {layer}, micro-batch {microbatch}" + (" (payload)" if payload else "")
 
 
 _ALIGN = 8  # every part starts 8-byte aligned, so it can be viewed as int64/float64
@@ -153,16 +171,18 @@ class Receive:
 class Mailbox:
     """Posts receives (early, or in per-peer FIFO order) and sends asynchronously."""
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None, ordered: bool | None = None):
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None, ordered: bool | None = None,
+                 timeout: float = DEFAULT_TIMEOUT):
         self.device = device
         self.group = group
+        self.timeout = timeout  # seconds, per wait (disaggregate(..., timeout=))
         if ordered is None:
             # FXDISAG_P2P_ORDERED=1 forces the NCCL discipline on gloo (to test it on CPU).
             forced = os.environ.get("FXDISAG_P2P_ORDERED", "") == "1"
             ordered = forced or (dist.is_initialized() and dist.get_backend(group) != "gloo")
         self.ordered = ordered
         self._queues: dict[int, deque[Receive]] = {}
-        self._sends: list[tuple[list, list[torch.Tensor]]] = []
+        self._sends: list[tuple[list, list[torch.Tensor], list[tuple[int, int]]]] = []  # works, buffers, (peer, tag)
         self.wait_seconds = 0.0  # time blocked in wait(): the timeline's recv-wait
         self.rank = dist.get_rank() if dist.is_initialized() else -1
         self._local: dict[int, tuple[int | None, torch.Tensor]] = {}  # tag -> (header, payload) sent to self
@@ -202,7 +222,7 @@ class Mailbox:
         if not self.ordered:
             while not receive.done:
                 for w in receive.work:
-                    w.wait()
+                    self._wait_recv(w, receive)
                 if receive.sized:
                     self._launch(self._advance(receive))
                 else:
@@ -213,7 +233,7 @@ class Mailbox:
         while not receive.done:
             head = q[0]
             for w in head.work:
-                w.wait()
+                self._wait_recv(w, head)
             ops = self._advance(head)
             if head.done:
                 q.popleft()
@@ -221,6 +241,10 @@ class Mailbox:
                     ops += self._start(q[0])
             self._launch(ops)
         self.wait_seconds += time.perf_counter() - t0
+
+    def _wait_recv(self, work, r: Receive) -> None:
+        tag = r.tag + 1 if r.stage == "payload" and r.header is not None else r.tag
+        wait_work(work, self.rank, [r.peer], f"no message ({describe_tag(tag)})", self.timeout)
 
     def _start_tagged(self, r: Receive) -> list[dist.P2POp]:
         size = _PREFIX + r.capacity if r.size_of is not None else r.nbytes
@@ -269,7 +293,7 @@ class Mailbox:
         # Empty messages are still sent: matching stays static (every peer gets one).
         if not ops:
             return
-        works = dist.batch_isend_irecv(ops)
+        works = self._post(ops, "post receives")
         for op, w in zip(ops, works):
             owner = op._fxdisag_owner  # type: ignore[attr-defined]
             if owner is not None:
@@ -303,7 +327,7 @@ class Mailbox:
             ops.append(dist.P2POp(dist.isend, payload, peer, self.group, tag))
             keep.append(payload)
         if ops:
-            self._sends.append((dist.batch_isend_irecv(ops), keep))
+            self._sends.append((self._post(ops, "post messages"), keep, [(op.peer, op.tag) for op in ops]))
 
     def send_sized(self, peer: int, tag: int, payload: torch.Tensor) -> None:
         """Send ``payload`` (uint8) to ``peer``, its byte count first (see ``Receive(sized=True)``)."""
@@ -316,12 +340,23 @@ class Mailbox:
         self.sent_bytes[peer] = self.sent_bytes.get(peer, 0) + payload.numel() + _PREFIX
         ops = [dist.P2POp(dist.isend, header, peer, self.group, tag),
                dist.P2POp(dist.isend, payload, peer, self.group, tag + 1)]
-        self._sends.append((dist.batch_isend_irecv(ops), [header, payload]))
+        self._sends.append((self._post(ops, "post messages"), [header, payload], [(peer, tag), (peer, tag + 1)]))
+
+    def _post(self, ops: list[dist.P2POp], what: str) -> list:
+        # Posting to a peer whose connection closed fails at once: name the peers.
+        t0 = time.perf_counter()
+        try:
+            return dist.batch_isend_irecv(ops)
+        except Exception as exc:
+            peers = sorted({op.peer for op in ops})
+            tags = ", ".join(sorted({describe_tag(op.tag) for op in ops}))
+            raise peer_error(self.rank, peers, f"could not {what}: {tags}", exc, time.perf_counter() - t0,
+                             self.timeout) from exc
 
     def drain(self) -> None:
-        for works, _ in self._sends:
-            for w in works:
-                w.wait()
+        for works, _, targets in self._sends:
+            for w, (peer, tag) in zip(works, targets):
+                wait_work(w, self.rank, [peer], f"its message ({describe_tag(tag)}) was never taken", self.timeout)
         self._sends.clear()
         pending = {p: len(q) for p, q in self._queues.items() if q}  # (ordered mode)
         if self._local:

@@ -40,6 +40,7 @@ from typing import Protocol
 
 import torch
 
+from fxdisag.runtime.faults import PeerError
 from fxdisag.runtime.grads import GradSync
 from fxdisag.runtime.mailbox import Mailbox, Receive
 from fxdisag.runtime.timeline import Span
@@ -200,6 +201,9 @@ class StepRunner:
     def _error(self, index: int, action: Action, exc: Exception) -> RuntimeError:
         step = grid_step(self.schedule, self.rank, index)
         mark = (step, self.rank) if step is not None else None
+        if isinstance(exc, PeerError):  # a hung or lost peer: keep its type, name the action
+            return exc.located(f" at action {index} ({action}), grid step {step} (marked !!)",
+                               format_grid(self.schedule, mark=mark))
         return RuntimeError(
             f"rank {self.rank} failed at action {index} ({action}), grid step {step} (marked !!): "
             f"{type(exc).__name__}: {exc}\n" + format_grid(self.schedule, mark=mark)
