@@ -95,6 +95,12 @@ def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return opts
 
 
+def _group(dmodel):
+    """The model's world group, made with its ``timeout`` (``disaggregate(timeout=)``): a
+    peer that dies or hangs during a save or load fails it in that time, not gloo's 30 min."""
+    return getattr(dmodel, "_world", None)
+
+
 # ---- this rank's tensors
 class _Local:
     """One tensor the rank holds: its full shape, and for routed experts the rows and their ids."""
@@ -168,12 +174,12 @@ def _sharded(local: torch.Tensor, full_shape: Sequence[int], runs: list[tuple[in
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
 
 
-def _lowest_holders(locals_: list[_Local]) -> dict[str, set[int]]:
+def _lowest_holders(locals_: list[_Local], group) -> dict[str, set[int]]:
     """Per expert tensor name, the expert ids a lower rank also holds (it writes them instead:
     shards must not overlap)."""
     mine = {loc.name: loc.ids for loc in locals_ if loc.ids is not None}
     every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)  # names and ids only, never tensors
+    dist.all_gather_object(every, mine, group=group)  # names and ids only, never tensors
     rank = dist.get_rank()
     return {name: {e for r in range(rank) for e in (every[r] or {}).get(name, ())} for name in mine}
 
@@ -206,7 +212,7 @@ def _optim_names(opts: list[torch.optim.Optimizer], locals_: list[_Local]
 
 def _state_dict(dmodel, opts: list[torch.optim.Optimizer]) -> dict[str, Any]:
     locals_ = _locals(dmodel)
-    skip = _lowest_holders(locals_)
+    skip = _lowest_holders(locals_, _group(dmodel))
     state: dict[str, Any] = {}
     for loc in locals_:
         entry = _entry(loc, loc.tensor, skip.get(loc.name, set()))
@@ -247,17 +253,17 @@ def save(dmodel, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimiz
                 os.makedirs(partial)
             except OSError as e:
                 problem = f"fxdisag.save({path!r}): cannot create {partial!r} beside it: {e}"
-    _raise_everywhere(problem, rank)
+    _raise_everywhere(problem, rank, _group(dmodel))
     state, problem = {}, None
     try:
         state = _state_dict(dmodel, opts)
     except CheckpointError as e:
         problem = str(e)
-    _agree(problem)
+    _agree(problem, _group(dmodel))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_ST_DEPRECATED)
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(partial))
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), process_group=_group(dmodel))
     except Exception as e:  # a peer died or a write failed: path keeps what it had
         raise CheckpointError(f"fxdisag.save({path!r}) failed on rank {rank} while writing shards ({e}); the "
                               f"checkpoint at {path!r}, if any, is untouched, the partial files are in {partial!r}") from e
@@ -267,13 +273,13 @@ def save(dmodel, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimiz
             _commit(dmodel, opts, path, partial, step)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it
             problem = f"fxdisag.save({path!r}): committing the checkpoint failed on rank 0: {e!r}"
-    _raise_everywhere(problem, rank)
+    _raise_everywhere(problem, rank, _group(dmodel))
 
 
-def _raise_everywhere(problem: str | None, rank: int) -> None:
+def _raise_everywhere(problem: str | None, rank: int, group) -> None:
     """Rank 0's verdict, on every rank (so no rank waits for a peer that raised)."""
     box = [problem]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     if box[0] is not None:
         raise CheckpointError(box[0])
 
@@ -380,14 +386,14 @@ def load(dmodel, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimiz
         entries = _optim_names(opts, locals_)
     except CheckpointError as e:
         problem = str(e)
-    _agree(problem)
+    _agree(problem, _group(dmodel))
     # Phase 1: the hyper-parameters (small objects), checked before any tensor moves.
     hyper = {f"optim.param_groups.{loc.name}.{key}": group[key]
              for _, group, _, loc in entries for key in group
              if key != "params" and f"optim.param_groups.{loc.name}.{key}" in saved}
-    _dcp_load(hyper, reader)
+    _dcp_load(hyper, reader, _group(dmodel))
     problem = _apply_hyper(opts, entries, hyper)
-    _agree(problem)
+    _agree(problem, _group(dmodel))
     for o in opts:
         if not o.state:
             _init_optimizer_state(o)
@@ -430,8 +436,8 @@ def load(dmodel, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimiz
                     state[prefix + key] = value
     except CheckpointError as e:
         problem = str(e)
-    _agree(problem)
-    _dcp_load(state, reader)
+    _agree(problem, _group(dmodel))
+    _dcp_load(state, reader, _group(dmodel))
     for loc, t, buf, rows in copies:
         loc.write_back(t, buf, rows)
     for o, group, p, loc in entries:  # non-tensor state comes back as new objects
@@ -442,10 +448,10 @@ def load(dmodel, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimiz
     return manifest
 
 
-def _dcp_load(state: dict[str, Any], reader) -> None:
+def _dcp_load(state: dict[str, Any], reader, group) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ST_DEPRECATED)
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader, process_group=group)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -474,10 +480,10 @@ def _apply_hyper(opts, entries, hyper: dict[str, Any]) -> str | None:
     return None
 
 
-def _agree(problem: str | None) -> None:
+def _agree(problem: str | None, group) -> None:
     """Raise on every rank if any rank found a problem (before a collective it would skip)."""
     every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problem)
+    dist.all_gather_object(every, problem, group=group)
     for r, p in enumerate(every):
         if p is not None:
             raise CheckpointError(p if r == dist.get_rank() else f"on rank {r}: {p}")
@@ -499,7 +505,7 @@ def export_hf(dmodel, path: str | os.PathLike, **save_pretrained_kwargs: Any) ->
             if ids is None and name not in owned:
                 owned[name] = (None, t.detach().cpu())
     pieces: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(owned, pieces, dst=0)
+    dist.gather_object(owned, pieces, dst=0, group=_group(dmodel))
     problem = None
     if rank == 0:
         try:
@@ -508,7 +514,7 @@ def export_hf(dmodel, path: str | os.PathLike, **save_pretrained_kwargs: Any) ->
         except Exception as e:  # noqa: BLE001 - every rank must hear of it
             problem = f"fxdisag.export_hf({path!r}) failed on rank 0: {e!r}"
         del pieces
-    _raise_everywhere(problem, rank)
+    _raise_everywhere(problem, rank, _group(dmodel))
 
 
 def _assemble(dmodel, pieces: Iterable[dict]) -> dict[str, torch.Tensor]:
