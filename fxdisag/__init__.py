@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ClusterSpec",
     "DisaggregatedModel",
+    "ExpertBalancer",
     "LayoutError",
     "ModelLayout",
     "MoELayer",
@@ -50,6 +51,7 @@ _LAZY = {
     "export_hf": ("fxdisag.checkpoint", "export_hf"),
     "CheckpointError": ("fxdisag.checkpoint", "CheckpointError"),
     "init_weights": ("fxdisag.weights", "init_weights"),
+    "ExpertBalancer": ("fxdisag.balance", "ExpertBalancer"),
 }
 
 

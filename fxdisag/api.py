@@ -38,6 +38,7 @@ from fxdisag.dump import maybe_dump_graph, maybe_dump_text
 from fxdisag.codegen.insert_dispatch import insert_dispatch
 from fxdisag.codegen.split_stages import StagedProgram, split_stages
 from fxdisag.planner.plan import Plan
+from fxdisag.runtime import dispatch
 from fxdisag.runtime.attention import AttentionHandlers
 from fxdisag.runtime.expert import ExpertHandlers
 from fxdisag.runtime.experts import expert_tensors, local_experts, model_experts
@@ -133,6 +134,7 @@ class DisaggregatedModel(nn.Module):
         self.rank = dist.get_rank()
         self.device = device
         self.mode = plan.kind
+        self.compile_stages = compile_stages
         self.role = "EP" if plan.kind == "ep" else schedule.role(self.rank)
         self.__dict__["_model"] = captured.model
         self._anchor = torch.zeros((), requires_grad=True)
@@ -149,6 +151,7 @@ class DisaggregatedModel(nn.Module):
         self.materialized_bytes = 0  # a meta-device build: bytes this rank gave storage to
         recompute = plan.recompute
         self._attention: AttentionHandlers | None = None
+        self._experts: ExpertHandlers | None = None
         multi = plan.pipeline_depth > 1
         stage_map = schedule.stages if multi else None
         self.stage_map = stage_map
@@ -197,13 +200,14 @@ class DisaggregatedModel(nn.Module):
                 if self.rank in ranks
             ]
             one_group = sorted(stage_map.attention_groups[0]) if multi else list(schedule.attention_ranks)
-            self.runner.register(ExpertHandlers(
+            self._experts = ExpertHandlers(
                 dict(zip(self.expert_layers, self.local_experts)), one_group, schedule.num_microbatches,
                 self.layout.hidden_size, (dtype, dtype), {j: self.layout.moe[j].top_k for j in self.expert_layers},
                 self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
                 hops=stage_map.hops if multi else frozenset(), compile_stages=compile_stages,
-            ))
+            )
+            self.runner.register(self._experts)
         # This rank's data-parallel replicas (its attention group) and, per set of experts it
         # shares with replicas, (local indices, process group); None / [] where not a member.
         self.attention_group = groups["attention"] if self.has_attention else None
@@ -272,6 +276,63 @@ class DisaggregatedModel(nn.Module):
                 for pname, p, rows in expert_tensors(mod):
                     out.append((f"{m.experts}.{pname}", p, tuple(mod.fxdisag_expert_ids), rows))
         return out
+
+    # ---- expert load (fxdisag.balance)
+    def expert_token_counts(self) -> dict[int, dict[int, int]]:
+        """Tokens each of this rank's experts computed in training steps since the last reset:
+        {MoE layer: {global expert id: tokens}} (empty on attention-only ranks). Local: no collective."""
+        if not self.has_experts:
+            return {}
+        out = {}
+        for j, mod in zip(self.expert_layers, self.local_experts):
+            counts = self._experts.token_counts[j].tolist()
+            out[j] = dict(zip(mod.fxdisag_expert_ids, counts))
+        return out
+
+    def expert_seconds_per_pair(self) -> float | None:
+        """Measured seconds of expert forward per (token, expert) pair since the last reset
+        (CPU wall clock around the expert calls; None on attention-only ranks or before any)."""
+        if not self.has_experts or not self._experts.computed_pairs:
+            return None
+        return self._experts.compute_seconds / self._experts.computed_pairs
+
+    def reset_expert_counters(self) -> None:
+        if self.has_experts:
+            for t in self._experts.token_counts.values():
+                t.zero_()
+            self._experts.compute_seconds, self._experts.computed_pairs = 0.0, 0
+
+    def rebind_placement(self, plan: Plan) -> None:
+        """Route by ``plan``'s expert placement from the next step on (collective-free: every
+        rank calls it with the same plan). Only the placement may differ from the current
+        plan, and the rank's expert rows must already hold the experts the new placement
+        gives it, ascending (``fxdisag.balance`` moves them first)."""
+        same = dataclasses.replace(plan, expert_placement=self.plan.expert_placement, expert_owners=self.plan.expert_owners)
+        if same != self.plan:
+            raise ValueError("rebind_placement: the new plan may change only expert_placement (and its owners)")
+        num_experts = len(self.plan.expert_placement)
+        routing = Routing.from_plan(plan, num_experts)
+        if self.has_experts:
+            held = routing.held(self.rank)
+            for mod in self.local_experts:
+                if list(mod.fxdisag_expert_ids) != held:
+                    raise ValueError(f"rank {self.rank} holds experts {list(mod.fxdisag_expert_ids)}; the new placement "
+                                     f"gives it {held}: move the rows first")
+            self.expert_ids = held
+        if self._attention is not None:
+            owner = routing.owner_slot(self.rank)
+            self._attention.owner = torch.tensor(owner, dtype=torch.long)
+            self._attention.local_ids = torch.tensor(routing.local_id(self.rank), dtype=torch.long)
+            for stage in self.program.stages:  # the owner table pack() was given at build time
+                gm = stage.module
+                changed = False
+                for node in gm.graph.nodes:
+                    if node.op == "call_function" and node.target is dispatch.pack:
+                        node.args = (*node.args[:3], tuple(owner), *node.args[4:])
+                        changed = True
+                if changed:
+                    gm.recompile()
+        self.plan = plan
 
     def step_sent_bytes(self) -> dict[int, int]:
         """Bytes this rank posted to each peer over the network in the last step (headers included)."""

@@ -21,6 +21,7 @@ this rank's group holds to its local experts. A combine across a pipeline hop
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from functools import partial
 
@@ -77,6 +78,12 @@ class ExpertHandlers:
             for p in mod.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
+        # Tokens each local expert computed in training steps, per MoE layer, and the seconds
+        # the expert calls took for how many (row, expert) pairs: what a balancer reads
+        # between steps (fxdisag.balance). A bincount per call: no collective, no sync.
+        self.token_counts = {j: torch.zeros(next(mod.parameters()).shape[0], dtype=torch.long)
+                             for j, mod in experts.items()}
+        self.compute_seconds, self.computed_pairs = 0.0, 0
         # Expert weights are [E_local, ...]: a replica set sums the rows of its shared experts.
         self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows, mailbox.timeout)
                                                     for rows, g in replica_groups])
@@ -128,10 +135,16 @@ class ExpertHandlers:
         x = torch.cat(xs).requires_grad_(state.grad_enabled)
         w = torch.cat(ws).requires_grad_(state.grad_enabled)
         e = torch.cat(ids).long()
+        t0 = time.perf_counter()
         if self.recompute and state.grad_enabled:
             y = checkpoint(self.run_experts[j], x, e, w, use_reentrant=False)
         else:
             y = self.run_experts[j](x, e, w)
+        if state.grad_enabled:
+            valid = e[e >= 0]
+            self.token_counts[j] += torch.bincount(valid.cpu(), minlength=self.token_counts[j].numel())
+            self.compute_seconds += time.perf_counter() - t0
+            self.computed_pairs += valid.numel()
         if state.grad_enabled:
             state.saved[(j, i)] = (x, w, y)
         state.recv_counts[(j, i)] = counts
