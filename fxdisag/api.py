@@ -296,11 +296,25 @@ class DisaggregatedModel(nn.Module):
             return None
         return self._experts.compute_seconds / self._experts.computed_pairs
 
+    def sample_routes(self, cap: int) -> None:
+        """Keep each token's routed experts, for at most ``cap`` tokens per MoE layer (0: off),
+        until :meth:`reset_expert_counters` (attention ranks; a scatter per layer and micro-batch)."""
+        if self._attention is not None:
+            self._attention.route_sample_cap = int(cap)
+
+    def routes_sample(self) -> dict[int, torch.Tensor]:
+        """The sampled tokens' top_k global expert ids per MoE layer ([tokens, top_k]; empty on expert ranks)."""
+        if self._attention is None:
+            return {}
+        return {j: torch.cat(ts) for j, ts in self._attention.route_samples.items() if ts}
+
     def reset_expert_counters(self) -> None:
         if self.has_experts:
             for t in self._experts.token_counts.values():
                 t.zero_()
             self._experts.compute_seconds, self._experts.computed_pairs = 0.0, 0
+        if self._attention is not None:
+            self._attention.route_samples.clear()
 
     def rebind_placement(self, plan: Plan) -> None:
         """Route by ``plan``'s expert placement from the next step on (collective-free: every

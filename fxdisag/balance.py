@@ -10,24 +10,33 @@ Contract::
 * Counting is the expert ranks' own: each expert call adds a bincount of its rows' local
   expert ids to a per-layer counter and times itself (``DisaggregatedModel
   .expert_token_counts`` / ``expert_seconds_per_pair``). Nothing is sent on the hot path.
-* Every ``every`` steps the ranks share their counts (one ``all_gather_object``). The load of
-  an expert rank in layer j is the number of (token, expert) pairs its experts computed there.
-  A step waits for the busiest rank of each layer, so the objective is
-  ``sum_j max_r load_j(r)``. The imbalance is that objective over ``sum_j mean_r load_j(r)``.
-* Past ``threshold``, a local search over pairwise swaps (expert a on rank X <-> b on rank
-  Y; every rank keeps its expert count, so the parameters keep their shapes) lowers the
-  objective until no swap helps. It is deterministic and runs on every rank alike.
-* The move must pay for itself over the next ``horizon`` steps, by the model's own estimate:
+* The attention ranks also keep each token's routed experts, for up to ``ROUTE_SAMPLE``
+  tokens per layer (read back from the packed rows: a scatter per layer and micro-batch).
+  A placement decides how many rows a token costs (one per (token, rank)), and this sample
+  lets a move be priced with that in mind.
+* Every ``every`` steps the ranks share their counts and samples (one
+  ``all_gather_object``). The load of an expert rank in layer j is the number of (token,
+  expert) pairs its experts computed there. The imbalance is ``sum_j max_r load_j(r)`` over
+  ``sum_j mean_r load_j(r)``.
+* Past ``threshold``, a best-improvement local search over pairwise swaps minimises the
+  predicted step seconds of :class:`StepModel`. A swap is expert a on rank X <-> expert b on
+  rank Y; every rank keeps its expert count, so the parameters keep their shapes. The step
+  seconds are compute plus network:
 
-      saving per step = (objective_before - objective_after) / every * seconds_per_pair * 3
-      cost            = bytes moved / bandwidth + 2 * latency * swaps
+  * compute is ``3 * seconds_per_pair * max_r pairs_j(r)``, the pair time measured by the
+    expert calls (forward, with backward taken as 2x forward);
+  * network is the rows each NIC sends, from the sampled routes.
+
+  The search is deterministic and runs on every rank alike.
+* The move must pay for itself over the next ``horizon`` steps, by that same model::
+
+      saving = StepModel.seconds(before) - StepModel.seconds(after)      # per step
+      cost   = bytes moved / bandwidth + 2 * latency * swaps
       move  iff saving * horizon > cost
 
-  * ``seconds_per_pair`` is measured by the expert calls (forward only; backward counted
-    as 2x forward).
-  * ``bytes moved`` counts each swapped expert's rows of every MoE layer, in both directions:
-    the weights and the optimizer state of the same shape (Adam's moments). Gradients are
-    cleared between steps (``step`` checks) and do not move.
+  * ``bytes moved`` counts each swapped expert's rows of every MoE layer, in both
+    directions: the weights and the optimizer state of the same shape (Adam's moments).
+    Gradients are cleared between steps (``step`` checks) and do not move.
   * ``bandwidth`` and ``latency`` are the cluster's (``ClusterSpec``; measured when not given).
 * A migration moves the rows with point-to-point messages between the two expert ranks of
   each swap, one swap at a time. Each rank then sorts its rows by global expert id, in
@@ -47,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +65,10 @@ import torch.distributed as dist
 
 from fxdisag.runtime.faults import wait_work
 
-__all__ = ["BalanceReport", "ExpertBalancer", "balance_swaps", "objective"]
+__all__ = ["BalanceReport", "ExpertBalancer", "StepModel", "balance_swaps", "objective"]
+
+# Tokens per MoE layer whose routed experts the attention ranks keep between decisions.
+ROUTE_SAMPLE = 2048
 
 log = logging.getLogger("fxdisag")
 
@@ -73,11 +85,11 @@ class BalanceReport:
     migration_s: float = 0.0
     moved_bytes: int = 0
     placement: list[list[int]] = field(default_factory=list)
+    reason: str = "balanced enough"  # why not moved
 
     def __str__(self) -> str:
         what = (f"moved {len(self.swaps)} swap(s) {self.swaps} in {self.migration_s * 1e3:.1f} ms "
-                f"({self.moved_bytes / 1e6:.2f} MB)") if self.moved else \
-            ("no move: " + ("balanced enough" if not self.swaps else "it would not pay for itself"))
+                f"({self.moved_bytes / 1e6:.2f} MB)") if self.moved else f"no move: {self.reason}"
         return (f"step {self.step}: imbalance {self.imbalance_before:.3f} -> {self.imbalance_after:.3f}; "
                 f"predicted saving {self.saving_per_step_s * 1e3:.3f} ms/step, cost {self.cost_s * 1e3:.3f} ms; {what}")
 
@@ -95,13 +107,14 @@ def objective(load: Sequence[Sequence[int]], where: Sequence[int], ranks: Sequen
     return worst, mean
 
 
-def balance_swaps(load: Sequence[Sequence[int]], where: Sequence[int], ranks: Sequence[int],
+def balance_swaps(where: Sequence[int], cost: Callable[[list[int]], float],
                   max_swaps: int | None = None) -> tuple[list[int], list[tuple[int, int, int, int]]]:
-    """Best-improvement local search over pairwise swaps: (new owner per expert, the swaps in
-    order). Deterministic: ties go to the lowest (a, b)."""
+    """Best-improvement local search over pairwise swaps of ``where`` (the rank of each
+    expert) under ``cost``: (new owner per expert, the swaps in order). Deterministic:
+    ties go to the lowest (a, b)."""
     where = list(where)
     swaps: list[tuple[int, int, int, int]] = []
-    current, _ = objective(load, where, ranks)
+    current = cost(where)
     E = len(where)
     while max_swaps is None or len(swaps) < max_swaps:
         best = None
@@ -110,9 +123,9 @@ def balance_swaps(load: Sequence[Sequence[int]], where: Sequence[int], ranks: Se
                 if where[a] == where[b]:
                     continue
                 where[a], where[b] = where[b], where[a]
-                value, _ = objective(load, where, ranks)
+                value = cost(where)
                 where[a], where[b] = where[b], where[a]
-                if value < current and (best is None or value < best[0]):
+                if value < current - 1e-12 * abs(current) and (best is None or value < best[0]):
                     best = (value, a, b)
         if best is None:
             break
@@ -121,6 +134,49 @@ def balance_swaps(load: Sequence[Sequence[int]], where: Sequence[int], ranks: Se
         where[a], where[b] = where[b], where[a]
         current = value
     return where, swaps
+
+
+@dataclass
+class StepModel:
+    """The balancer's estimate of a step's expert-side seconds under a placement ``where``.
+
+    Per MoE layer j, per step::
+
+        compute_j = 3 * seconds_per_pair * max_r pairs_j(r)          # forward + 2x backward
+        rows_j(r) = tokens_j * P(a sampled token has an expert on r)  # one row per (token, rank)
+        network_j = 2 * row_bytes * max(sum_r rows_j(r) / attention ranks, max_r rows_j(r)) / bandwidth
+
+    (dispatch and its gradient leave the attention ranks, combine and its gradient the
+    expert ranks; the busier side bounds the layer). Compute and transfer add: the
+    estimate ignores their overlap, so it is an upper bound of what a move changes.
+    """
+
+    pairs: list[list[float]]  # [J][E] (token, expert) pairs per step
+    routes: list[torch.Tensor]  # [J] sampled tokens' expert ids, [n, top_k]
+    tokens: list[float]  # [J] tokens per step
+    ranks: list[int]
+    seconds_per_pair: float
+    row_bytes: int
+    bandwidth: float
+    num_attention: int
+
+    def seconds(self, where: Sequence[int]) -> float:
+        owner = torch.tensor(list(where), dtype=torch.long)
+        total = 0.0
+        for j, row in enumerate(self.pairs):
+            per = {r: 0.0 for r in self.ranks}
+            for e, n in enumerate(row):
+                per[where[e]] += n
+            total += 3 * self.seconds_per_pair * max(per.values())
+            sample = self.routes[j]
+            if sample.numel() and self.bandwidth < float("inf"):
+                on = owner[sample.clamp(min=0)]
+                valid = sample >= 0
+                scale = self.tokens[j] / sample.shape[0]
+                to_rank = [float(((on == r) & valid).any(1).sum()) * scale for r in self.ranks]
+                busiest = max(sum(to_rank) / self.num_attention, max(to_rank))
+                total += 2 * self.row_bytes * busiest / self.bandwidth
+        return total
 
 
 class ExpertBalancer:
@@ -151,22 +207,26 @@ class ExpertBalancer:
         self.bandwidth, self.latency = cluster.nic_bandwidth, cluster.inter_node_latency
         self.steps = 0
         self.reports: list[BalanceReport] = []
+        dmodel.sample_routes(ROUTE_SAMPLE)
 
     # ---- the decision
-    def _gather(self) -> tuple[list[list[int]], float]:
+    def _gather(self) -> tuple[list[list[int]], list[torch.Tensor], float]:
+        """(pairs per layer and expert over the window, sampled routes per layer, s/pair)."""
         d = self.dmodel
-        mine = (d.expert_token_counts(), d.expert_seconds_per_pair())
+        mine = (d.expert_token_counts(), d.expert_seconds_per_pair(), d.routes_sample())
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine, group=d._world)
         E = len(d.plan.expert_placement)
-        layers = sorted({j for counts, _ in every for j in counts})
+        layers = sorted({j for counts, _, _ in every for j in counts})
         load = [[0] * E for _ in layers]
-        for counts, _ in every:
+        for counts, _, _ in every:
             for row, j in zip(load, layers):
                 for e, n in counts.get(j, {}).items():
                     row[e] += n
-        rates = [s for _, s in every if s is not None]
-        return load, (sum(rates) / len(rates) if rates else 0.0)
+        routes = [torch.cat([r[j] for _, _, r in every if j in r] or [torch.zeros(0, 1, dtype=torch.long)])
+                  for j in layers]
+        rates = [s for _, s, _ in every if s is not None]
+        return load, routes, (sum(rates) / len(rates) if rates else 0.0)
 
     def _state_tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
         """What moves with a parameter's rows: the parameter and its optimizer state of the same shape."""
@@ -197,19 +257,24 @@ class ExpertBalancer:
             return None
         d = self.dmodel
         self._check_grads_cleared()
-        load, per_pair = self._gather()
+        load, routes, per_pair = self._gather()
         ranks = list(d.plan.expert_ranks)
         where = [r[0] for r in d.plan.expert_placement]
         worst, mean = objective(load, where, ranks)
         report = BalanceReport(self.steps, worst / mean if mean else 1.0, worst / mean if mean else 1.0,
                                placement=[list(r) for r in d.plan.expert_placement])
         if mean and report.imbalance_before > self.threshold:
-            new_where, swaps = balance_swaps(load, where, ranks, self.max_swaps)
-            after, _ = objective(load, new_where, ranks)
-            report.imbalance_after = after / mean
+            top_k = max(d.layout.moe[j].top_k for j in range(len(d.layout.moe)))
+            model = StepModel(
+                pairs=[[n / self.every for n in row] for row in load], routes=routes,
+                tokens=[sum(row) / self.every / top_k for row in load], ranks=ranks, seconds_per_pair=per_pair,
+                row_bytes=d.layout.hidden_size * self._element_size(), bandwidth=self.bandwidth,
+                num_attention=len(d.plan.attention_ranks))
+            new_where, swaps = balance_swaps(where, model.seconds, self.max_swaps)
+            report.reason = "it would not pay for itself" if swaps else "no swap lowers the predicted step time"
+            report.imbalance_after = objective(load, new_where, ranks)[0] / mean
             report.swaps = swaps
-            # forward measured; backward ~ 2x forward
-            report.saving_per_step_s = (worst - after) / self.every * per_pair * 3
+            report.saving_per_step_s = model.seconds(where) - model.seconds(new_where)
             report.moved_bytes = 2 * len(swaps) * self._row_bytes()
             report.cost_s = (report.moved_bytes / 2) / self.bandwidth + 2 * self.latency * len(swaps) \
                 if swaps else 0.0  # the two directions of a swap share a full-duplex link
@@ -226,6 +291,10 @@ class ExpertBalancer:
         if d.rank == 0:
             log.info("fxdisag balance: %s", report)
         return report
+
+    def _element_size(self) -> int:
+        first = self.dmodel._model.get_submodule(self.dmodel.layout.moe[0].experts)
+        return next(first.parameters()).element_size()
 
     # ---- the move
     def _check_grads_cleared(self) -> None:

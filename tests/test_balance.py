@@ -44,7 +44,8 @@ def test_swap_search_finds_the_optimum_on_small_cases(load):
     E = len(load[0])
     ranks = [1, 2]
     where = [ranks[e % 2] for e in range(E)]  # round robin
-    new, swaps = balance_swaps(load, where, ranks)
+    cost = lambda w: objective(load, w, ranks)[0]  # noqa: E731
+    new, swaps = balance_swaps(where, cost)
     assert sorted(new) == sorted(where)  # every rank keeps its expert count
     replay = list(where)
     for a, x, b, y in swaps:  # the swaps, in order, give the new placement
@@ -52,11 +53,32 @@ def test_swap_search_finds_the_optimum_on_small_cases(load):
         replay[a], replay[b] = y, x
     assert replay == new
     assert objective(load, new, ranks)[0] == _brute_force(load, where, ranks) <= objective(load, where, ranks)[0]
-    assert balance_swaps(load, where, ranks) == (new, swaps)  # deterministic
+    assert balance_swaps(where, cost) == (new, swaps)  # deterministic
 
 
 def test_a_balanced_load_needs_no_swap():
-    assert balance_swaps([[5, 5, 5, 5]], [1, 2, 1, 2], [1, 2]) == ([1, 2, 1, 2], [])
+    assert balance_swaps([1, 2, 1, 2], lambda w: objective([[5, 5, 5, 5]], w, [1, 2])[0]) == ([1, 2, 1, 2], [])
+
+
+def test_the_step_model_prices_rows_per_token_and_rank():
+    from fxdisag.balance import StepModel
+
+    # Two tokens, top-2: token 0 -> experts (0, 1), token 1 -> (0, 2); 4 experts, 2 ranks.
+    routes = torch.tensor([[0, 1], [0, 2]])
+    model = StepModel(pairs=[[2, 1, 1, 0]], routes=[routes], tokens=[2], ranks=[1, 2], seconds_per_pair=1.0,
+                      row_bytes=10, bandwidth=10.0, num_attention=1)
+    # all on rank 1: compute 3 * 4 pairs; rows: 2 (one per token), both to rank 1
+    assert model.seconds([1, 1, 1, 1]) == pytest.approx(3 * 4 + 2 * 10 * 2 / 10)
+    # experts 1, 2 on rank 2: compute 3 * 2; rows: rank 1 gets 2, rank 2 gets 2 -> attention sends 4
+    assert model.seconds([1, 2, 2, 1]) == pytest.approx(3 * 2 + 2 * 10 * 4 / 10)
+    # From experts (0, 1) | (2, 3): a slow link keeps the placement (3 rows, the fewest any
+    # 2 | 2 split gives); a fast one spreads the compute, (0, 3) | (1, 2): 2 pairs per rank.
+    slow = StepModel(**{**model.__dict__, "bandwidth": 0.1})
+    fast = StepModel(**{**model.__dict__, "bandwidth": 1e9})
+    assert balance_swaps([1, 1, 2, 2], slow.seconds) == ([1, 1, 2, 2], [])
+    spread, swaps = balance_swaps([1, 1, 2, 2], fast.seconds)
+    assert {frozenset(e for e in range(4) if spread[e] == r) for r in (1, 2)} == {frozenset({0, 3}), frozenset({1, 2})}
+    assert len(swaps) == 1 and fast.seconds(spread) == pytest.approx(3 * 2 + 2 * 10 * 4 / 1e9)
 
 
 HOT = (0, 2)  # both on expert rank 1 (Plan.manual: experts 0-3 on rank 1, 4-7 on rank 2)
@@ -113,9 +135,11 @@ def test_migration_keeps_training_exact():
     r0 = results[0]
     first, second = r0["reports"][:2]
     print("\n".join(str(r) for r in r0["reports"]))
-    # step 2: all routed pairs on rank 1, a swap would fix it, but not over a 1 B/s link
-    assert first.imbalance_before == pytest.approx(2.0) and first.swaps and not first.moved
-    assert first.cost_s > first.saving_per_step_s * 10
+    # step 2: all routed pairs on rank 1, but every token picks both hot experts: over a
+    # 1 B/s link, splitting them (two rows per token instead of one) costs more than the
+    # compute it saves, and moving the rows would not pay either
+    assert first.imbalance_before == pytest.approx(2.0) and not first.moved
+    assert not first.swaps or first.cost_s > first.saving_per_step_s * 10
     # step 4: the same decision pays; experts 0 and 2 end on different ranks
     assert second.moved and second.imbalance_after == pytest.approx(1.0)
     where = {e: ranks[0] for e, ranks in enumerate(r0["placement"])}

@@ -106,6 +106,10 @@ class AttentionHandlers:
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
         self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group, timeout=mailbox.timeout)])
+        # Each token's routed experts, sampled in training steps for a balancer (fxdisag.balance):
+        # off (0) unless asked, then at most this many tokens per MoE layer until cleared.
+        self.route_sample_cap = 0
+        self.route_samples: dict[int, list[torch.Tensor]] = {}
 
     def handlers(self) -> dict[ActionKind, Handler]:
         K = ActionKind
@@ -224,9 +228,23 @@ class AttentionHandlers:
             slot = dispatch.row_ranks(ids, self.owner.to(ids.device))
             counts = torch.bincount(slot, minlength=len(self.expert_peers[j])).tolist()
             state.sent_counts[(j, i)] = counts
+            if self.route_sample_cap and state.grad_enabled:
+                self._sample_routes(state, j, i, ids)
             xs, ws = state.env[i][b.xs], state.env[i][b.ws]
             state.row_shape = (xs.shape[1], xs.dtype, ws.dtype)
         return counts
+
+    def _sample_routes(self, state: StepState, j: int, i: int, ids: torch.Tensor) -> None:
+        """Each token's top_k expert ids, from the packed rows (one per (token, rank); a slot
+        holds its expert on the row of the rank that has it, -1 elsewhere)."""
+        have = sum(t.shape[0] for t in self.route_samples.get(j, []))
+        if have >= self.route_sample_cap:
+            return
+        env = state.env[i]
+        token, num_tokens = env[f"token_{j}"], env[f"ntok_{j}"].shape[0]
+        full = torch.full((num_tokens, ids.shape[1]), -1, dtype=ids.dtype, device=ids.device)
+        full.scatter_reduce_(0, token.unsqueeze(1).expand(-1, ids.shape[1]), ids, "amax")
+        self.route_samples.setdefault(j, []).append(full[: self.route_sample_cap - have].cpu())
 
     def _send_dispatch(self, state: StepState, action: Action) -> None:
         j, i = action.stage, action.microbatch
