@@ -35,12 +35,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from torchrun_worker import run_worker
 
 
 def _config(args):
@@ -145,18 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {}
     for variant in ("static", "balanced"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
-               str(args.port), __file__, "--worker", "--variant", variant, "--steps", str(args.steps),
-               "--every", str(args.every), "--horizon", str(args.horizon), "--hidden-size", str(args.hidden_size),
-               "--num-layers", str(args.num_layers), "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"{variant}: FAILED (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            return 1
-        results[variant] = json.loads(line[len("RESULT "):])
+        results[variant] = run_worker(__file__, 3, args.port, [
+            "--variant", variant, "--steps", str(args.steps), "--every", str(args.every), "--horizon",
+            str(args.horizon), "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)], timeout=1200)
     after = args.every  # steps after the first decision
     print(f"throttle: {os.environ.get('FXDISAG_THROTTLE', 'none')}; {args.steps} steps, decision every {args.every}")
     for variant, r in results.items():

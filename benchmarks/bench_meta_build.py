@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from torchrun_worker import run_worker
+
 VARIANTS = ("full", "meta + weights", "meta + seed")
 
 
@@ -125,17 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint: qwen3_moe, {args.num_layers} layers, {args.experts} experts, hidden {args.hidden_size}: "
               f"{n / 1e6:.0f} M parameters, {n * 4 / 2**30:.2f} GiB float32", flush=True)
         for variant in VARIANTS:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
-                   "--master-port", str(args.port), __file__, "--worker", "--variant", variant, "--ckpt", ckpt,
-                   "--experts", str(args.experts), "--hidden-size", str(args.hidden_size),
-                   "--num-layers", str(args.num_layers), "--seq-len", str(args.seq_len)]
-            env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"{variant}: FAILED (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                return 1
-            results += json.loads(line[len("RESULT "):])
+            results += run_worker(__file__, args.ranks, args.port, [
+                "--variant", variant, "--ckpt", ckpt, "--experts", str(args.experts), "--hidden-size",
+                str(args.hidden_size), "--num-layers", str(args.num_layers), "--seq-len", str(args.seq_len)],
+                timeout=900)
     print(f"\n| variant | rank | role | peak RSS MB | floor MB | parameters held MB | build s | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

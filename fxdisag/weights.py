@@ -302,11 +302,11 @@ class HFCheckpoint(WeightSource):
                                    f"(part {k}); missing expert(s) {absent[:5]}")
                 file, key = part[0]
                 got = self._shape(file, key)
-                for e in (E - 1,):  # the last one too: a truncated save shows there
-                    f2, k2 = part[e]
-                    if self._shape(f2, k2) != got:
-                        raise ValueError(f"checkpoint tensor {k2!r} ({f2}) has shape {self._shape(f2, k2)}, "
-                                         f"expert 0's {key!r} has {got}")
+                last_file, last_key = part[E - 1]  # the last expert too: a truncated save shows there
+                last = self._shape(last_file, last_key)
+                if last != got:
+                    raise ValueError(f"checkpoint tensor {last_key!r} ({last_file}) has shape {last}, "
+                                     f"expert 0's {key!r} has {got}")
                 if len(got) != len(row):
                     raise ValueError(f"checkpoint tensor {key!r} ({file}) has shape {got}; one expert's row of "
                                      f"{name!r} has {shape[1:]}")

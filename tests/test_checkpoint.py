@@ -210,6 +210,11 @@ def _exp_avg(dmodel, opts, name: str):
     return None
 
 
+def _lrs(opts) -> dict[int, float]:
+    """id(parameter) -> the learning rate of its param group."""
+    return {id(p): g["lr"] for o in opts for g in o.param_groups for p in g["params"]}
+
+
 def _full(pieces, shape):
     out = torch.full(shape, float("nan"))
     for piece in pieces:
@@ -233,11 +238,7 @@ def _reshard_save(rank: int, world: int, path: str) -> dict:
         if dmodel.has_attention else [torch.optim.AdamW(dmodel.expert_parameters(), lr=LR)]
     _train(dmodel, opts, batches)
     fxdisag.save(dmodel, opts, path, step=2)
-    lrs = {}
-    for o in opts:
-        for g in o.param_groups:
-            for p in g["params"]:
-                lrs[id(p)] = g["lr"]
+    lrs = _lrs(opts)
     return {"state": dmodel.consolidated_state_dict(), "ids": dmodel.expert_ids if dmodel.has_experts else None,
             "attn": _exp_avg(dmodel, opts, ATTN_NAME), "expert": _exp_avg(dmodel, opts, EXPERT_NAME),
             "lrs": {n: lrs[id(p)] for n, p, _, _ in dmodel.named_local_tensors() if id(p) in lrs}}
@@ -260,11 +261,7 @@ def _reshard_load(rank: int, world: int, path: str) -> dict:
     opts = [torch.optim.AdamW(attn[: len(attn) // 2], lr=1e-3), torch.optim.AdamW(attn[len(attn) // 2:], lr=1e-3)] \
         if dmodel.has_attention else [torch.optim.AdamW(experts[:1], lr=1e-3), torch.optim.AdamW(experts[1:], lr=1e-3)]
     manifest = fxdisag.load(dmodel, opts, path)
-    lrs = {}
-    for o in opts:
-        for g in o.param_groups:
-            for p in g["params"]:
-                lrs[id(p)] = g["lr"]
+    lrs = _lrs(opts)
     return {"state": dmodel.consolidated_state_dict(), "ids": dmodel.expert_ids if dmodel.has_experts else None,
             "attn": _exp_avg(dmodel, opts, ATTN_NAME), "expert": _exp_avg(dmodel, opts, EXPERT_NAME),
             "conflict": conflict, "layout": manifest["layout"],

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from eager import grad_errors, train_eager
+from eager import grad_errors, train_disaggregated, train_eager
 from fxdisag.testing.models import TINY_FAMILIES, example_batch, tiny_model
 
 STEPS = 5
@@ -197,16 +197,7 @@ def _compiled_stages(rank: int, world: int) -> dict:
     plan = Plan.manual(num_attention=1, num_expert=1, num_experts=fxdisag.find_layout(model).moe[0].num_experts,
                        num_microbatches=2)
     dmodel = fxdisag.disaggregate(model, batches[0], plan, compile_stages=True)
-    opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
-    losses, grads0 = [], None
-    for step, batch in enumerate(batches):
-        out = dmodel(**batch)
-        out.loss.backward()
-        if step == 0:
-            grads0 = dmodel.consolidated_grads()
-        losses.append(float(out.loss))
-        opt.step()
-        opt.zero_grad()
+    losses, grads0 = train_disaggregated(dmodel, batches, [torch.optim.AdamW(dmodel.parameters(), lr=1e-2)])
     compiled = all(isinstance(f, torch._dynamo.eval_frame.OptimizedModule)
                    for f in getattr(dmodel._attention, "run_stage", {}).values())
     if rank != 0:

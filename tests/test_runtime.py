@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from eager import grad_errors, train_eager
+from eager import grad_errors, train_disaggregated, train_eager
 from fxdisag.planner.plan import Plan
 
 STEPS = 5
@@ -68,16 +68,7 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         opts += [torch.optim.AdamW(dmodel.expert_parameters(), lr=1e-2)] if dmodel.has_experts else []
     else:
         opts = [torch.optim.AdamW(dmodel.parameters(), lr=1e-2)]
-    losses, grads0 = [], None
-    for step, batch in enumerate(batches):
-        out = dmodel(**batch)
-        out.loss.backward()
-        if step == 0:
-            grads0 = dmodel.consolidated_grads()
-        losses.append(float(out.loss))
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+    losses, grads0 = train_disaggregated(dmodel, batches, opts)
     final = dmodel.consolidated_state_dict()
     # Weights a rank never computes with are released (meta): full experts everywhere, and
     # the attention side on expert-only ranks.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from distributed import run_distributed
-from eager import grad_errors, train_eager
+from eager import grad_errors, train_disaggregated, train_eager
 from fxdisag.testing.models import example_batch, tiny_model
 from fxdisag.weights import HFCheckpoint, init_weights, is_meta_model
 
@@ -149,16 +149,7 @@ def _train_meta(rank: int, world: int, family: str, n_attn: int, path: str | Non
     dmodel = fxdisag.disaggregate(model, batches[0], plan, weights=path, seed=seed)
     resident = _resident_bytes(model, dmodel)
     buffers = _resident_bytes(model, dmodel, buffers=True)
-    opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
-    losses, grads0 = [], None
-    for step, batch in enumerate(batches):
-        out = dmodel(**batch)
-        out.loss.backward()
-        if step == 0:
-            grads0 = dmodel.consolidated_grads()
-        losses.append(float(out.loss))
-        opt.step()
-        opt.zero_grad()
+    losses, grads0 = train_disaggregated(dmodel, batches, [torch.optim.AdamW(dmodel.parameters(), lr=1e-2)])
     out = {"losses": losses, "resident": resident, "buffers": buffers, "materialized": dmodel.materialized_bytes}
     if rank != 0:
         return out
