@@ -88,29 +88,39 @@ def test_tied_embeddings_across_groups_are_refused_by_name():
     _check_parameters_stay_in_group(program, together.schedule(2))
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
-def test_profiled_hop_bytes_are_what_the_program_sends(family):
-    # Two derivations of a hop's bytes: the profile's liveness on the captured graph (fake
-    # tensors) and hop_values on the split program, evaluated on real tensors. They agree
-    # per sequence; the program also re-sends batch-independent buffers (rotary inv_freq),
-    # which the profile leaves out (constants, under 1 KiB here).
+@pytest.mark.parametrize("family, ranks", [("qwen2_moe", 1), ("deepseek_v3", 2)])
+def test_modelled_hop_bytes_are_what_the_program_sends(family, ranks):
+    # The cost model's hop (cost_afpipe.hop_bytes_per_token: HOP_BYTES = the profile's
+    # liveness on the captured graph, fake tensors, plus the combine's row -> token index per
+    # message row, which the captured graph does not have) against the split program's
+    # hop_values evaluated on real tensors, and against the H message encode() makes of
+    # them. They agree per sequence; the program also re-sends batch-independent buffers
+    # (rotary inv_freq), which the profile leaves out (constants, under 1 KiB here), and the
+    # message adds its descriptor. ``ranks`` expert ranks: 2 give 1..top_k rows per token,
+    # counted from the program's own row -> token index.
+    import dataclasses
+
     import torch.fx as fx
     from torch.utils._pytree import tree_leaves
 
     import fxdisag
     from fxdisag.codegen.insert_dispatch import insert_dispatch
     from fxdisag.codegen.split_stages import split_stages
+    from fxdisag.planner.cost_afpipe import hop_bytes_per_token
     from fxdisag.planner.profile import profile
+    from fxdisag.planner.workload import Workload
 
     model = tiny_model(family, seed=0, num_layers=3)
-    real, profiled = {}, {}
+    real, modelled, index, wire = {}, {}, {}, {}
     for b in (2, 4):
         batch = example_batch(model, b, 8)
         captured = fxdisag.capture(model, batch)
         prof = profile(captured, b, 8, torch.float32, fused_attention=False)  # eager: the mask is sent
         fused = profile(captured, 4, 8, torch.float32).hop_bytes  # fused attention: no S x S mask crosses
+        work = Workload.from_profile(prof, 8)
         E = captured.layout.moe[0].num_experts
-        program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [0] * E, 1))
+        owner = [e % ranks for e in range(E)]  # interleaved: deepseek routes within one expert group
+        program = split_stages(insert_dispatch(captured.graph_module, captured.layout, owner, ranks))
         values = {}
 
         class Record(fx.Interpreter):
@@ -119,19 +129,29 @@ def test_profiled_hop_bytes_are_what_the_program_sends(family):
                 return out
 
         Record(program.graph_module, garbage_collect_values=False).run(*(batch[k] for k in captured.input_names))
-        sizes = []
-        for names in hop.hop_values(program):
+        sizes, model_sizes, rows, sent = [], [], [], []
+        for s, names in enumerate(hop.hop_values(program)):
             storages = {id(t._base if t._base is not None else t): t._base if t._base is not None else t
                         for name in names for t in tree_leaves(values[name]) if isinstance(t, torch.Tensor)}
             sizes.append(sum(t.numel() * t.element_size() for t in storages.values()))
-        real[b] = sizes
-        profiled[b] = [c.at(8) * b for c in prof.hop_bytes]
-    assert len(real[2]) == len(profiled[2]) == 2 + (family != "deepseek_v3")
-    # The program's hop also carries the combine's row -> token index (int64, one per row; one
-    # expert rank here: one row per token), which the captured graph does not have.
-    index = {b: b * 8 * 8 for b in (2, 4)}
+            token = [n for n in names if n.startswith("token_")]  # the combine of MoE layer s runs after the cut
+            assert len(token) == 1 and values[token[0]].dtype == torch.int64
+            rows.append(values[token[0]].numel())
+            tokens = b * 8
+            at_cut = dataclasses.replace(work, hop_per_seq=prof.hop_bytes[s].at(8))  # this cut's, not the mean
+            model_sizes.append(tokens * hop_bytes_per_token(at_cut, rows[-1] / tokens)[0])
+            payload, _ = hop.encode({n: values[n] for n in names})
+            descriptor = int(payload[:8].view(torch.int64).item())
+            sent.append((payload.numel(), 8 + -(-descriptor // 8) * 8))
+        real[b], modelled[b], index[b], wire[b] = sizes, model_sizes, rows, sent
+    assert len(real[2]) == len(modelled[2]) == 2 + (family != "deepseek_v3")
+    if ranks > 1:  # several rows for some tokens, not every token top_k
+        assert all(b * 8 < sum(index[b]) / len(index[b]) < b * 8 * model.config.num_experts_per_tok for b in (2, 4))
     for s in range(len(real[2])):
-        assert real[4][s] - real[2][s] == pytest.approx(profiled[4][s] - profiled[2][s] + index[4] - index[2], abs=1e-6)
-        assert 0 <= real[2][s] - profiled[2][s] - index[2] < 1024
+        assert real[4][s] - real[2][s] == pytest.approx(modelled[4][s] - modelled[2][s], abs=1e-6)
+        for b in (2, 4):
+            assert 0 <= real[b][s] - modelled[b][s] < 1024
+            size, header = wire[b][s]  # the message: header + descriptor, then the tensors 8-byte aligned
+            assert 0 <= size - header - modelled[b][s] < 1024 + 8 * 16
     assert real[2][0] > 2 * 8 * 64 * 4  # at least the residual stream, B x S x H fp32
     assert all(f.quadratic == 0 and f.linear == c.linear for f, c in zip(fused, prof.hop_bytes))

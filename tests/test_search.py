@@ -5,6 +5,7 @@ formulas on hand-computed cases, predictions in the JSON."""
 import dataclasses
 import itertools
 import math
+from functools import partial
 
 import pytest
 
@@ -76,7 +77,7 @@ def brute_force(profile, cluster, G, max_mb, cap, optimizer="adam", shard=True):
                                     work.dispatch_grad_per_row), top_k=work.top_k,
                     sync_bytes=(work.attention_params * work.dtype_bytes,
                                 work.params_per_expert * work.num_moe_layers * work.dtype_bytes),
-                    hop_bytes=hop_bytes_per_token(work) if p > 1 else None)
+                    hop_bytes=partial(hop_bytes_per_token, work) if p > 1 else None)
                 s_dev = math.ceil(G / A)
                 for b in _divisors(s_dev):
                     for m in (m for m in _divisors(s_dev // b) if m <= max_mb):

@@ -16,7 +16,10 @@ identical devices. Every number is per device or per link and *per direction*:
   time (one stage forward or backward of one micro-batch: framework dispatch of the
   stage's graph, kernel launches, small-kernel inefficiency). 0 for the presets (see
   ``_preset``); ``measure()`` measures a proxy of it. JSON written before the field
-  existed loads with 0.
+  existed loads with 0;
+* ``expert_action_overhead`` -- the same for expert actions (EF, EB) where it differs
+  (``None``: ``action_overhead``). A calibration from a real profiling step
+  (``fxdisag.planner.calibrate``) fits the two sides apart.
 
 Ways to get one::
 
@@ -73,6 +76,7 @@ class ClusterSpec:
     inter_node_latency: float
     action_overhead: float = 0.0
     notes: list[str] = field(default_factory=list)
+    expert_action_overhead: float | None = None
 
     def __post_init__(self) -> None:
         for attr in ("num_nodes", "devices_per_node", "nics_per_node"):
@@ -87,6 +91,9 @@ class ClusterSpec:
             value = getattr(self, attr)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"ClusterSpec.{attr} must be finite and >= 0 seconds, got {value!r}")
+        e = self.expert_action_overhead
+        if e is not None and not (e >= 0 and math.isfinite(e)):
+            raise ValueError(f"ClusterSpec.expert_action_overhead must be None or finite and >= 0 seconds, got {e!r}")
         if not self.peak_flops or not all(v > 0 for v in self.peak_flops.values()):
             raise ValueError(f"ClusterSpec.peak_flops must map dtype names to FLOP/s > 0, got {self.peak_flops!r}")
 
@@ -99,6 +106,11 @@ class ClusterSpec:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside this {self.world_size}-device cluster")
         return rank // self.devices_per_node
+
+    @property
+    def expert_overhead(self) -> float:
+        """Fixed seconds per expert action (EF, EB): ``expert_action_overhead`` or ``action_overhead``."""
+        return self.action_overhead if self.expert_action_overhead is None else self.expert_action_overhead
 
     def peak(self, dtype: torch.dtype | str) -> float:
         key = dtype_name(dtype)
@@ -125,7 +137,9 @@ class ClusterSpec:
             f"latency {self.intra_node_latency * 1e6:.3g} us",
             f"  inter-node: {self.nics_per_node} NICs x {self.nic_bandwidth / _GB:.4g} GB/s per node per direction, "
             f"latency {self.inter_node_latency * 1e6:.3g} us",
-            f"  overhead per compute action (F, B, EF, EB of one micro-batch): {_fmt_seconds(self.action_overhead)}",
+            f"  overhead per compute action (F, B, EF, EB of one micro-batch): {_fmt_seconds(self.action_overhead)}"
+            + ("" if self.expert_action_overhead is None
+               else f" (EF, EB: {_fmt_seconds(self.expert_action_overhead)})"),
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

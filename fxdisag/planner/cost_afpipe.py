@@ -23,7 +23,8 @@ The model:
   round robin. The stage times are one pair's (its sub-cluster); the dispatch and its
   gradient stay inside the pair, the combine and its gradient cross to the next pair's
   attention group (all bytes over NICs), and the hop (residual stream etc.,
-  ``Workload.hop_per_seq``; its gradient one row of H per token) leaves with the
+  ``Workload.hop_per_seq``, plus the combine's row -> token index per message row:
+  HOP_BYTES; its gradient one row of H per token) leaves with the
   dispatch and arrives with the combine over the same attention NICs. The cycle is the
   ring of p pairs: L = laps = ceil(J / p) MoE layers per group, R = p x one layer's
   round trip. GPipe: PIPELINE_TIME per phase; 1F1B with k in flight: PIPELINE_1F1B,
@@ -49,6 +50,7 @@ from fxdisag.planner.formulas import (
     ALLREDUCE_TIME,
     ATTENTION_STAGE,
     COMPUTE_ACTION,
+    HOP_BYTES,
     PIPELINE_1F1B,
     PIPELINE_TIME,
     REGION_TIME,
@@ -125,7 +127,7 @@ def expert_time(work: Workload, cluster, rows: float, experts_held: int, backwar
         B=k * (experts_held * work.expert_weight_bytes + rows * work.expert_io_per_row),
         mem_bw=cluster.memory_bandwidth,
     )
-    return COMPUTE_ACTION(recorder, f"{label}, one action", t_work=work_time, overhead=cluster.action_overhead)
+    return COMPUTE_ACTION(recorder, f"{label}, one action", t_work=work_time, overhead=cluster.expert_overhead)
 
 
 def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
@@ -149,8 +151,8 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
                                 recompute[1])
     if recorder is not None:
         layout.record_rows(recorder, work.top_k)
-    hop_f, hop_b = (hop_bytes_per_token(work) if depth > 1 else (0.0, 0.0))
     K = work.top_k
+    hop_f, hop_b = (hop_bytes_per_token(work, layout.rows_per_token(K), recorder) if depth > 1 else (0.0, 0.0))
     for key, per_row, toward, hop, ring in (("dispatch", work.dispatch_per_row, True, hop_f, False),
                                             ("combine", work.combine_per_row, False, hop_f, True),
                                             ("combine_grad", work.combine_grad_per_row, True, hop_b, True),
@@ -165,10 +167,14 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     return t
 
 
-def hop_bytes_per_token(work: Workload) -> tuple[float, float]:
-    """(hop, hop gradient) bytes per token at p > 1: the profiled hop, and one row of H for
-    the residual stream's gradient."""
-    return work.hop_per_seq / work.seq_len, work.expert_input_per_row
+def hop_bytes_per_token(work: Workload, rows_per_token: float, recorder=None) -> tuple[float, float]:
+    """(hop, hop gradient) bytes per token at p > 1: HOP_BYTES (the profiled hop, plus the
+    combine's row -> token index for each of the token's ``rows_per_token`` message rows,
+    ``GroupLayout.rows_per_token``), and one row of H for the residual stream's gradient
+    (the index needs none)."""
+    hop = HOP_BYTES(recorder, "hop per token (live values + row -> token index per message row)",
+                    h_live=work.hop_per_seq / work.seq_len, r=rows_per_token, b_index=work.hop_index_per_row)
+    return hop, work.expert_input_per_row
 
 
 def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, sync: float,

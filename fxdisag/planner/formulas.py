@@ -71,6 +71,13 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
                     the g. A token's rows (its distinct destination ranks) are the sum of P
                     over the ranks; every dispatch / combine byte count is rows x bytes per
                     row (``placement.expected_rows_per_token``)
+    HOP_BYTES       h = h_live + r b_index
+                    bytes per token a pipeline hop (p > 1) carries from attention group g to
+                    g + 1 besides the experts' combine: the values live across the cut
+                    (h_live, profiled per token: ``Workload.hop_per_seq`` / S) plus the
+                    combine's row -> token index, b_index bytes (int64) for each of the
+                    token's r message rows (its distinct destination expert ranks,
+                    ROWS_PER_RANK summed), because the combine that reads it runs on g + 1
 
 The cost model built from them: the inputs (``workload.py``: :class:`Workload`), where
 the two groups sit and what their transfers cost (``placement.py``), the step-time
@@ -115,6 +122,7 @@ __all__ = [
     "MEMORY",
     "ACTIVATIONS",
     "ROWS_PER_RANK",
+    "HOP_BYTES",
     "FORMULAS",
     "Evaluation",
     "explain",
@@ -273,11 +281,20 @@ ROWS_PER_RANK = Formula(
     "the sum over the expert ranks",
 )
 
+_h_live, _r, _b_index = _s("h_live r b_index")
+HOP_BYTES = Formula(
+    "HOP_BYTES",
+    _h_live + _r * _b_index,
+    "bytes per token a pipeline hop (p > 1) carries to the next attention group besides the combine: h_live of "
+    "values live across the cut (profiled), plus the combine's row -> token index, b_index bytes for each of the "
+    "token's r message rows",
+)
+
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, PIPELINE_1F1B,
               INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS,
-              ROWS_PER_RANK)
+              ROWS_PER_RANK, HOP_BYTES)
 }
 
 

@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -341,7 +341,7 @@ class GroupLayout:
         transfer_bytes: tuple[float, float, float, float] | None = None,
         top_k: int | None = None,
         sync_bytes: tuple[float, float] | None = None,
-        hop_bytes: tuple[float, float] | None = None,
+        hop_bytes: tuple[float, float] | Callable[[float], tuple[float, float]] | None = None,
     ) -> "GroupLayout":
         """``nic_split[n]``: NICs of node n given to its attention devices (the rest go to
         its experts). None chooses, per node, the split that minimises the node's slowest
@@ -350,10 +350,12 @@ class GroupLayout:
         rows from ROWS_PER_RANK); ties (no cross-node traffic)
         go to the split closest to the node's share of gradient all-reduce bytes,
         ``sync_bytes`` = (per attention device, per expert of all layers), or to the
-        device ratio without it. ``hop_bytes`` = per-token (hop, hop gradient) bytes: the
-        layout is one group pair of a pipeline of depth p > 1, whose combine and combine
-        gradient cross to the next pair's nodes beside the hop (:func:`ring_transfer`), and
-        the split is chosen for those transfers."""
+        device ratio without it. ``hop_bytes`` = per-token (hop, hop gradient) bytes, or a
+        function of a token's message rows giving them (``cost_afpipe.hop_bytes_per_token``:
+        the hop carries the combine's row -> token index, one per row; evaluated with the
+        node's rows per token): the layout is one group pair of a pipeline of depth p > 1,
+        whose combine and combine gradient cross to the next pair's nodes beside the hop
+        (:func:`ring_transfer`), and the split is chosen for those transfers."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown placement strategy {strategy!r}; choose from {STRATEGIES}")
         dpn, N = cluster.devices_per_node, cluster.num_nodes
@@ -442,7 +444,7 @@ def expert_owners(attention_ranks: list[int], placement: list[list[int]], domain
 
 
 def _best_nic_split(cluster, node: NodeShare, num_experts: int, top_k: int | None, transfer_bytes,
-                    weight: float, hop_bytes: tuple[float, float] | None = None) -> float:
+                    weight: float, hop_bytes=None) -> float:
     """NICs for the attention devices of ``node``: the split with the fastest slowest transfer
     (``transfer_bytes`` per message row, times the node's rows per token); ties (e.g. no
     cross-node traffic) go to the split closest to ``weight`` x NICs."""
@@ -463,7 +465,7 @@ def _best_nic_split(cluster, node: NodeShare, num_experts: int, top_k: int | Non
             )
         else:  # p > 1: dispatch inside the pair, combine across to the next (with the hop)
             d, c, gc, gd = transfer_bytes
-            hf, hb = hop_bytes
+            hf, hb = hop_bytes(rows[0] + rows[1]) if callable(hop_bytes) else hop_bytes  # rows: this node's
             t = max(_node_transfer(cluster, split, d, rows, toward_experts=True, latency=0.0, hop=hf),
                     _node_ring_transfer(cluster, split, c, rows, hf, toward_experts=False),
                     _node_ring_transfer(cluster, split, gc, rows, hb, toward_experts=True),

@@ -44,6 +44,7 @@ would, when one layer's attention side per group already exceeds a device).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -190,8 +191,9 @@ def _layout_options(work: Workload, cluster, depth: int, attention, experts, opt
     return [(cluster.num_nodes, "replicas")]
 
 
-def _hop_bytes(work: Workload, depth: int) -> tuple[float, float] | None:
-    return hop_bytes_per_token(work) if depth > 1 else None
+def _hop_bytes(work: Workload, depth: int):
+    """p > 1: (hop, hop gradient) bytes per token as a function of a token's message rows."""
+    return functools.partial(hop_bytes_per_token, work) if depth > 1 else None
 
 
 def _build_layout(work: Workload, sub, depth: int, attention, experts, d: int, strategy: str) -> GroupLayout:
@@ -430,7 +432,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
     for key, per_row in zip(("dispatch", "combine", "combine_grad", "dispatch_grad"), _transfer_bytes(work)):
         breakdown[f"{key}_bytes"] = rows * per_row  # per attention device per micro-batch
     if p > 1:
-        hop_f, hop_b = hop_bytes_per_token(work)
+        hop_f, hop_b = hop_bytes_per_token(work, layout.rows_per_token(work.top_k))
         breakdown["hop_bytes"], breakdown["hop_grad_bytes"] = tokens * hop_f, tokens * hop_b
     breakdown["link_latency"] = sub.inter_node_latency if layout.domain_nodes > 1 or p > 1 else sub.intra_node_latency
     shift = sub.world_size

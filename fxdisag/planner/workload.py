@@ -15,8 +15,10 @@ Units: FLOPs, bytes, parameters (counts); per sequence at ``seq_len``, per route
 the ``*_per_row`` transfer fields; how many rows a token sends is the layout's,
 ``placement.expected_rows_per_token``) or per token as each field says;
 ``hop_per_seq``: the bytes a pipeline hop carries
-between attention groups at p > 1 (hop design: docs/CONTRACTS.md). No formula is
-evaluated here (``formulas.py``).
+between attention groups at p > 1 (hop design: docs/CONTRACTS.md), and
+``hop_index_per_row``: what it carries besides, per message row (the combine's row ->
+token index; the cost model's HOP_BYTES adds the two). No formula is evaluated here
+(``formulas.py``).
 """
 
 from __future__ import annotations
@@ -113,6 +115,11 @@ class Workload:
     # 0 when the profile did not measure it. Its gradient is the residual's: about H x dtype
     # per token.
     hop_per_seq: float = 0.0
+    # per message row: the combine's row -> token index (``token`` of runtime/dispatch.py
+    # ``pack``, int64), made on group g and read by the combine on group g+1, so it crosses
+    # the hop beside hop_per_seq (which the profile measures on the captured graph, where
+    # there is no dispatch). Rows per token are the layout's (HOP_BYTES).
+    hop_index_per_row: float = 8.0
     # Per attention stage s = 0..J (stage 0 holds pre and MoE layer 0's attention side,
     # stage j MoE layer j's, stage J the post regions): parameters, and activations kept
     # per sequence. What a device of an attention group holds at p > 1 is the sum over its
