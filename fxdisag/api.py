@@ -23,6 +23,7 @@ call runs the schedule's forward phase; ``loss.backward()`` runs the backward ph
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch import nn
 
 from fxdisag.capture import CapturedModel, capture
@@ -668,7 +670,7 @@ def build(
         group_experts = len(plan.expert_ranks)
     # An expert rank never runs pack(); any attention rank's table gives it a valid graph.
     router = rank if rank in plan.attention_ranks else base.attention_ranks[0]
-    gm = insert_dispatch(captured.graph_module, captured.layout, routing.owner_slot(router), group_experts)
+    gm = insert_dispatch(_graph_copy(captured.graph_module), captured.layout, routing.owner_slot(router), group_experts)
     program = split_stages(gm)
     if schedule is None:
         schedule = plan.schedule(len(program.boundaries))
@@ -699,6 +701,16 @@ def build(
     return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused,
                               expert_weights=expert_weights, compile_stages=compile_stages, weights=source,
                               timeout=timeout, check_inputs=check_inputs)
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule on a copy of ``gm``'s graph, sharing its modules and parameters: the
+    passes rewrite the copy in place, so the captured model builds again (a profiling
+    step's probe, a re-plan) with the graph it was captured with."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # the pytree in/out spec
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def _weight_source(model: nn.Module, weights, seed: int, expert_weights: str) -> WeightSource | None:

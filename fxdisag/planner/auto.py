@@ -9,18 +9,27 @@ rank -- returns the same :class:`Plan` on every rank:
 3. the fastest predicted plan among those the runtime executes as one call per step:
    ``attention ranks x micro-batches x micro-batch size == the example's batch`` and no
    gradient-accumulation rounds (the search is pinned to each such (A, m) and the best
-   prediction wins), at pipeline depth 1 with the GPipe schedule: on the emulated
-   cluster the runtime's 1F1B measures slower than the cost model predicts
+   prediction wins; a near tie, within ``TIE`` = 5% of the best, goes to the fewest
+   micro-batches: fewer actions, less exposure to the per-action overhead the profiling
+   step fits least surely, and a choice that does not flip with that fit's noise, about
+   +-10% from run to run in benchmarks/RESULTS.md), at pipeline depth 1 with the GPipe
+   schedule: on the emulated cluster the runtime's 1F1B measures slower than the cost model predicts
    (benchmarks/RESULTS.md, "Schedules and pipeline depth"), and depth > 1 refuses tied
    embeddings, so "auto" keeps to what it measured best until the cost model is
    calibrated against those runs;
-4. rank 0's plan is broadcast, so ranks whose measurements differ agree.
+4. with ``calibrate`` (default: when the cluster is measured, ``cluster=None``): a real
+   profiling step of that plan's split (``calibrate.probe``: the stage programs' time per
+   action and per FLOP, measured on the ranks that run them), then step 3 again, each
+   candidate with the profile and cluster calibrated around its micro-batch size. A model that cannot run a step (meta device, a batch
+   without labels) keeps the a priori plan, and the log says why;
+5. rank 0's plan is broadcast, so ranks whose measurements differ agree.
 
 ``num_microbatches`` pins m (the torch.compile option ``microbatches``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -33,6 +42,10 @@ from fxdisag.planner.search import PlanError, plan
 
 __all__ = ["auto_plan", "runnable_plan"]
 
+log = logging.getLogger("fxdisag.planner")
+
+TIE = 0.05  # relative: predictions this close count as equal (step 3 of the contract)
+
 
 def _param_dtype(captured) -> torch.dtype:
     for p in captured.graph_module.parameters():
@@ -41,13 +54,17 @@ def _param_dtype(captured) -> torch.dtype:
 
 
 def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int,
-                  num_microbatches: int | None = None) -> tuple[Plan, list[str]]:
+                  num_microbatches: int | None = None, tie: float = TIE,
+                  calibration=None) -> tuple[Plan, list[str]]:
     """The fastest predicted plan the runtime runs in one call per step, and why others were not.
 
     Pins the search to every (attention ranks A, micro-batches m) with A x m x b == batch and
-    keeps plans without gradient-accumulation rounds.
+    keeps plans without gradient-accumulation rounds. Among the plans within ``tie`` of the
+    fastest prediction, the one with the fewest micro-batches (then the fastest) wins.
+    ``calibration`` (``calibrate.Calibration``): each candidate is predicted with the
+    profiling step's fit around its micro-batch size (``Calibration.apply``).
     """
-    best: Plan | None = None
+    candidates: list[Plan] = []
     notes: list[str] = []
     for a in range(1, cluster.world_size):
         if batch % a:
@@ -56,9 +73,11 @@ def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int,
         per_rank = batch // a
         for m in (d for d in range(1, per_rank + 1) if per_rank % d == 0
                   and num_microbatches in (None, d)):
+            p_, c_ = (prof, cluster) if calibration is None else calibration.apply(
+                prof, cluster, calibration.microbatches_for(per_rank // m))
             try:
                 candidate = plan(
-                    prof, cluster, batch, seq_len=seq_len, num_attention=a, num_microbatches=m,
+                    p_, c_, batch, seq_len=seq_len, num_attention=a, num_microbatches=m,
                     microbatch_size=per_rank // m, pipeline_depth=1, schedule="gpipe",
                 )
             except PlanError as exc:
@@ -67,19 +86,27 @@ def runnable_plan(prof, cluster: ClusterSpec, batch: int, seq_len: int,
             if candidate.grad_accumulation != 1:
                 notes.append(f"{a} attention ranks, m={m}: {candidate.grad_accumulation} accumulation rounds")
                 continue
-            if best is None or candidate.step_time < best.step_time:
-                best = candidate
-    if best is None:
+            candidates.append(candidate)
+    if not candidates:
         raise PlanError(
             f"no runnable AF-pipe plan for a batch of {batch} sequences on {cluster.describe()}:\n  "
             + "\n  ".join(notes[:8])
         )
+    fastest = min(c.step_time for c in candidates)
+    near = [c for c in candidates if c.step_time <= fastest * (1 + tie)]
+    best = min(near, key=lambda c: (c.num_microbatches, c.step_time))
     return best, notes
 
 
+def _split(plan: Plan) -> str:
+    return f"{len(plan.attention_ranks)}A+{len(plan.expert_ranks)}E"
+
+
 def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None,
-              num_microbatches: int | None = None) -> Plan:
+              num_microbatches: int | None = None, calibrate: bool | None = None) -> Plan:
     world = dist.get_world_size() if dist.is_initialized() else None
+    if calibrate is None:
+        calibrate = cluster is None and world is not None and world > 1
     if cluster is None:
         cluster = ClusterSpec.measure()
     elif isinstance(cluster, str):
@@ -89,6 +116,23 @@ def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None
     batch, seq = example_inputs["input_ids"].shape
     prof = profile(captured, batch_size=1, seq_len=seq, dtype=_param_dtype(captured))
     best, _ = runnable_plan(prof, cluster, batch, seq, num_microbatches)
+    if calibrate:
+        from fxdisag.planner.calibrate import CalibrationError, probe
+
+        if dist.is_initialized():  # the probe is collective: every rank probes rank 0's split
+            box = [best.to_json()]
+            dist.broadcast_object_list(box, src=0)
+            best = Plan.from_json(box[0])
+        try:
+            cal = probe(captured, example_inputs, prof, cluster, best)
+        except CalibrationError as exc:
+            log.warning("plan='auto': no profiling step (%s); planning a priori from the profile's FLOPs", exc)
+        else:
+            a_priori = best
+            best, _ = runnable_plan(prof, cluster, batch, seq, num_microbatches, calibration=cal)
+            log.info("plan='auto': profiling step of %s in %.1f s: %s; a priori m=%d (%s), calibrated m=%d (%s)",
+                     cal.plan, cal.seconds, cal.describe(), a_priori.num_microbatches,
+                     _split(a_priori), best.num_microbatches, _split(best))
     if dist.is_initialized():
         box = [best.to_json()]
         dist.broadcast_object_list(box, src=0)
