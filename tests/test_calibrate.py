@@ -150,12 +150,15 @@ def test_probe_fits_real_steps_and_leaves_the_model_as_it_was():
     J = r0["layers"]
     for side, ranks, per_mb in (("attention", [0], 2 * (J + 1)), ("experts", [1, 2], 2 * J)):
         fit = cal[side]
-        assert fit["overhead"] >= 0 and fit["k"] > 0
+        # tiny stages may be all overhead on a loaded host: k = 0 is a valid fit there
+        assert fit["overhead"] >= 0 and fit["k"] >= 0 and fit["overhead"] + fit["k"] > 0
         for r in ranks:
             pts = fit["points"][r]
             # every compute action of the schedule was counted, at each probe's m
             assert [p[0] for p in pts] == [per_mb * m for m in cal["microbatches"]]
             assert all(p[1] > 0 and 0 < p[2] <= p[3] for p in pts)
+            # the side's fit (median over its ranks) prices each probe of each rank within 2x
+            assert all(0.5 * y <= n * fit["overhead"] + fit["k"] * w <= 2 * y for n, w, y, _ in pts)
     # the measured routing is eager's own routing on this placement (experts 0-3 on rank 1, 4-7 on rank 2)
     rows, busiest = _eager_routing(8, 16, [1] * 4 + [2] * 4)
     routing = cal["routing"]

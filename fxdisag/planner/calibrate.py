@@ -39,7 +39,8 @@ bandwidth (the fit holds the memory time), ``action_overhead`` = the attention s
 predicts in the seconds the probes measured; the links stay as measured.
 
 The probe leaves the model as it found it: every parameter's ``.grad`` and the RNG states
-are restored, the probes' expert slices are dropped. A meta-device model or a batch
+are restored, the probes' expert slices are dropped (the process groups each probe's build
+made stay until the job ends: ``new_group`` is collective, destroying them would be too). A meta-device model or a batch
 without ``labels`` cannot run a step: :func:`probe` raises :class:`CalibrationError`
 saying so (``auto_plan`` then plans a priori, and logs why).
 """
@@ -221,7 +222,7 @@ def fit_side(points: Mapping[int, list[tuple]], fallback_overhead: float) -> Sid
 ROUTE_SAMPLE = 2048  # tokens per MoE layer whose top_k ids an attention rank keeps in the probe
 
 
-def _rows_per_token(routes: Mapping[int, torch.Tensor], owner: tuple[int, ...]) -> tuple[float, int] | None:
+def _rows_per_token(routes: Mapping[int, torch.Tensor], owner: tuple[int, ...]) -> tuple[int, int] | None:
     """(sum over sampled tokens of their distinct destination ranks, tokens) of one attention rank."""
     table = torch.tensor(owner)
     total, count = 0, 0
