@@ -180,12 +180,6 @@ def _scaled(work, k_attention: float, k_experts: float):
     )
 
 
-def _attention_busy(times: Mapping[str, float], num_layers: int, m: int) -> float:
-    """Modelled attention-side compute of one rank per step from ``attention_times``."""
-    return m * (times["pre_f"] + times["post_f"] + times["pre_b"] + times["post_b"]
-                + num_layers * (times["attn_f"] + times["attn_b"]))
-
-
 def layout_of(plan, cluster, num_experts: int):
     """The partitioner's GroupLayout that produced ``plan``'s placement (one device per node)."""
     from fxdisag.planner.placement import STRATEGIES, GroupLayout
@@ -204,7 +198,7 @@ def predict_afpipe(work, cluster, layout, seqs_per_mb: int, m: int, measured_att
                    measured_experts: float | None = None) -> Prediction:
     """AF-pipe step: a priori, and calibrated to the measured compute per step (seconds,
     busiest attention rank / busiest expert rank) when given."""
-    from fxdisag.planner.cost_afpipe import afpipe_stage_times, afpipe_times
+    from fxdisag.planner.cost_afpipe import afpipe_stage_times, afpipe_times, attention_busy
 
     a_priori = afpipe_times(work, cluster, layout, seqs_per_mb, m, 1)["step"]
     if measured_attention is None or measured_experts is None:
@@ -212,7 +206,7 @@ def predict_afpipe(work, cluster, layout, seqs_per_mb: int, m: int, measured_att
     flat = _no_memory_bound(cluster)
     st = afpipe_stage_times(work, flat, layout, seqs_per_mb)
     L = work.num_moe_layers
-    k_a = measured_attention / _attention_busy(st, L, m)
+    k_a = measured_attention / attention_busy(st, L, m)
     k_e = measured_experts / (m * L * (st["expert_f"] + st["expert_b"]))
     calibrated = afpipe_times(_scaled(work, k_a, k_e), flat, layout, seqs_per_mb, m, 1)["step"]
     return Prediction(a_priori, calibrated, k_a, k_e)
@@ -224,7 +218,7 @@ def predict_ep(work, cluster, world: int, seqs_per_rank: int, m: int, measured_a
     Without ``overlap``: m micro-batches one after the other (``rounds=m``,
     ``step_no_overlap``); with it: m/2 rounds of a micro-batch pair, each half's all-to-all
     behind the other's compute (``step_overlap``, the runtime's ``ep_schedule(overlap=True)``)."""
-    from fxdisag.planner.cost_afpipe import attention_times, expert_time
+    from fxdisag.planner.cost_afpipe import attention_busy, attention_times, expert_time
     from fxdisag.planner.cost_ep import ep_times
 
     if seqs_per_rank % m or (overlap and m % 2):
@@ -240,7 +234,7 @@ def predict_ep(work, cluster, world: int, seqs_per_rank: int, m: int, measured_a
     L = work.num_moe_layers
     rows = seqs * work.seq_len * work.top_k
     held = work.num_experts // world
-    k_a = measured_attention / _attention_busy(attention_times(work, flat, seqs), L, m)
+    k_a = measured_attention / attention_busy(attention_times(work, flat, seqs), L, m)
     modelled_experts = m * L * (expert_time(work, flat, rows, held, False) + expert_time(work, flat, rows, held, True))
     k_e = measured_experts / modelled_experts
     calibrated = ep_times(_scaled(work, k_a, k_e), flat, world, seqs_arg, rounds)[key]

@@ -63,12 +63,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fxdisag.runtime.dispatch import ROUTE_SAMPLE, tokens_reaching
 from fxdisag.runtime.faults import wait_work
 
 __all__ = ["BalanceReport", "ExpertBalancer", "StepModel", "balance_swaps", "objective"]
 
-# Tokens per MoE layer whose routed experts the attention ranks keep between decisions.
-ROUTE_SAMPLE = 2048
 
 log = logging.getLogger("fxdisag")
 
@@ -170,10 +169,8 @@ class StepModel:
             total += 3 * self.seconds_per_pair * max(per.values())
             sample = self.routes[j]
             if sample.numel() and self.bandwidth < float("inf"):
-                on = owner[sample.clamp(min=0)]
-                valid = sample >= 0
                 scale = self.tokens[j] / sample.shape[0]
-                to_rank = [float(((on == r) & valid).any(1).sum()) * scale for r in self.ranks]
+                to_rank = [n * scale for n in tokens_reaching(sample, owner, self.ranks)]
                 busiest = max(sum(to_rank) / self.num_attention, max(to_rank))
                 total += 2 * self.row_bytes * busiest / self.bandwidth
         return total

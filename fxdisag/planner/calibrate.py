@@ -60,6 +60,7 @@ import torch.distributed as dist
 
 from fxdisag.planner.cluster import ClusterSpec
 from fxdisag.planner.plan import Plan
+from fxdisag.runtime.dispatch import ROUTE_SAMPLE, tokens_reaching
 
 __all__ = ["Calibration", "CalibrationError", "MeasuredRouting", "SideFit", "probe", "fit_side"]
 
@@ -219,18 +220,12 @@ def fit_side(points: Mapping[int, list[tuple]], fallback_overhead: float) -> Sid
     return SideFit(overhead, k, {r: list(p) for r, p in points.items()})
 
 
-ROUTE_SAMPLE = 2048  # tokens per MoE layer whose top_k ids an attention rank keeps in the probe
-
-
 def _rows_per_token(routes: Mapping[int, torch.Tensor], owner: tuple[int, ...]) -> tuple[int, int] | None:
     """(sum over sampled tokens of their distinct destination ranks, tokens) of one attention rank."""
     table = torch.tensor(owner)
-    total, count = 0, 0
-    for ids in routes.values():
-        ranks = table[ids]  # [tokens, top_k]
-        distinct = 1 + (ranks.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1)
-        total += int(distinct.sum())
-        count += ids.shape[0]
+    ranks = sorted(set(owner))
+    total = sum(sum(tokens_reaching(ids, table, ranks)) for ids in routes.values())
+    count = sum(ids.shape[0] for ids in routes.values())
     return (total, count) if count else None
 
 
@@ -277,11 +272,12 @@ def probe(captured, batch: Mapping[str, torch.Tensor], prof, cluster: ClusterSpe
           steps: int = 3, max_microbatches: int = 16, timeout: float | None = None) -> Calibration:
     """Run ``plan``'s split as real steps and fit the compute terms (module docstring). Collective."""
     from fxdisag.api import DEFAULT_TIMEOUT, build
-    from fxdisag.planner.cost_afpipe import attention_times, expert_time
+    from fxdisag.weights import is_meta_model
+    from fxdisag.planner.cost_afpipe import attention_busy, attention_times, expert_time
     from fxdisag.planner.workload import Workload
 
     model = captured.model
-    if any(p.is_meta for p in model.parameters()):
+    if is_meta_model(model):
         raise CalibrationError("the model is on the meta device: a profiling step needs its weights")
     if "labels" not in batch:
         raise CalibrationError("the example batch has no 'labels': a profiling step needs a loss to run backward")
@@ -329,8 +325,7 @@ def probe(captured, batch: Mapping[str, torch.Tensor], prof, cluster: ClusterSpe
             *_, n_att, n_exp = busy[-1]
             if rank in plan.attention_ranks:
                 t = attention_times(work, flat, per_rank // m, recompute=p.recompute.get("attention", False))
-                w = m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"]
-                         + work.num_moe_layers * (t["attn_f"] + t["attn_b"]))
+                w = attention_busy(t, work.num_moe_layers, m)
                 mine["attention"].append((n_att, w, y, y_busy))
             else:
                 pairs = sum(sum(c.values()) for c in dm.expert_token_counts().values()) / steps

@@ -65,6 +65,7 @@ __all__ = [
     "afpipe_sync",
     "afpipe_sync_parts",
     "afpipe_times",
+    "attention_busy",
     "attention_times",
     "hop_bytes_per_token",
     "expert_time",
@@ -167,6 +168,13 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     return t
 
 
+def attention_busy(times: dict[str, float], num_layers: int, m: int) -> float:
+    """One attention rank's compute per step (one round) from :func:`attention_times`: m
+    micro-batches of pre + ``num_layers`` attention stages + post, forward and backward."""
+    return m * (times["pre_f"] + times["post_f"] + times["pre_b"] + times["post_b"]
+                + num_layers * (times["attn_f"] + times["attn_b"]))
+
+
 def hop_bytes_per_token(work: Workload, rows_per_token: float, recorder=None) -> tuple[float, float]:
     """(hop, hop gradient) bytes per token at p > 1: HOP_BYTES (the profiled hop, plus the
     combine's row -> token index for each of the token's ``rows_per_token`` message rows,
@@ -211,7 +219,7 @@ def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, s
         raise ValueError(f"schedule={schedule!r}: the cost model knows 'gpipe' and '1f1b'")
     t["sync"] = sync
     t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
-    busy_a = rounds * m * (t["pre_f"] + t["post_f"] + t["pre_b"] + t["post_b"] + L * (t["attn_f"] + t["attn_b"]))
+    busy_a = rounds * attention_busy(t, L, m)
     busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"])
     t["util_attention"] = busy_a / t["step"] if t["step"] > 0 else 0.0
     t["util_experts"] = busy_e / t["step"] if t["step"] > 0 else 0.0

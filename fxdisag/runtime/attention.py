@@ -106,8 +106,9 @@ class AttentionHandlers:
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
         self.grad_sync = GradSync(self.params, [RowGroup(self.params, attention_group, timeout=mailbox.timeout)])
-        # Each token's routed experts, sampled in training steps for a balancer (fxdisag.balance):
-        # off (0) unless asked, then at most this many tokens per MoE layer until cleared.
+        # Each token's routed experts, sampled in training steps for the balancer (fxdisag.balance)
+        # and the planner's profiling step (planner/calibrate.py): off (0) unless asked, then at
+        # most this many tokens per MoE layer (dispatch.ROUTE_SAMPLE) until cleared.
         self.route_sample_cap = 0
         self.route_samples: dict[int, list[torch.Tensor]] = {}
 

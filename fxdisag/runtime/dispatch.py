@@ -40,7 +40,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["pack", "expand", "reduce_rows", "expert_rows", "combine", "row_ranks"]
+__all__ = ["pack", "expand", "reduce_rows", "expert_rows", "combine", "row_ranks", "tokens_reaching",
+           "ROUTE_SAMPLE"]
+
+# Tokens per MoE layer whose routed experts an attention rank keeps when asked to sample
+# (``DisaggregatedModel.sample_routes``: the balancer, the planner's profiling step).
+ROUTE_SAMPLE = 2048
 
 
 def pack(
@@ -67,6 +72,15 @@ def pack(
 def row_ranks(ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """The expert-rank slot of every row of ``pack`` (its valid slots all share one)."""
     return owner[ids.amax(dim=1)]
+
+
+def tokens_reaching(ids: torch.Tensor, owner: torch.Tensor, ranks) -> list[int]:
+    """For each of ``ranks``, how many tokens of ``ids`` ([tokens, top_k] expert ids, -1:
+    none) have at least one expert on it under ``owner`` (rank per expert): the message rows
+    each rank gets, one per (token, rank), as :func:`pack` makes them."""
+    on = owner[ids.clamp(min=0)]
+    valid = ids >= 0
+    return [int(((on == r) & valid).any(1).sum()) for r in ranks]
 
 
 def expand(xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor
