@@ -178,6 +178,7 @@ class DisaggregatedModel(nn.Module):
                 schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
                 self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
                 stages=stage_map, row_format=(self.layout.hidden_size, dtype), compile_stages=compile_stages,
+                chunks=schedule.chunks,
             )
             self.runner.register(self._attention)
         if self.has_experts:
@@ -208,6 +209,7 @@ class DisaggregatedModel(nn.Module):
                 self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
                 hops=stage_map.hops if multi else frozenset(), compile_stages=compile_stages,
+                chunks=schedule.chunks,
             )
             self.runner.register(self._experts)
         # This rank's data-parallel replicas (its attention group) and, per set of experts it

@@ -51,6 +51,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-microbatches", type=int, default=None, help="pin the number of micro-batches")
     p.add_argument("--pipeline-depth", type=int, default=None, help="pin the pipeline depth p (default: searched)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default=None, help="pin the schedule (default: searched)")
+    p.add_argument("--chunks", action="store_true",
+                   help="solve the chosen plan's chunks of each MoE layer's dispatch -> experts -> combine "
+                        "(forward and backward; depth 1)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers of the model")
 
 
@@ -133,6 +136,7 @@ def plan_from_args(args: argparse.Namespace):
         num_microbatches=args.num_microbatches,
         pipeline_depth=args.pipeline_depth,
         schedule=args.schedule,
+        chunks=bool(getattr(args, "chunks", False)),
     )
     return result, prof, cluster
 
@@ -166,7 +170,8 @@ def simulate_plan(result):
 
     Returns (SimResult with the all-reduce, SimResult without it, step-time estimate for
     all rounds, (A', F'))."""
-    from fxdisag.schedule import ActionKind, af_pipe_schedule
+    from fxdisag.schedule import ActionKind, af_pipe_schedule, chunk_schedule
+    from fxdisag.schedule.actions import num_chunks
     from fxdisag.schedule.simulate import LinkModel, simulate
 
     t = result.breakdown
@@ -206,8 +211,9 @@ def simulate_plan(result):
             if not k.is_compute:
                 return 0.0
             d = "b" if k.is_backward else "f"
-            if k.role == "E":
-                return t[f"expert_{d}"]
+            if k.role == "E":  # a chunk: one action's overhead and its share of the work
+                r, fixed = num_chunks(schedule.chunks, k, s), min(t.get("fixed_expert", 0.0), t[f"expert_{d}"])
+                return fixed + (t[f"expert_{d}"] - fixed) / r
             return (t[f"pre_{d}"] if s == 0 else 0.0) + (t[f"attn_{d}"] if s < J else 0.0) + (t[f"post_{d}"] if s == J else 0.0)
         return fn
 
@@ -215,9 +221,12 @@ def simulate_plan(result):
                    "GD": t["dispatch_grad_bytes"]}
 
     def message_bytes(src: int, action, dst: int) -> float:
-        return per_message[action.kind.channel] / f  # an attention rank's rows split evenly over the experts
+        # an attention rank's rows split evenly over the experts, and over a chunked layer's chunks
+        return per_message[action.kind.channel] / f / num_chunks(schedule.chunks, action.kind, action.stage)
 
     schedule = af_pipe_schedule(attention, experts, J, m)
+    if result.chunks:
+        schedule = chunk_schedule(schedule, {j: tuple(c) for j, c in enumerate(result.chunks) if max(c) > 1})
     link = _Link()
     with_reduce = simulate(schedule, compute_time(True), message_bytes, link)
     without = simulate(schedule, compute_time(False), message_bytes, link, check=False)

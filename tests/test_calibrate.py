@@ -158,7 +158,9 @@ def test_probe_fits_real_steps_and_leaves_the_model_as_it_was():
             assert [p[0] for p in pts] == [per_mb * m for m in cal["microbatches"]]
             assert all(p[1] > 0 and 0 < p[2] <= p[3] for p in pts)
             # the side's fit (median over its ranks) prices each probe of each rank within 2x
-            assert all(0.5 * y <= n * fit["overhead"] + fit["k"] * w <= 2 * y for n, w, y, _ in pts)
+            assert all(0.5 * y <= n * fit["overhead"] + fit["k"] * w <= 2 * y for n, w, y, *_ in pts)
+            # each timed step's compute is kept (one here), and the point's compute is their median
+            assert all(p[4] == (p[2],) for p in pts)
     # the measured routing is eager's own routing on this placement (experts 0-3 on rank 1, 4-7 on rank 2)
     rows, busiest = _eager_routing(8, 16, [1] * 4 + [2] * 4)
     routing = cal["routing"]
@@ -242,3 +244,44 @@ def test_the_local_fit_goes_through_the_probes_around_a_micro_batch_count():
         assert n * a + k * w == pytest.approx(y, rel=1e-9)
     cal = Calibration(fit, fit, ms, "1A+1E", 1.0, seqs_per_rank=16)
     assert cal.microbatches_for(4) == 4 and cal.microbatches_for(1) == 16
+
+
+def test_a_choice_inside_the_probes_noise_goes_to_the_fewest_microbatches():
+    from fxdisag.planner.auto import runnable_plan
+    from fxdisag.planner.search import plan
+
+    prof = synthetic_profile(num_layers=2, hidden_size=256, num_experts=8, top_k=2, params_per_expert=3 * 256 * 256,
+                             attention_flops_per_token=3e6, head_flops_per_token=1e5, dtype_bytes=4)
+    cluster = ClusterSpec.cpu(2, flops=80e9, bandwidth=0.05e9, action_overhead=1e-3)
+    ms, w = (1, 4, 16), 0.05
+
+    def side(overheads):  # one rank; each timed step with its own per-action overhead, k = 1.5
+        steps = [[n * o + 1.5 * w for o in overheads] for n in (6, 24, 96)]
+        return SideFit(0.0, 1.5, {0: [(n, w, sorted(ys)[1], 0.0, tuple(ys)) for n, ys in zip((6, 24, 96), steps)]})
+
+    noisy = Calibration(fit_side(side((0.2e-3, 1.6e-3, 0.6e-3)).points, 0.0),
+                        fit_side(side((0.2e-3, 1.2e-3, 0.5e-3)).points, 0.0), ms, "1A+1E", 1.0, seqs_per_rank=16)
+    quiet = dataclasses.replace(  # the same median fit, no per-step times: nothing to resample
+        noisy, attention=dataclasses.replace(noisy.attention, points={0: [p[:4] for p in noisy.attention.points[0]]}),
+        experts=dataclasses.replace(noisy.experts, points={0: [p[:4] for p in noisy.experts.points[0]]}))
+    assert len(noisy.resamples()) == 3 and quiet.resamples() == []
+
+    def steps(cal):  # the pinned searches, each candidate with the fit around its m
+        return {m: plan(*cal.apply(prof, cluster, cal.microbatches_for(16 // m)), 16, seq_len=128, num_attention=1,
+                        num_microbatches=m, microbatch_size=16 // m, pipeline_depth=1,
+                        schedule="gpipe", baseline=False).step_time for m in (1, 2, 4, 8, 16)}
+
+    main, per_step = steps(noisy), [steps(c) for c in noisy.resamples()]
+    assert steps(quiet) == main
+    changed = False
+    for tie in (0.0, 0.02, 0.05, 0.1, 0.2):
+        near = {m for m, t in main.items() if t <= min(main.values()) * (1 + tie)}
+        resolved = min(near)
+        for s in per_step:
+            near |= {m for m, t in s.items() if t <= min(s.values()) * (1 + tie)}
+        chosen, notes = runnable_plan(prof, cluster, 16, 128, tie=tie, calibration=noisy)
+        assert chosen.num_microbatches == min(near), tie
+        assert runnable_plan(prof, cluster, 16, 128, tie=tie, calibration=quiet)[0].num_microbatches == resolved
+        assert any("does not resolve" in n for n in notes) == (min(near) != resolved)
+        changed |= min(near) != resolved
+    assert changed  # the per-step fits decided at least one of these choices

@@ -42,7 +42,8 @@ CASES = [
 
 def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = "afpipe",
            schedule_kind: str = "gpipe", depth: int = 1, num_layers: int = 2, assignment: str = "round_robin",
-           optimizer: str = "adamw", stage_costs: dict | None = None, top_k: int | None = None) -> dict:
+           optimizer: str = "adamw", stage_costs: dict | None = None, top_k: int | None = None,
+           chunks: list | None = None) -> dict:
     import fxdisag
     from fxdisag.testing.models import example_batch, tiny_model
     from fxdisag.planner.plan import Plan
@@ -59,6 +60,8 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
                            layer_assignment=assignment)
     if stage_costs:
         plan = dataclasses.replace(plan, stage_costs=stage_costs)
+    if chunks:
+        plan = dataclasses.replace(plan, chunks=chunks)
     dmodel = fxdisag.disaggregate(model, batches[0], plan)
     if optimizer == "zero":  # the README's recipe: attention-side state sharded over the replicas
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -242,6 +245,26 @@ EP_OVERLAP_CASES = [("qwen3_moe", 2, 2, {}), ("deepseek_v3", 4, 2, {}), ("gpt_os
                          ids=[f"{c[0]}-ep{c[1]}-m{c[2]}{'-ordered' if c[3] else ''}" for c in EP_OVERLAP_CASES])
 def test_overlapped_expert_parallel_matches_eager(family, world, m, env):
     _check_against_eager(run_distributed(_train, world, family, world, m, "ep-overlap", timeout=240, env=env))
+
+
+# Chunked dispatch -> experts -> combine (Plan.chunks, per MoE layer [forward, backward]):
+# r in {1, 2, 4} each way, backward chunks coarser, finer and equal to the forward ones, a
+# different split per layer, with 1F1B, the NCCL receive discipline and expert parallelism.
+CHUNK_CASES = [
+    ("qwen3_moe", 1, 1, 2, "afpipe", "gpipe", [[2, 2], [4, 4]], {}),
+    ("olmoe", 1, 2, 1, "afpipe", "gpipe", [[4, 2], [2, 1]], {"FXDISAG_P2P_ORDERED": "1"}),
+    ("deepseek_v3", 1, 2, 2, "afpipe", "1f1b", [[2, 4]], {}),
+    ("qwen2_moe", 2, 2, 1, "afpipe", "gpipe", [[4, 4], [2, 4]], {}),
+    ("mixtral", 2, 0, 2, "ep-overlap", "gpipe", [[2, 1], [4, 2]], {}),
+]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family, n_attn, n_exp, m, mode, kind, chunks, env", CHUNK_CASES,
+                         ids=[f"{c[0]}-{c[4]}-{c[5]}-{'-'.join(f'{f}x{b}' for f, b in c[6])}" for c in CHUNK_CASES])
+def test_chunked_dispatch_matches_eager(family, n_attn, n_exp, m, mode, kind, chunks, env):
+    _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, mode, kind, 1, 2, "round_robin",
+                                         "adamw", None, None, chunks, timeout=240, env=env))
 
 
 def _check_against_eager(results: list[dict]) -> None:

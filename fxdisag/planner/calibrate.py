@@ -23,7 +23,9 @@ over its ranks. Compute spans are what the cost model's COMPUTE_ACTION stands fo
 runtime's Python between actions (posting, unpacking) is left to the transfer terms,
 whose bandwidth ``ClusterSpec.measure()`` read through the same gloo. One probe only (one
 sequence per attention rank) keeps the measured proxy as the overhead. Each point also
-records the rank's busy time (its serial spans' extent less its waits), for reports.
+records the rank's busy time (its serial spans' extent less its waits), for reports, and
+each timed step's compute: :meth:`Calibration.resamples` fits each step alone, so the planner
+can tell a choice the probe resolves from one inside its noise (``auto.runnable_plan``).
 
 The probe also measures the routing on the probed placement (:class:`MeasuredRouting`):
 a token's message rows (distinct expert ranks) from the attention ranks' sampled top_k ids
@@ -74,11 +76,24 @@ class CalibrationError(RuntimeError):
 @dataclass(frozen=True)
 class SideFit:
     """``compute = n * overhead + k * W`` for one side (seconds), with the points it came from:
-    per rank, per probe, (n, W, compute seconds, busy seconds)."""
+    per rank, per probe, (n, W, compute seconds, busy seconds, each timed step's compute
+    seconds): the compute is the median of those steps."""
 
     overhead: float
     k: float
-    points: dict[int, list[tuple[int, float, float]]] = field(default_factory=dict)
+    points: dict[int, list[tuple]] = field(default_factory=dict)
+
+    @property
+    def timed_steps(self) -> int:
+        """How many timed steps every point holds one by one (its 5th field), 0 if not."""
+        counts = {len(p[4]) if len(p) > 4 else 0 for pts in self.points.values() for p in pts}
+        return min(counts) if counts else 0
+
+    def resample(self, step: int) -> "SideFit":
+        """The fit of the ``step``-th timed step of every probe alone (compute = that step's
+        seconds): how far one step's noise moves the fit."""
+        one = {r: [(p[0], p[1], p[4][step], p[3], p[4]) for p in pts] for r, pts in self.points.items()}
+        return fit_side(one, self.overhead)
 
     def describe(self, name: str) -> str:
         return f"{name}: {self.overhead * 1e3:.3g} ms per action + {self.k:.3g} x the model's compute"
@@ -167,6 +182,19 @@ class Calibration:
                                          f"{list(self.microbatches)}: {self.describe()}"],
         )
         return scaled, tuned
+
+    def resamples(self) -> list["Calibration"]:
+        """One calibration per timed step (:meth:`SideFit.resample` on both sides): the fits
+        the planner's choice must hold against to be one the probe resolves
+        (``auto.runnable_plan``). Empty when the points keep no per-step times."""
+        out = []
+        for s in range(min(self.attention.timed_steps, self.experts.timed_steps)):
+            try:
+                out.append(dataclasses.replace(self, attention=self.attention.resample(s),
+                                               experts=self.experts.resample(s)))
+            except CalibrationError:  # that step alone fits no compute time: it says nothing
+                continue
+        return out
 
     def describe(self) -> str:
         text = f"{self.attention.describe('attention')}; {self.experts.describe('experts')}"
@@ -298,7 +326,7 @@ def probe(captured, batch: Mapping[str, torch.Tensor], prof, cluster: ClusterSpe
     saved_grads = [(p, p.grad) for p in model.parameters()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    mine: dict[str, list[tuple[int, float, float, float]]] = {"attention": [], "experts": []}
+    mine: dict[str, list[tuple]] = {"attention": [], "experts": []}
     routes: dict[int, torch.Tensor] = {}
     pairs_here = None
     try:
@@ -322,17 +350,18 @@ def probe(captured, batch: Mapping[str, torch.Tensor], prof, cluster: ClusterSpe
                     busy.append(_serial_busy(dm.step_spans(), rank))
             y = statistics.median(b[0] for b in busy)
             y_busy = statistics.median(b[1] for b in busy)
+            ys = tuple(b[0] for b in busy)
             *_, n_att, n_exp = busy[-1]
             if rank in plan.attention_ranks:
                 t = attention_times(work, flat, per_rank // m, recompute=p.recompute.get("attention", False))
                 w = attention_busy(t, work.num_moe_layers, m)
-                mine["attention"].append((n_att, w, y, y_busy))
+                mine["attention"].append((n_att, w, y, y_busy, ys))
             else:
                 pairs = sum(sum(c.values()) for c in dm.expert_token_counts().values()) / steps
                 n_held = len(dm.expert_ids)
                 w = (expert_time(work, flat, pairs, n_held, False)
                      + expert_time(work, flat, pairs, n_held, True, recompute=p.recompute.get("experts", False)))
-                mine["experts"].append((n_exp, w, y, y_busy))
+                mine["experts"].append((n_exp, w, y, y_busy, ys))
                 if m == ms[0]:
                     pairs_here = pairs
             log.info("profiling step of %dA+%dE at m=%d: %.1f ms of compute on rank %d", A, len(plan.expert_ranks), m,

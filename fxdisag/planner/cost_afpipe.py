@@ -49,6 +49,7 @@ from __future__ import annotations
 from fxdisag.planner.formulas import (
     ALLREDUCE_TIME,
     ATTENTION_STAGE,
+    CHUNKED_SEGMENT,
     COMPUTE_ACTION,
     HOP_BYTES,
     PIPELINE_1F1B,
@@ -67,6 +68,7 @@ __all__ = [
     "afpipe_times",
     "attention_busy",
     "attention_times",
+    "chunked_stages",
     "hop_bytes_per_token",
     "expert_time",
 ]
@@ -152,6 +154,8 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
                                 recompute[1])
     if recorder is not None:
         layout.record_rows(recorder, work.top_k)
+    # the fixed part of one chunk of each (CHUNKED_SEGMENT): a message's latency, an expert action's overhead
+    t["fixed_transfer"], t["fixed_expert"] = cluster.inter_node_latency, cluster.expert_overhead
     K = work.top_k
     hop_f, hop_b = (hop_bytes_per_token(work, layout.rows_per_token(K), recorder) if depth > 1 else (0.0, 0.0))
     for key, per_row, toward, hop, ring in (("dispatch", work.dispatch_per_row, True, hop_f, False),
@@ -185,42 +189,65 @@ def hop_bytes_per_token(work: Workload, rows_per_token: float, recorder=None) ->
     return hop, work.expert_input_per_row
 
 
+def chunked_stages(stages: dict[str, float], chunks: tuple[int, int] = (1, 1), recorder=None
+                   ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((busiest resource, round trip) forward, (the same) backward) of one MoE layer's stage
+    cycle with its dispatch -> experts -> combine in ``chunks`` = (forward r, backward r')
+    chunks: the round trip is the attention stage plus CHUNKED_SEGMENT, and the expert device
+    pays one action overhead per chunk (the links no more than before: a latency is not busy
+    time). (1, 1): max and sum of the four stages."""
+    out = []
+    for sfx, names, r in (("f", ("dispatch", "expert_f", "combine"), chunks[0]),
+                          ("b", ("combine_grad", "expert_b", "dispatch_grad"), chunks[1])):
+        t_d, t_e, t_c = (stages[n] for n in names)
+        if r == 1:
+            segment = t_d + t_e + t_c
+        else:
+            a_x, a_e = stages.get("fixed_transfer", 0.0), stages.get("fixed_expert", 0.0)
+            segment = CHUNKED_SEGMENT(recorder, f"dispatch -> experts -> combine in {r} chunks, "
+                                      f"{'fwd' if sfx == 'f' else 'bwd'}", r=r, t_d=t_d, t_e=t_e, t_c=t_c,
+                                      a_d=min(a_x, t_d), a_e=min(a_e, t_e), a_c=min(a_x, t_c))
+            t_e = t_e + (r - 1) * min(stages.get("fixed_expert", 0.0), t_e)
+        out.append((max(stages[f"stage_{sfx}"], t_d, t_e, t_c), stages[f"stage_{sfx}"] + segment))
+    return out[0], out[1]
+
+
 def afpipe_step(work: Workload, stages: dict[str, float], m: int, rounds: int, sync: float,
                 recorder=None, *, depth: int = 1, laps: int | None = None, schedule: str = "gpipe",
-                in_flight: int | None = None) -> dict[str, float]:
+                in_flight: int | None = None, chunks: tuple[int, int] = (1, 1)) -> dict[str, float]:
     """AF-pipe step time from stage times (module docstring), with utilisation per group.
 
     ``depth`` p, ``laps`` (MoE layers per group; default all of them at p = 1): the cycle
     is the ring of p group pairs, R = p x one layer's round trip. ``schedule``
     ``"gpipe"``: PIPELINE_TIME per phase, the gradient all-reduce hidden behind the last
     backward phase; ``"1f1b"``: PIPELINE_1F1B with ``in_flight`` micro-batches, the
-    all-reduce hidden behind the last micro-batch's backward chain."""
+    all-reduce hidden behind the last micro-batch's backward chain. ``chunks`` (forward,
+    backward) per MoE layer: :func:`chunked_stages`."""
     L = laps if laps is not None else work.num_moe_layers
     t = dict(stages)
     for sfx in ("f", "b"):
         t[f"stage_{sfx}"] = ATTENTION_STAGE(recorder, f"attention stage, {'fwd' if sfx == 'f' else 'bwd'}",
                                             t_attn=t[f"attn_{sfx}"], t_pre=t[f"pre_{sfx}"],
                                             t_post=t[f"post_{sfx}"], L=L)
-    fwd_stages = (t["stage_f"], t["dispatch"], t["expert_f"], t["combine"])
-    bwd_stages = (t["stage_b"], t["combine_grad"], t["expert_b"], t["dispatch_grad"])
+    (tb_f, R_f), (tb_b, R_b) = chunked_stages(t, chunks, recorder)
     ring = f" (ring of {depth} group pairs)" if depth > 1 else ""
     if schedule == "gpipe":
-        for phase, st in (("fwd", fwd_stages), ("bwd", bwd_stages)):
-            t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}{ring}", L=L, m=m, t_b=max(st),
-                                            R=depth * sum(st))
+        for phase, t_b, R in (("fwd", tb_f, R_f), ("bwd", tb_b, R_b)):
+            t[f"T_{phase}"] = PIPELINE_TIME(recorder, f"MoE pipeline, {phase}{ring}", L=L, m=m, t_b=t_b,
+                                            R=depth * R)
     elif schedule == "1f1b":
         k = in_flight if in_flight is not None else (2 if depth == 1 else 3 * depth)
         total = PIPELINE_1F1B(recorder, f"MoE pipeline, 1F1B{ring}", n=L, m=m, k=min(k, m),
-                              t_fw=max(fwd_stages), t_bw=max(bwd_stages), R_f=depth * sum(fwd_stages),
-                              R_b=depth * sum(bwd_stages))
-        t["T_bwd"] = min(total, L * depth * sum(bwd_stages))  # the last micro-batch's backward chain
+                              t_fw=tb_f, t_bw=tb_b, R_f=depth * R_f, R_b=depth * R_b)
+        t["T_bwd"] = min(total, L * depth * R_b)  # the last micro-batch's backward chain
         t["T_fwd"] = total - t["T_bwd"]
     else:
         raise ValueError(f"schedule={schedule!r}: the cost model knows 'gpipe' and '1f1b'")
     t["sync"] = sync
     t["step"] = STEP_TIME(recorder, "AF-pipe step", r=rounds, T_fwd=t["T_fwd"], T_bwd=t["T_bwd"], t_sync=sync, o=1)
     busy_a = rounds * attention_busy(t, L, m)
-    busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"])
+    busy_e = rounds * m * L * (t["expert_f"] + t["expert_b"]
+                               + sum((r - 1) * t.get("fixed_expert", 0.0) for r in chunks))
     t["util_attention"] = busy_a / t["step"] if t["step"] > 0 else 0.0
     t["util_experts"] = busy_e / t["step"] if t["step"] > 0 else 0.0
     # ideal: every stage perfectly overlapped, only the busiest resource counts

@@ -123,6 +123,7 @@ __all__ = [
     "ACTIVATIONS",
     "ROWS_PER_RANK",
     "HOP_BYTES",
+    "CHUNKED_SEGMENT",
     "FORMULAS",
     "Evaluation",
     "explain",
@@ -290,11 +291,24 @@ HOP_BYTES = Formula(
     "token's r message rows",
 )
 
+_rc, _td, _te, _tc, _ad, _ae, _ac = _s("r t_d t_e t_c a_d a_e a_c")
+_wd, _we, _wc = (_td - _ad) / _rc, _ae + (_te - _ae) / _rc, (_tc - _ac) / _rc
+CHUNKED_SEGMENT = Formula(
+    "CHUNKED_SEGMENT",
+    _ad + _ac + _wd + _we + _wc + (_rc - 1) * sp.Max(_wd, _we, _wc),
+    "one MoE layer's dispatch -> expert compute -> combine of a micro-batch in r equal chunks, a flow shop of "
+    "three stages (the dispatch direction, the expert device, the combine direction): a chunk occupies a "
+    "transfer direction for (t - a) / r (t: the whole transfer, a: its latency, a delay that holds no "
+    "resource) and the expert device for a_e + (t_e - a_e) / r (a_e: one action's overhead). The first chunk "
+    "goes through all three with both latencies, then the busiest stage paces the other r - 1 (equal chunks: "
+    "every order of them takes as long). r = 1 is t_d + t_e + t_c",
+)
+
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, PIPELINE_1F1B,
               INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS,
-              ROWS_PER_RANK, HOP_BYTES)
+              ROWS_PER_RANK, HOP_BYTES, CHUNKED_SEGMENT)
 }
 
 

@@ -46,7 +46,10 @@ Binding fields:
   behind the other's compute: ``ep_schedule(overlap=True)``);
 * ``recompute`` -- activation recomputation per group (``{"attention": bool,
   "experts": bool}``);
-* ``num_moe_layers`` -- when set, must match the model.
+* ``num_moe_layers`` -- when set, must match the model;
+* ``chunks`` -- per MoE layer ``[forward, backward]``: its dispatch -> expert compute ->
+  combine runs as that many chunks in each pass (``fxdisag.schedule.chunk_schedule``;
+  empty: every layer unchunked; depth-1 plans only).
 
 ``grad_accumulation`` (rounds of m micro-batches per optimizer step) binds the training
 loop, which calls forward/backward that many times per optimizer step; the runtime does
@@ -84,7 +87,7 @@ LAYER_ASSIGNMENTS = ("round_robin", "contiguous")  # how MoE layers are dealt ov
 BINDING_FIELDS = (
     "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
     "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
-    "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group", "stage_costs",
+    "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group", "stage_costs", "chunks",
 )
 
 
@@ -135,6 +138,7 @@ class Plan:
     layer_assignment: str = "round_robin"  # p > 1: "round_robin" | "contiguous"
     loss_group: int | None = None  # attention group of the final norm/head/loss (None: Stages.dealt's default)
     stage_costs: dict[str, float] = field(default_factory=dict)  # p > 1: unit durations ring_schedule orders by
+    chunks: list[list[int]] = field(default_factory=list)  # per MoE layer [forward, backward] chunks; empty: 1
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
@@ -175,6 +179,16 @@ class Plan:
         if unknown:
             raise ValueError(f"Plan: recompute names groups {unknown}; the groups are {RECOMPUTE_GROUPS}")
         self.nic_split = [tuple(x) for x in self.nic_split]
+        self.chunks = [list(c) for c in self.chunks]
+        from fxdisag.schedule.actions import MAX_CHUNKS
+
+        if any(len(c) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_CHUNKS
+                                  for r in c) for c in self.chunks):
+            raise ValueError(f"Plan: chunks={self.chunks!r}; give per MoE layer [forward, backward] chunk counts, "
+                             f"ints in 1..{MAX_CHUNKS}")
+        if self.pipeline_depth != 1 and any(max(c) > 1 for c in self.chunks):
+            raise ValueError(f"Plan: chunks with pipeline_depth={self.pipeline_depth}: chunked layers run at depth 1 "
+                             "only (the combine that crosses a hop carries its row count); leave chunks empty")
         self._check_pipeline()
 
     def _check_pipeline(self) -> None:
@@ -414,6 +428,13 @@ class Plan:
                                             self.in_flight)
         else:
             schedule = af_pipe_schedule(self.attention_ranks, self.expert_ranks, layers, self.num_microbatches)
+        if self.chunks:
+            from fxdisag.schedule import chunk_schedule
+
+            if len(self.chunks) != layers:
+                raise ValueError(f"Plan.chunks has {len(self.chunks)} entries; the model has {layers} MoE layers: "
+                                 "give one [forward, backward] pair per MoE layer")
+            schedule = chunk_schedule(schedule, {j: tuple(c) for j, c in enumerate(self.chunks) if max(c) > 1})
         validate(schedule)
         return schedule
 
@@ -463,6 +484,11 @@ class Plan:
             + ", "
             f"{self.grad_accumulation} accumulation round(s)"
         )
+        if any(max(c) > 1 for c in self.chunks):
+            pairs = sorted({tuple(c) for c in self.chunks})
+            lines.append("  dispatch -> experts -> combine in chunks (forward x backward): "
+                         + ", ".join(f"{f} x {b}" for f, b in pairs)
+                         + (" in every MoE layer" if len(pairs) == 1 else " (per MoE layer)"))
         if any(self.recompute.values()):
             lines.append("  activation recomputation: " + ", ".join(k for k, v in self.recompute.items() if v))
         if self.nic_split:

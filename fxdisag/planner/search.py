@@ -44,6 +44,8 @@ would, when one layer's attention side per group already exceeds a device).
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 from dataclasses import dataclass
@@ -124,6 +126,7 @@ class Candidate:
     in_flight: int | None  # 1f1b: micro-batches in flight
     recompute: tuple[bool, bool]
     layout: GroupLayout  # of one group pair, on pair_cluster(cluster, depth)
+    chunks: tuple[int, int] = (1, 1)  # (forward, backward) chunks of every MoE layer's dispatch -> combine
 
 
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
@@ -235,6 +238,7 @@ def plan(
     pipeline_depth: int | None = None,
     schedule: str | None = None,
     baseline: bool = True,
+    chunks: bool | tuple[int, int] = False,
 ) -> Plan:
     """The fastest predicted AF-pipe plan that fits (module docstring).
 
@@ -242,7 +246,10 @@ def plan(
     allocator fragmentation, communication buffers). ``num_attention`` (attention devices
     per group), ``num_microbatches``, ``microbatch_size``, ``pipeline_depth``,
     ``schedule`` pin those choices instead of searching. ``baseline=False`` skips the
-    Megatron-LM baseline's search (no speedups in the plan).
+    Megatron-LM baseline's search (no speedups in the plan). ``chunks``: True solves the
+    chosen plan's (forward, backward) chunks per MoE layer (``chunking.solve_chunks``, at
+    depth 1; the search itself prices every candidate unchunked), a pair pins them, False
+    (the default) keeps every layer unchunked.
     """
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"plan: global_batch must be an int >= 1 (sequences per step), got {global_batch!r}")
@@ -277,7 +284,26 @@ def plan(
     if best is None:
         raise PlanError(_no_fit_message(work, cluster, global_batch, cap, closest, optimizer, shard_optimizer,
                                         memory_fraction, profile.model))
-    return _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap, baseline)
+    note = None
+    if chunks is not False and chunks != (1, 1):
+        if best.depth != 1:
+            raise ValueError(f"plan: chunks={chunks!r} with the chosen pipeline depth {best.depth}: chunked layers "
+                             "run at depth 1 only; pin pipeline_depth=1 or leave chunks=False")
+        from fxdisag.planner.chunking import solve_chunks
+
+        def step_of(c: tuple[int, int]) -> float:
+            return candidate_step(work, cluster, dataclasses.replace(best, chunks=c))["step"]
+
+        if chunks is True:
+            choice = solve_chunks(step_of)
+            best, note = dataclasses.replace(best, chunks=choice.chunks, step=choice.step), choice.describe()
+        else:
+            pinned = tuple(chunks)
+            best = dataclasses.replace(best, chunks=pinned, step=step_of(pinned))
+    made = _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap, baseline)
+    if note:
+        made.notes.append(note)
+    return made
 
 
 def _search(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool, depths,
@@ -377,7 +403,8 @@ def _pair_times(work: Workload, cluster, cand: Candidate, attn: dict):
 def _step_of(work: Workload, cand: Candidate, stages: dict, sync: float, recorder=None) -> dict:
     share = group_share(work, cand.depth)
     return afpipe_step(work, stages, cand.m, cand.rounds, sync, recorder, depth=cand.depth,
-                       laps=share.laps if share else None, schedule=cand.schedule, in_flight=cand.in_flight)
+                       laps=share.laps if share else None, schedule=cand.schedule, in_flight=cand.in_flight,
+                       chunks=cand.chunks)
 
 
 def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candidate, optimizer: str,
@@ -451,6 +478,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         schedule_kind=best.schedule,
         in_flight=best.in_flight,
         num_moe_layers=work.num_moe_layers,
+        chunks=[list(best.chunks)] * work.num_moe_layers if best.chunks != (1, 1) else [],
         pipeline_depth=p,
         loss_group=loss_group(work, p),
         nic_split=layout.nic_split() * p,

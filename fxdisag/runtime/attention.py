@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fxdisag.codegen.split_stages import StagedProgram
 from fxdisag.runtime import dispatch, hop
+from fxdisag.runtime.chunking import RowChunks
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
@@ -71,12 +72,15 @@ class AttentionHandlers:
         stages: Stages | None = None,
         row_format: tuple[int, torch.dtype] | None = None,
         compile_stages: bool = False,
+        chunks: Mapping[int, tuple[int, int]] | None = None,
     ):
         """``attention_ranks``: this rank's attention group (its slot is its index);
         ``expert_ranks``: the expert group (p = 1); ``stages``: which group runs which
         stage (None: p = 1, every stage here); ``row_format``: (hidden size, row dtype)
         to size a combine that crosses a hop; ``compile_stages``: run each stage program
-        through ``torch.compile`` (inductor; one static-shape graph per stage)."""
+        through ``torch.compile`` (inductor; one static-shape graph per stage); ``chunks``:
+        MoE layer -> (forward, backward) chunks (``Schedule.chunks``; rows per chunk:
+        ``runtime/chunking.py``)."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
@@ -100,6 +104,7 @@ class AttentionHandlers:
             self.hops = stages.hops
         self.hop_names = hop.hop_values(program) if self.hops else []
         self.row_format = row_format
+        self.chunks = dict(chunks or {})
         seen: dict[int, nn.Parameter] = {}
         for s in self.my_stages:
             for p in program.stages[s].module.parameters():
@@ -117,10 +122,10 @@ class AttentionHandlers:
         return {
             K.F: self._forward,
             K.SEND_D: self._send_dispatch,
-            K.RECV_C: lambda st, a: self._post_rows(st, "C", a.stage, a.microbatch),
+            K.RECV_C: lambda st, a: self._post_rows(st, "C", a.stage, a.microbatch, a.chunk),
             K.B: self._backward,
             K.SEND_GC: self._send_grad_combine,
-            K.RECV_GD: lambda st, a: self._post_rows(st, "GD", a.stage, a.microbatch),
+            K.RECV_GD: lambda st, a: self._post_rows(st, "GD", a.stage, a.microbatch, a.chunk),
             K.SEND_H: self._send_hop,
             K.RECV_H: lambda st, a: self._post(st, ("H", a.stage, a.microbatch),
                                                [Receive(a.peers[0], message_tag("H", a.stage, a.microbatch), sized=True)]),
@@ -184,7 +189,7 @@ class AttentionHandlers:
         env = state.env[i]
         if s > 0 and s - 1 in self.hops:
             b = self.program.boundaries[s - 1]
-            parts, counts = self._wait_counted(state, ("C", s - 1, i))
+            parts, counts = self._wait_counted(state, ("C", s - 1, i, 0))
             state.sent_counts[(s - 1, i)] = counts  # SEND_GC splits the gradient rows by them
             env[b.ys] = torch.cat(parts) if len(parts) > 1 else parts[0]
             r = state.recvs.pop(("H", s - 1, i))[0]
@@ -193,7 +198,8 @@ class AttentionHandlers:
             env.update(values)
         elif s > 0:
             b = self.program.boundaries[s - 1]
-            parts = self._wait_all(state, ("C", s - 1, i))
+            chunks = [self._wait_all(state, ("C", s - 1, i, c)) for c in range(self._chunks(s - 1)[0])]
+            parts = [p for peer in zip(*chunks) for p in peer]  # peer by peer, each in chunk order
             env[b.ys] = torch.cat(parts) if len(parts) > 1 else parts[0]
         leaves = {}
         args = []
@@ -247,48 +253,61 @@ class AttentionHandlers:
         full.scatter_reduce_(0, token.unsqueeze(1).expand(-1, ids.shape[1]), ids, "amax")
         self.route_samples.setdefault(j, []).append(full[: self.route_sample_cap - have].cpu())
 
+    def _chunks(self, j: int) -> tuple[int, int]:
+        return self.chunks.get(j, (1, 1))
+
+    def _blocks(self, state: StepState, j: int, i: int, direction: int, c: int) -> list[range]:
+        """Per expert peer, the rows of chunk ``c`` (``direction`` 0: forward, 1: backward) of
+        micro-batch i's dispatch at layer j, as rows of the packed [rows, H] tensor."""
+        out, start = [], 0
+        for n in self._counts(state, j, i):
+            geometry = RowChunks.of(n, *self._chunks(j))
+            block = (geometry.forward, geometry.backward)[direction][c]
+            out.append(range(start + block.start, start + block.stop))
+            start += n
+        return out
+
     def _send_dispatch(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
+        j, i, c = action.stage, action.microbatch, action.chunk
         b = self.program.boundaries[j]
         env = state.env[i]
         xs, ids, ws = env[b.xs], env[b.ids], env[b.ws]
-        counts = self._counts(state, j, i)
         # -1 (a slot routed to another rank) stays -1; int32 on the wire
         local = self.local_ids.to(ids.device)[ids.clamp(min=0)]
         local_ids = torch.where(ids >= 0, local, -1).to(torch.int32)
-        tag = message_tag("D", j, i)
-        messages, start = [], 0
-        for r, n in zip(self.expert_peers[j], counts):
-            sl = slice(start, start + n)
-            messages.append((r, tag, pack_bytes([xs[sl], ws[sl], local_ids[sl]]), n))
-            start += n
+        tag = message_tag("D", j, i, c)
+        messages = []
+        for r, rows in zip(self.expert_peers[j], self._blocks(state, j, i, 0, c)):
+            sl = slice(rows.start, rows.stop)
+            messages.append((r, tag, pack_bytes([xs[sl], ws[sl], local_ids[sl]]), len(rows)))
         self.mailbox.send(messages)
 
-    def _post_rows(self, state: StepState, channel: str, j: int, i: int) -> None:
+    def _post_rows(self, state: StepState, channel: str, j: int, i: int, c: int = 0) -> None:
         if channel == "C" and j in self.hops:  # the rows of F(j, i), run on another group
             hidden, xdtype = self.row_format  # type: ignore[misc]
             tag = message_tag("C", j, i)
-            self._post(state, ("C", j, i), [
+            self._post(state, ("C", j, i, 0), [
                 Receive(r, tag, size_of=lambda n: byte_size([((n, hidden), xdtype)]),
                         capacity=byte_size([((state.capacity_rows, hidden), xdtype)]))
                 for r in self.expert_peers[j]])
             return
-        counts = self._counts(state, j, i)
+        blocks = self._blocks(state, j, i, 1 if channel == "GD" else 0, c)
         hidden, xdtype, wdtype = state.row_shape
         top_k = state.env[i][self.program.boundaries[j].ws].shape[1]
-        tag = message_tag(channel, j, i)
+        tag = message_tag(channel, j, i, c)
         receives = []
-        for r, n in zip(self.expert_peers[j], counts):
+        for r, rows in zip(self.expert_peers[j], blocks):
+            n = len(rows)
             layout = [((n, hidden), xdtype)] + ([((n, top_k), wdtype)] if channel == "GD" else [])
             receives.append(Receive(r, tag, nbytes=byte_size(layout)))
             receives[-1].layout = layout  # type: ignore[attr-defined]
-        self._post(state, (channel, j, i), receives)
+        self._post(state, (channel, j, i, c), receives)
 
-    def _post(self, state: StepState, key: tuple[str, int, int], receives: list[Receive]) -> None:
+    def _post(self, state: StepState, key: tuple, receives: list[Receive]) -> None:
         state.recvs[key] = receives
         self.mailbox.post(receives)
 
-    def _wait_counted(self, state: StepState, key: tuple[str, int, int]) -> tuple[list, list[int]]:
+    def _wait_counted(self, state: StepState, key: tuple) -> tuple[list, list[int]]:
         """Rows of a message that carried its row count, and the counts."""
         hidden, xdtype = self.row_format  # type: ignore[misc]
         parts, counts = [], []
@@ -320,7 +339,7 @@ class AttentionHandlers:
         r.layout = layout  # type: ignore[attr-defined]
         self._post(state, ("GH", s, i), [r])
 
-    def _wait_all(self, state: StepState, key: tuple[str, int, int]) -> list:
+    def _wait_all(self, state: StepState, key: tuple) -> list:
         out = []
         for r in state.recvs.pop(key):
             self.mailbox.wait(r)
@@ -329,10 +348,14 @@ class AttentionHandlers:
         return out
 
     def _send_grad_combine(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
-        rows = state.grads[i].pop(self.program.boundaries[j].ys)  # set by B(j+1, i)
-        self.mailbox.send(row_messages(self.expert_peers[j], state.sent_counts[(j, i)], [rows],
-                                       message_tag("GC", j, i)))
+        j, i, c = action.stage, action.microbatch, action.chunk
+        name = self.program.boundaries[j].ys
+        rows = state.grads[i][name]  # set by B(j+1, i)
+        if c == self._chunks(j)[1] - 1:
+            del state.grads[i][name]
+        tag = message_tag("GC", j, i, c)
+        self.mailbox.send([(r, tag, pack_bytes([rows[block.start:block.stop]]), None)
+                           for r, block in zip(self.expert_peers[j], self._blocks(state, j, i, 1, c))])
 
     def _backward(self, state: StepState, action: Action) -> None:
         s, i = action.stage, action.microbatch
@@ -349,7 +372,8 @@ class AttentionHandlers:
                 grads[name] = grads[name] + g if name in grads else g
         if s < len(self.program.boundaries):
             b = self.program.boundaries[s]
-            parts = self._wait_all(state, ("GD", s, i))
+            chunks = [self._wait_all(state, ("GD", s, i, c)) for c in range(self._chunks(s)[1])]
+            parts = [p for peer in zip(*chunks) for p in peer]  # peer by peer, each in chunk order
             grads[b.xs] = torch.cat([p[0] for p in parts])
             grads[b.ws] = torch.cat([p[1] for p in parts])
         for name, value in outs.items():

@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fxdisag.runtime.attention import row_messages
+from fxdisag.runtime.chunking import RowChunks, split
 from fxdisag.runtime.dispatch import expert_rows
 from fxdisag.runtime.grads import GradSync, RowGroup
-from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, unpack_bytes
+from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
 from fxdisag.schedule import Action, ActionKind
 
@@ -56,12 +56,14 @@ class ExpertHandlers:
         recompute: bool = False,
         hops: frozenset[int] = frozenset(),
         compile_stages: bool = False,
+        chunks: Mapping[int, tuple[int, int]] | None = None,
     ):
         """``attention_ranks``: one attention group (its size sizes the dispatch receives);
         ``top_k``: per MoE layer this rank holds, its top_k (the width of the routing slots
         of a dispatched row); ``replica_groups``: (local ids of the shared experts, process
         group) per replica set; ``compile_stages``: run each layer's experts call through
-        ``torch.compile`` (dynamic shapes: the row count changes every step)."""
+        ``torch.compile`` (dynamic shapes: the row count changes every step); ``chunks``:
+        MoE layer -> (forward, backward) chunks (``Schedule.chunks``)."""
         self.experts = experts
         self.attention_ranks = list(attention_ranks)
         self.num_microbatches = num_microbatches
@@ -71,6 +73,7 @@ class ExpertHandlers:
         self.mailbox = mailbox
         self.recompute = recompute
         self.hops = hops
+        self.chunks = dict(chunks or {})
         self.run_experts = {j: partial(expert_rows, torch.compile(mod, dynamic=True) if compile_stages else mod)
                             for j, mod in experts.items()}
         seen: dict[int, nn.Parameter] = {}
@@ -93,10 +96,10 @@ class ExpertHandlers:
         return {
             K.RECV_D: self._post_dispatch,
             K.EF: self._forward,
-            K.SEND_C: lambda st, a: self._send(st, "C", a, [st.results.pop((a.stage, a.microbatch))]),
+            K.SEND_C: lambda st, a: self._send(st, "C", a),
             K.RECV_GC: self._post_grad_combine,
             K.EB: self._backward,
-            K.SEND_GD: lambda st, a: self._send(st, "GD", a, list(st.results.pop((a.stage, a.microbatch)))),
+            K.SEND_GD: lambda st, a: self._send(st, "GD", a),
         }
 
     def prepare(self, state: StepState, batch: Mapping[str, torch.Tensor]) -> None:
@@ -112,63 +115,90 @@ class ExpertHandlers:
         k = self.top_k[j]  # rows, their routing weights and local expert ids (-1: another rank's slot)
         return [((n, self.hidden), self.xdtype), ((n, k), self.wdtype), ((n, k), torch.int32)]
 
+    def _chunks(self, j: int) -> tuple[int, int]:
+        return self.chunks.get(j, (1, 1))
+
     def _post_dispatch(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
+        j, i, c = action.stage, action.microbatch, action.chunk
         capacity = byte_size(self._dispatch_layout(j, state.capacity_rows))
-        tag = message_tag("D", j, i)
+        tag = message_tag("D", j, i, c)
         rs = [Receive(a, tag, size_of=lambda n: byte_size(self._dispatch_layout(j, n)), capacity=capacity)
               for a in action.peers]
-        state.recvs[("D", j, i)] = rs
+        state.recvs[("D", j, i, c)] = rs
         self.mailbox.post(rs)
 
     def _forward(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
-        xs, ws, ids, counts = [], [], [], []
-        for r in state.recvs.pop(("D", j, i)):
+        """Forward chunk c: each of its pieces (``runtime/chunking.py``) as its own graph, on
+        the rows of every attention peer (peer by peer), so a backward chunk can run exactly
+        its pieces' backward."""
+        j, i, c = action.stage, action.microbatch, action.chunk
+        per_f, _ = RowChunks.pieces_per(*self._chunks(j))
+        peers = []  # per attention peer: (rows, weights, local ids), this chunk's rows
+        for r in state.recvs.pop(("D", j, i, c)):
             self.mailbox.wait(r)
-            n = r.header_value  # the row count
-            x, w, e = unpack_bytes(r.payload, self._dispatch_layout(j, n))
-            xs.append(x)
-            ws.append(w)
-            ids.append(e)
-            counts.append(n)
-        x = torch.cat(xs).requires_grad_(state.grad_enabled)
-        w = torch.cat(ws).requires_grad_(state.grad_enabled)
-        e = torch.cat(ids).long()
-        t0 = time.perf_counter()
-        if self.recompute and state.grad_enabled:
-            y = checkpoint(self.run_experts[j], x, e, w, use_reentrant=False)
-        else:
-            y = self.run_experts[j](x, e, w)
-        if state.grad_enabled:
-            valid = e[e >= 0]
-            self.token_counts[j] += torch.bincount(valid.cpu(), minlength=self.token_counts[j].numel())
-            self.compute_seconds += time.perf_counter() - t0
-            self.computed_pairs += valid.numel()
-        if state.grad_enabled:
-            state.saved[(j, i)] = (x, w, y)
-        state.recv_counts[(j, i)] = counts
-        state.results[(j, i)] = y.detach()
+            peers.append(unpack_bytes(r.payload, self._dispatch_layout(j, r.header_value)))
+        cuts = [split(x.shape[0], per_f) for x, _, _ in peers]
+        outs: list[list[torch.Tensor]] = [[] for _ in peers]
+        for t in range(per_f):
+            rows = [cut[t] for cut in cuts]
+            x = torch.cat([p[0][q.start:q.stop] for p, q in zip(peers, rows)]).requires_grad_(state.grad_enabled)
+            w = torch.cat([p[1][q.start:q.stop] for p, q in zip(peers, rows)]).requires_grad_(state.grad_enabled)
+            e = torch.cat([p[2][q.start:q.stop] for p, q in zip(peers, rows)]).long()
+            t0 = time.perf_counter()
+            if self.recompute and state.grad_enabled:
+                y = checkpoint(self.run_experts[j], x, e, w, use_reentrant=False)
+            else:
+                y = self.run_experts[j](x, e, w)
+            counts = [len(q) for q in rows]
+            if state.grad_enabled:
+                valid = e[e >= 0]
+                self.token_counts[j] += torch.bincount(valid.cpu(), minlength=self.token_counts[j].numel())
+                self.compute_seconds += time.perf_counter() - t0
+                self.computed_pairs += valid.numel()
+                state.saved[(j, i, c * per_f + t)] = (x, w, y, counts)
+            for k, part in enumerate(y.detach().split(counts)):
+                outs[k].append(part)
+        state.results[("C", j, i, c)] = [torch.cat(o) if len(o) > 1 else o[0] for o in outs]
+
+    def _pieces(self, j: int, b: int) -> range:
+        """The pieces of backward chunk b (every forward chunk of the micro-batch ran before:
+        ``required_before``)."""
+        per_b = RowChunks.pieces_per(*self._chunks(j))[1]
+        return range(b * per_b, (b + 1) * per_b)
 
     def _post_grad_combine(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
-        tag = message_tag("GC", j, i)
-        rs = [Receive(a, tag, nbytes=byte_size([((n, self.hidden), self.xdtype)]))
-              for a, n in zip(action.peers, state.recv_counts[(j, i)])]
-        state.recvs[("GC", j, i)] = rs
+        j, i, b = action.stage, action.microbatch, action.chunk
+        tag = message_tag("GC", j, i, b)
+        rows = [sum(n) for n in zip(*(state.saved[(j, i, p)][3] for p in self._pieces(j, b)))]
+        rs = [Receive(a, tag, nbytes=byte_size([((n, self.hidden), self.xdtype)])) for a, n in zip(action.peers, rows)]
+        state.recvs[("GC", j, i, b)] = rs
         self.mailbox.post(rs)
 
     def _backward(self, state: StepState, action: Action) -> None:
-        j, i = action.stage, action.microbatch
-        parts = []
-        for r, n in zip(state.recvs.pop(("GC", j, i)), state.recv_counts[(j, i)]):
+        j, i, b = action.stage, action.microbatch, action.chunk
+        pieces = self._pieces(j, b)
+        saved = [state.saved.pop((j, i, p)) for p in pieces]
+        grads_in: list[list[torch.Tensor]] = [[] for _ in saved]  # per piece, its rows peer by peer
+        for k, r in enumerate(state.recvs.pop(("GC", j, i, b))):
             self.mailbox.wait(r)
-            parts.append(unpack_bytes(r.payload, [((n, self.hidden), self.xdtype)])[0])
-        x, w, y = state.saved.pop((j, i))
-        torch.autograd.backward([y], [torch.cat(parts)])
-        state.results[(j, i)] = (x.grad, w.grad)
+            counts = [s_[3][k] for s_ in saved]
+            g = unpack_bytes(r.payload, [((sum(counts), self.hidden), self.xdtype)])[0]
+            for q, part in enumerate(g.split(counts)):
+                grads_in[q].append(part)
+        torch.autograd.backward([s_[2] for s_ in saved], [torch.cat(g) for g in grads_in])
+        peers = len(saved[0][3])
+        dx: list[list[torch.Tensor]] = [[] for _ in range(peers)]
+        dw: list[list[torch.Tensor]] = [[] for _ in range(peers)]
+        for x, w, _, counts in saved:
+            for k, (gx, gw) in enumerate(zip(x.grad.split(counts), w.grad.split(counts))):
+                dx[k].append(gx)
+                dw[k].append(gw)
+        state.results[("GD", j, i, b)] = [[torch.cat(gx), torch.cat(gw)] for gx, gw in zip(dx, dw)]
 
-    def _send(self, state: StepState, channel: str, action: Action, tensors: list[torch.Tensor]) -> None:
-        j, i = action.stage, action.microbatch
-        self.mailbox.send(row_messages(list(action.peers), state.recv_counts[(j, i)], tensors,
-                                       message_tag(channel, j, i), with_counts=channel == "C" and j in self.hops))
+    def _send(self, state: StepState, channel: str, action: Action) -> None:
+        j, i, c = action.stage, action.microbatch, action.chunk
+        per_peer = state.results.pop((channel, j, i, c))
+        counted = channel == "C" and j in self.hops  # the receiver did not route these rows
+        tag = message_tag(channel, j, i, c)
+        self.mailbox.send([(a, tag, pack_bytes(t if isinstance(t, list) else [t]),
+                            (t.shape[0] if counted else None)) for a, t in zip(action.peers, per_peer)])

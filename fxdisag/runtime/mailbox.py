@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from fxdisag.runtime.faults import DEFAULT_TIMEOUT, peer_error, wait_work
+from fxdisag.schedule.actions import MAX_CHUNKS  # message tags encode the chunk (they stay below 2**31)
 
 __all__ = ["Mailbox", "Receive", "byte_size", "describe_tag", "message_tag", "pack_bytes", "unpack_bytes"]
 
@@ -61,8 +62,9 @@ MAX_LAYERS = 256
 MAX_MICROBATCHES = 4096
 
 
-def message_tag(channel: str, layer: int, microbatch: int) -> int:
-    """The tag of the message of ``channel`` (``_CHANNELS``) for one (layer or cut, micro-batch).
+def message_tag(channel: str, layer: int, microbatch: int, chunk: int = 0) -> int:
+    """The tag of the message of ``channel`` (``_CHANNELS``) for one (layer or cut, micro-batch,
+    chunk of a chunked layer: ``Schedule.chunks``).
 
     Distinct per message: gloo matches on (source, tag); NCCL ignores tags and relies on
     the per-pair FIFO order the schedule guarantees. Even, so ``tag + 1`` is free for the
@@ -75,18 +77,23 @@ def message_tag(channel: str, layer: int, microbatch: int) -> int:
     if not 0 <= microbatch < MAX_MICROBATCHES:
         raise ValueError(f"micro-batch {microbatch} out of range: message tags encode at most "
                          f"{MAX_MICROBATCHES} micro-batches")
-    return ((_CHANNELS.index(channel) * MAX_LAYERS + layer) * MAX_MICROBATCHES + microbatch) * 2
+    if not 0 <= chunk < MAX_CHUNKS:
+        raise ValueError(f"chunk {chunk} out of range: message tags encode at most {MAX_CHUNKS} chunks")
+    return (((_CHANNELS.index(channel) * MAX_LAYERS + layer) * MAX_MICROBATCHES + microbatch) * MAX_CHUNKS
+            + chunk) * 2
 
 
 def describe_tag(tag: int) -> str:
     """``message_tag``'s inverse, for errors: ``"D layer 0, micro-batch 1"`` (``+ payload`` for tag + 1)."""
     half, payload = divmod(tag, 2)
+    half, chunk = divmod(half, MAX_CHUNKS)
     rest, microbatch = divmod(half, MAX_MICROBATCHES)
     channel, layer = divmod(rest, MAX_LAYERS)
     if channel >= len(_CHANNELS):
         return f"tag {tag}"
     what = "cut" if _CHANNELS[channel] in ("H", "GH") else "layer"
-    return f"{_CHANNELS[channel]} {what} {layer}, micro-batch {microbatch}" + (" (payload)" if payload else "")
+    return (f"{_CHANNELS[channel]} {what} {layer}, micro-batch {microbatch}" + (f", chunk {chunk}" if chunk else "")
+            + (" (payload)" if payload else ""))
 
 
 _ALIGN = 8  # every part starts 8-byte aligned, so it can be viewed as int64/float64

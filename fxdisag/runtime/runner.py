@@ -54,7 +54,8 @@ class StepState:
     """What one step keeps between its actions. Made by :meth:`StepRunner.start` only."""
 
     grad_enabled: bool
-    recvs: dict[tuple[str, int, int], list[Receive]] = field(default_factory=dict)  # (channel, j, i)
+    # (channel, layer, mb, chunk) for D C GC GD; (channel, cut, mb) for H GH
+    recvs: dict[tuple, list[Receive]] = field(default_factory=dict)
     # attention side
     env: list[dict[str, object]] = field(default_factory=list)  # per micro-batch: value by node name
     loss_scale: list[float] = field(default_factory=list)  # micro-batch's share of the global loss
@@ -69,9 +70,9 @@ class StepState:
     hop_grads: dict[tuple[int, int], list] = field(default_factory=dict)  # (cut, mb): grad layout of an H received
     # expert side
     capacity_rows: int = 0  # most rows one attention rank may dispatch in one message
-    recv_counts: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # rows per attention rank
-    saved: dict[tuple[int, int], tuple] = field(default_factory=dict)
-    results: dict[tuple[int, int], object] = field(default_factory=dict)
+    # (layer, mb, piece) -> (rows, weights, expert output, rows per attention peer): runtime/chunking.py
+    saved: dict[tuple[int, int, int], tuple] = field(default_factory=dict)
+    results: dict[tuple, object] = field(default_factory=dict)  # (channel, layer, mb, chunk) -> per-peer tensors
 
 
 Handler = Callable[[StepState, Action], None]

@@ -19,6 +19,7 @@ from fxdisag.schedule.actions import (
     required_before,
 )
 from fxdisag.schedule.builders import af_pipe_schedule, ep_schedule, one_f_one_b_schedule
+from fxdisag.schedule.chunks import chunk_schedule
 from fxdisag.schedule.grid import format_grid, grid_step
 from fxdisag.schedule.ring import ring_schedule, stage_costs
 from fxdisag.schedule.validate import ScheduleError, validate
@@ -33,6 +34,7 @@ __all__ = [
     "Stages",
     "ScheduleError",
     "af_pipe_schedule",
+    "chunk_schedule",
     "consumes",
     "ep_schedule",
     "format_grid",

@@ -67,7 +67,12 @@ __all__ = [
     "KindInfo",
     "Schedule",
     "Stages",
+    "CHUNKED_BACKWARD",
+    "CHUNKED_FORWARD",
+    "MAX_CHUNKS",
+    "chunk_key",
     "consumes",
+    "num_chunks",
     "produced_by",
     "required_before",
 ]
@@ -166,9 +171,19 @@ KINDS: dict[ActionKind, KindInfo] = {
 }
 _COMM = {(i.direction, i.channel): k for k, i in KINDS.items() if i.channel is not None}
 CHANNELS: tuple[str, ...] = ("D", "C", "GC", "GD", "H", "GH")
+MAX_CHUNKS = 16  # chunks per layer and direction (message tags encode the chunk)
 
-# (kind, stage, microbatch): identifies an action on one rank.
-Key = tuple[ActionKind, int, int]
+# (kind, stage, microbatch) or, for chunk c >= 1 of a chunked layer, (kind, stage,
+# microbatch, c): identifies an action on one rank. Chunk 0 is the unchunked action, so a
+# schedule without chunks has exactly the keys it always had.
+Key = tuple
+
+# The kinds a layer's chunks split (``Schedule.chunks``): dispatch -> expert compute ->
+# combine in the forward pass, and their gradients' way back in the backward pass.
+CHUNKED_FORWARD = frozenset({ActionKind.SEND_D, ActionKind.RECV_D, ActionKind.EF, ActionKind.SEND_C,
+                             ActionKind.RECV_C})
+CHUNKED_BACKWARD = frozenset({ActionKind.SEND_GC, ActionKind.RECV_GC, ActionKind.EB, ActionKind.SEND_GD,
+                              ActionKind.RECV_GD})
 
 
 @dataclass(frozen=True)
@@ -177,22 +192,43 @@ class Action:
     stage: int
     microbatch: int
     peers: tuple[int, ...] = ()
+    chunk: int = 0  # which of its layer's chunks (``Schedule.chunks``); 0 when unchunked
 
     @property
     def key(self) -> Key:
+        if self.chunk:
+            return (self.kind, self.stage, self.microbatch, self.chunk)
         return (self.kind, self.stage, self.microbatch)
 
     def __str__(self) -> str:
         k = self.kind
         if k is ActionKind.REDUCE:
             return "R"
+        c = f"c{self.chunk}" if self.chunk else ""
         if k.is_compute:
-            return f"{k.value}{self.stage}.{self.microbatch}"
-        return f"{'>' if k.is_send else '<'}{k.channel}{self.stage}.{self.microbatch}"
+            return f"{k.value}{self.stage}.{self.microbatch}{c}"
+        return f"{'>' if k.is_send else '<'}{k.channel}{self.stage}.{self.microbatch}{c}"
 
 
 def key_str(key: Key) -> str:
-    return str(Action(*key))
+    return str(Action(key[0], key[1], key[2], chunk=key[3] if len(key) > 3 else 0))
+
+
+def chunk_key(kind: ActionKind, stage: int, microbatch: int, chunk: int = 0) -> Key:
+    """The key of chunk ``chunk`` of (kind, stage, microbatch) (:attr:`Action.key`)."""
+    return (kind, stage, microbatch, chunk) if chunk else (kind, stage, microbatch)
+
+
+def num_chunks(chunks, kind: ActionKind, layer: int) -> int:
+    """How many chunks ``kind`` has at MoE layer ``layer`` under ``chunks`` (``Schedule.chunks``:
+    layer -> (forward chunks, backward chunks); None or a missing layer: 1)."""
+    if not chunks or layer not in chunks:
+        return 1
+    if kind in CHUNKED_FORWARD:
+        return chunks[layer][0]
+    if kind in CHUNKED_BACKWARD:
+        return chunks[layer][1]
+    return 1
 
 
 def _even_blocks(total: int, parts: int) -> list[range]:
@@ -312,6 +348,11 @@ class Schedule:
     backward computation than REDUCE (:func:`fxdisag.schedule.validate.validate`).
 
     ``stages`` says which group runs which stage (None: p = 1, :meth:`Stages.single`).
+
+    ``chunks`` (layer j -> (forward r, backward r); None: every layer unchunked): MoE layer
+    j's dispatch -> expert compute -> combine runs as r chunks in the forward pass (each a
+    block of every dispatch message's rows: ``<D``, ``EF``, ``>C``, ... per chunk), and its
+    gradients' way back as r' chunks in the backward pass (:func:`chunk_schedule`).
     """
 
     attention_ranks: tuple[int, ...]
@@ -322,12 +363,23 @@ class Schedule:
     forward_len: dict[int, int] | None = None
     name: str = "gpipe"
     stages: Stages | None = None
+    chunks: dict[int, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         self.attention_ranks = tuple(self.attention_ranks)
         self.expert_ranks = tuple(self.expert_ranks)
         if self.stages is None:
             self.stages = Stages.single(self.attention_ranks, self.expert_ranks, self.num_moe_layers)
+        if self.chunks is not None:
+            self.chunks = {int(j): (int(f), int(b)) for j, (f, b) in self.chunks.items()}
+            bad = {j: c for j, c in self.chunks.items()
+                   if not 0 <= j < self.num_moe_layers or min(c) < 1 or max(c) > MAX_CHUNKS}
+            if bad:
+                raise ValueError(f"chunks {bad}: need a MoE layer 0..{self.num_moe_layers - 1} -> "
+                                 f"(forward, backward) chunk counts in 1..{MAX_CHUNKS}")
+            if self.chunks and any(max(c) > 1 for c in self.chunks.values()) and self.hops:
+                raise ValueError("chunked layers with pipeline depth > 1 are not supported yet: the combine "
+                                 "that crosses a hop carries its row count, which chunks would split")
 
     @property
     def hops(self) -> frozenset[int]:
@@ -373,7 +425,8 @@ class Schedule:
             g = st.expert_group_of(rank)  # type: ignore[union-attr]
             for j in st.layers_of(g):  # type: ignore[union-attr]
                 kinds += [(k, j) for k in (K.RECV_D, K.EF, K.SEND_C, K.RECV_GC, K.EB, K.SEND_GD)]
-        keys |= {(k, s, i) for k, s in kinds for i in range(m)}
+        keys |= {chunk_key(k, s, i, c) for k, s in kinds for i in range(m)
+                 for c in range(num_chunks(self.chunks, k, s))}
         return keys
 
     def peers(self, rank: int, kind: ActionKind, stage: int) -> tuple[int, ...]:
@@ -433,45 +486,53 @@ class Schedule:
 # ---------------------------------------------------------------- dependencies
 
 
-def consumes(action: Action, num_moe_layers: int, hops: frozenset[int] = frozenset()) -> tuple[Key, ...]:
+def consumes(action: Action, num_moe_layers: int, hops: frozenset[int] = frozenset(),
+             chunks=None) -> tuple[Key, ...]:
     """The keys of the RECVs whose data the compute ``action`` waits for (maybe none).
 
     F(s,i) <- RECV_C(s-1,i) for s > 0, and RECV_H(s-1,i) when s-1 is a hop;
     B(s,i) <- RECV_GD(s,i) for s < J, and RECV_GH(s,i) when s is a hop;
     EF(j,i) <- RECV_D(j,i); EB(j,i) <- RECV_GC(j,i). ``hops``: :attr:`Stages.hops`.
+    With ``chunks`` (:attr:`Schedule.chunks`) an attention compute waits for every chunk
+    of the message, an expert chunk for its own chunk.
     """
     K = ActionKind
     k, s, i = action.kind, action.stage, action.microbatch
+
+    def every(kind: ActionKind, j: int) -> tuple[Key, ...]:
+        return tuple(chunk_key(kind, j, i, c) for c in range(num_chunks(chunks, kind, j)))
+
     if k is K.F:
         if s == 0:
             return ()
-        return ((K.RECV_C, s - 1, i), (K.RECV_H, s - 1, i)) if s - 1 in hops else ((K.RECV_C, s - 1, i),)
+        return every(K.RECV_C, s - 1) + (((K.RECV_H, s - 1, i),) if s - 1 in hops else ())
     if k is K.B:
-        keys = ((K.RECV_GD, s, i),) if s < num_moe_layers else ()
+        keys = every(K.RECV_GD, s) if s < num_moe_layers else ()
         return keys + (((K.RECV_GH, s, i),) if s in hops else ())
     if k is K.EF:
-        return ((K.RECV_D, s, i),)
+        return (chunk_key(K.RECV_D, s, i, action.chunk),)
     if k is K.EB:
-        return ((K.RECV_GC, s, i),)
+        return (chunk_key(K.RECV_GC, s, i, action.chunk),)
     return ()
 
 
 def produced_by(action: Action) -> Key | None:
-    """The key of the compute whose output the SEND ``action`` carries, or None."""
+    """The key of the compute whose output the SEND ``action`` carries, or None (a chunk's
+    send carries its own chunk's compute, or the attention compute every chunk comes from)."""
     K = ActionKind
-    k, j, i = action.kind, action.stage, action.microbatch
+    k, j, i, c = action.kind, action.stage, action.microbatch, action.chunk
     return {
         K.SEND_D: (K.F, j, i),
-        K.SEND_C: (K.EF, j, i),
+        K.SEND_C: chunk_key(K.EF, j, i, c),
         K.SEND_GC: (K.B, j + 1, i),
-        K.SEND_GD: (K.EB, j, i),
+        K.SEND_GD: chunk_key(K.EB, j, i, c),
         K.SEND_H: (K.F, j, i),
         K.SEND_GH: (K.B, j + 1, i),
     }.get(k)
 
 
 def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = frozenset(),
-                    local: set[Key] | None = None) -> list[Key]:
+                    local: set[Key] | None = None, chunks=None) -> list[Key]:
     """Keys of the actions that must come earlier on the same rank than ``action``.
 
     Data: a compute after the receives it consumes and after the compute on this rank
@@ -486,7 +547,11 @@ def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = 
     K = ActionKind
     J = num_moe_layers
     k, s, i = action.kind, action.stage, action.microbatch
-    before: list[Key] = list(consumes(action, J, hops))
+    before: list[Key] = list(consumes(action, J, hops, chunks))
+
+    def every_forward_chunk() -> list[Key]:  # an expert backward chunk's rows may span them all
+        return [chunk_key(K.EF, s, i, c) for c in range(num_chunks(chunks, K.EF, s))]
+
     if k is K.F and s > 0 and s - 1 not in hops:
         before.append((K.F, s - 1, i))
     elif k is K.B:
@@ -494,7 +559,7 @@ def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = 
         if s < J and s not in hops:
             before.append((K.B, s + 1, i))  # residual-stream gradient
     elif k is K.EB:
-        before.append((K.EF, s, i))
+        before += every_forward_chunk()
     elif k.is_send:
         before.append(produced_by(action))  # type: ignore[arg-type]
     elif k in (K.RECV_C, K.RECV_GD):
@@ -502,7 +567,7 @@ def required_before(action: Action, num_moe_layers: int, hops: frozenset[int] = 
         if local is None or sizer in local:
             before.append(sizer)
     elif k is K.RECV_GC:
-        before.append((K.EF, s, i))  # sizes its buffers from the rows EF(s, i) received
+        before += every_forward_chunk()  # sizes its buffers from the rows EF(s, i) received
     elif k is K.RECV_GH:
         before.append((K.SEND_H, s, i))  # sizes its buffers from the values >H(s, i) carried
     return before

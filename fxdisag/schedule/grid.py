@@ -25,7 +25,7 @@ class UnitRun:
     step_of: dict[tuple[int, int], int]          # (rank, index) -> step it ran in
     num_steps: int
     blocked: dict[int, int]                      # rank -> index of the action it is stuck at
-    sent: dict[tuple[int, int, str, int, int], int]  # (src, dst, channel, j, i) -> step
+    sent: dict[tuple[int, int, str, int, int, int], int]  # (src, dst, channel, j, i, chunk) -> step
 
 
 def unit_run(schedule: Schedule) -> UnitRun:
@@ -34,7 +34,7 @@ def unit_run(schedule: Schedule) -> UnitRun:
     J = schedule.num_moe_layers
     hops = schedule.hops
     pc = {r: 0 for r in ranks}
-    sent: dict[tuple[int, int, str, int, int], int] = {}    # (src, dst, ch, j, i) -> step
+    sent: dict[tuple[int, int, str, int, int, int], int] = {}    # (src, dst, ch, j, i, chunk) -> step
     posted_recv: dict[int, dict[Key, Action]] = {r: {} for r in ranks}
     cells: dict[tuple[int, int], list[Action]] = {}
     step_of: dict[tuple[int, int], int] = {}
@@ -49,17 +49,17 @@ def unit_run(schedule: Schedule) -> UnitRun:
         pc[r] += 1
         if a.kind.is_send:
             for dst in a.peers:
-                sent.setdefault((r, dst, a.kind.channel, a.stage, a.microbatch), t)
+                sent.setdefault((r, dst, a.kind.channel, a.stage, a.microbatch, a.chunk), t)
         elif a.kind.is_recv:
             posted_recv[r].setdefault(a.key, a)
 
     def ready(r: int, a: Action, t: int) -> bool:
-        for key in consumes(a, J, hops):
+        for key in consumes(a, J, hops, schedule.chunks):
             recv = posted_recv[r].get(key)
             if recv is None:
                 return False
             ch = key[0].channel
-            if not all(sent.get((p, r, ch, key[1], key[2]), t) < t for p in recv.peers):
+            if not all(sent.get((p, r, ch, recv.stage, recv.microbatch, recv.chunk), t) < t for p in recv.peers):
                 return False
         return True
 

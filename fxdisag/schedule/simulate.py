@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from fxdisag.schedule import Action, ActionKind, Schedule, ScheduleError, consumes, validate
 from fxdisag.runtime.timeline import Span
 
-Message = tuple[int, int, str, int, int]  # (src, dst, channel, stage, microbatch)
+Message = tuple[int, int, str, int, int, int]  # (src, dst, channel, stage, microbatch, chunk)
 _NIC_FREE = -1  # heap entry that only re-runs the transfer starter
 
 
@@ -195,8 +195,8 @@ def simulate(schedule: Schedule, compute_time: Callable[[int, Action], float],
             k = a.kind
             if k.is_send or k.is_recv:
                 for p in a.peers:
-                    msg = (r, p, k.channel, a.stage, a.microbatch) if k.is_send else \
-                          (p, r, k.channel, a.stage, a.microbatch)
+                    msg = (r, p, k.channel, a.stage, a.microbatch, a.chunk) if k.is_send else \
+                          (p, r, k.channel, a.stage, a.microbatch, a.chunk)
                     if k.is_send:
                         send_posted[msg] = (clock[r], len(send_posted), a)
                     else:
@@ -224,11 +224,11 @@ def simulate(schedule: Schedule, compute_time: Callable[[int, Action], float],
                 del at_reduce[group]
                 continue
             need: list[Message] = []
-            for key in consumes(a, J, S.hops):
+            for key in consumes(a, J, S.hops, S.chunks):
                 recv = recv_action[r].get(key)
                 if recv is None:  # validate() rules this out; reached only with check=False
                     raise ScheduleError(f"rank {r}: `{a}` runs before its receive is posted")
-                need += [(p, r, key[0].channel, key[1], key[2]) for p in recv.peers]
+                need += [(p, r, key[0].channel, recv.stage, recv.microbatch, recv.chunk) for p in recv.peers]
             if not all(m in arrival for m in need):
                 waiting[r] = need
                 return

@@ -15,8 +15,10 @@ from fxdisag.schedule.actions import (
     ActionKind,
     Key,
     Schedule,
+    chunk_key,
     consumes,
     key_str,
+    num_chunks,
     required_before,
 )
 from fxdisag.schedule.builders import check_groups
@@ -48,6 +50,11 @@ def _fail(schedule: Schedule, rank: int | None, index: int | None, what: str) ->
     except Exception as e:  # noqa: BLE001 - the grid is a diagnostic aid, the error is `what`
         grid = f"(grid unavailable: {e})"
     return ScheduleError(f"invalid schedule: {where}{what}\n{grid}")
+
+
+def _msg(msg: tuple) -> str:
+    """(channel, stage, micro-batch, chunk) as the arguments of the kind's name."""
+    return f"{msg[1]}, {msg[2]}" + (f", chunk {msg[3]}" if msg[3] else "")
 
 
 def _role_name(roles: frozenset[str]) -> str:
@@ -110,6 +117,9 @@ def validate(schedule: Schedule) -> None:
             if not (0 <= a.stage < hi and 0 <= a.microbatch < m):
                 raise _fail(S, r, n, f"stage {a.stage} / micro-batch {a.microbatch} out of "
                             f"range (stage < {hi}, micro-batch < {m})")
+            if not 0 <= a.chunk < num_chunks(S.chunks, a.kind, a.stage):
+                raise _fail(S, r, n, f"chunk {a.chunk} out of range: {a.kind.name} of layer {a.stage} has "
+                            f"{num_chunks(S.chunks, a.kind, a.stage)} chunk(s) (Schedule.chunks)")
             if a.kind.is_compute and a.peers:
                 raise _fail(S, r, n, f"compute action has peers {a.peers}; must be empty")
             if a.kind.is_comm:
@@ -118,11 +128,11 @@ def validate(schedule: Schedule) -> None:
                     raise _fail(S, r, n, f"peers {a.peers} must be {want}: the ranks of the group that "
                                 f"stage {a.stage} puts on the other side of {a.kind.name}")
         need = S.required_keys(r)
-        stray = sorted(set(seen) - need, key=lambda k: (k[1], k[2], k[0].value))
+        stray = sorted(set(seen) - need, key=lambda k: (k[1], k[2], k[0].value, k[3:]))
         if stray:
             raise _fail(S, r, seen[stray[0]], f"`{key_str(stray[0])}` is not this rank's: its group runs "
                         "other stages")
-        lacking = sorted(need - set(seen), key=lambda k: (k[1], k[2], k[0].value))
+        lacking = sorted(need - set(seen), key=lambda k: (k[1], k[2], k[0].value, k[3:]))
         if lacking:
             names = ", ".join(key_str(k) for k in lacking[:8])
             more = f" (+{len(lacking) - 8} more)" if len(lacking) > 8 else ""
@@ -137,7 +147,7 @@ def validate(schedule: Schedule) -> None:
             if a.kind is ActionKind.REDUCE and n != len(acts) - 1:
                 raise _fail(S, r, n, "REDUCE must be the rank's last action (gradients are "
                             "complete only after every backward)")
-            for key in required_before(a, J, hops, need_of[r]):
+            for key in required_before(a, J, hops, need_of[r], S.chunks):
                 if index[r][key] > n:
                     why = ("consumes its data" if key[0].is_recv else
                            "produces its data" if a.kind.is_send else "must run first")
@@ -150,7 +160,7 @@ def validate(schedule: Schedule) -> None:
     for r, acts in S.actions.items():
         for n, a in enumerate(acts):
             for p in a.peers if a.kind.is_comm else ():
-                msg = (a.kind.channel, a.stage, a.microbatch)
+                msg = (a.kind.channel, a.stage, a.microbatch, a.chunk)
                 if a.kind.is_send:
                     out.setdefault((r, p), []).append((msg, n))  # type: ignore[arg-type]
                 else:
@@ -161,16 +171,16 @@ def validate(schedule: Schedule) -> None:
         for msg, n in sends:
             if msg not in recv_set:
                 raise _fail(S, src, n, f"sends to rank {dst}, but rank {dst} posts no "
-                            f"matching {ActionKind.comm('recv', msg[0]).name}({msg[1]}, {msg[2]}) from rank {src}")
+                            f"matching {ActionKind.comm('recv', msg[0]).name}({_msg(msg)}) from rank {src}")
         for msg, n in recvs:
             if msg not in send_set:
                 raise _fail(S, dst, n, f"receives from rank {src}, but rank {src} posts no "
-                            f"matching {ActionKind.comm('send', msg[0]).name}({msg[1]}, {msg[2]}) to rank {dst}")
+                            f"matching {ActionKind.comm('send', msg[0]).name}({_msg(msg)}) to rank {dst}")
         for q, ((ms, ns), (mr, nr)) in enumerate(zip(sends, recvs)):
             if ms != mr:
                 raise _fail(S, dst, nr, f"FIFO order broken on {src} -> {dst}: message #{q} "
-                            f"is `{key_str((ActionKind.comm('send', ms[0]), ms[1], ms[2]))}` on rank {src} "
-                            f"(action #{ns}) but `{key_str((ActionKind.comm('recv', mr[0]), mr[1], mr[2]))}` "
+                            f"is `{key_str(chunk_key(ActionKind.comm('send', ms[0]), *ms[1:]))}` on rank {src} "
+                            f"(action #{ns}) but `{key_str(chunk_key(ActionKind.comm('recv', mr[0]), *mr[1:]))}` "
                             f"on rank {dst}; both sides must issue them in the same order")
 
     # (f) phases: the forward call runs every rank's forward phase to its end (the loss is
@@ -196,12 +206,13 @@ def validate(schedule: Schedule) -> None:
             a = S.actions[r][n]
             if a.kind is ActionKind.REDUCE:
                 waits.append(f"rank {r} waits at `R` for its group")
-            for key in consumes(a, J, hops):
+            for key in consumes(a, J, hops, S.chunks):
                 ch = key[0].channel
-                senders = [p for p in S.actions[r][index[r][key]].peers
-                           if (p, r, ch, key[1], key[2]) not in run.sent]
+                recv = S.actions[r][index[r][key]]
+                senders = [p for p in recv.peers
+                           if (p, r, ch, recv.stage, recv.microbatch, recv.chunk) not in run.sent]
                 if senders:
-                    waits.append(f"rank {r} waits at `{a}` for {ch}{key[1]}.{key[2]} from "
+                    waits.append(f"rank {r} waits at `{a}` for {key_str(key)[1:]} from "
                                  f"rank(s) {senders}")
         first = min(run.blocked)
         raise _fail(S, first, run.blocked[first], "deadlock: no rank can progress; "
@@ -210,7 +221,7 @@ def validate(schedule: Schedule) -> None:
     # (h) the forward call returns on its own (checked after (g): a schedule that
     # deadlocks anyway is reported as a deadlock).
     forward_only = Schedule(S.attention_ranks, S.expert_ranks, J, m,
-                            {r: S.phase(r, "forward") for r in S.actions}, stages=S.stages)
+                            {r: S.phase(r, "forward") for r in S.actions}, stages=S.stages, chunks=S.chunks)
     stuck = unit_run(forward_only).blocked
     if stuck:
         r = min(stuck)
@@ -221,7 +232,8 @@ def validate(schedule: Schedule) -> None:
     if any(S.defers_loss_grad(r) for r in S.actions):
         kept = {r: [n for n, a in enumerate(S.phase(r, "forward")) if not a.kind.is_backward] for r in S.actions}
         projected = Schedule(S.attention_ranks, S.expert_ranks, J, m,
-                             {r: [S.actions[r][n] for n in kept[r]] for r in S.actions}, stages=S.stages)
+                             {r: [S.actions[r][n] for n in kept[r]] for r in S.actions}, stages=S.stages,
+                             chunks=S.chunks)
         stuck = unit_run(projected).blocked
         if stuck:
             r = min(stuck)
