@@ -37,20 +37,9 @@ from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pa
 from fxdisag.runtime.runner import Handler, StepState
 from fxdisag.schedule import Action, ActionKind, Stages
 
-__all__ = ["AttentionHandlers", "IGNORE_INDEX", "row_messages"]
+__all__ = ["AttentionHandlers", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-
-
-def row_messages(peers: list[int], counts: list[int], tensors: list[torch.Tensor], tag: int,
-                 with_counts: bool = False) -> list:
-    """One message per peer: its consecutive block of ``counts[k]`` rows of every tensor
-    (``with_counts``: the row count travels with it, for a receiver that cannot know it)."""
-    messages, start = [], 0
-    for peer, n in zip(peers, counts):
-        messages.append((peer, tag, pack_bytes([t[start : start + n] for t in tensors]), n if with_counts else None))
-        start += n
-    return messages
 
 
 class AttentionHandlers:

@@ -6,7 +6,7 @@ A layer with ``forward`` chunks in the forward pass and ``backward`` chunks in t
 pass (``Schedule.chunks``) cuts every dispatch message of ``n`` rows (one attention rank
 -> one expert rank) the same way on both sides, from ``n`` alone:
 
-* ``L = lcm(forward, backward)`` *pieces*: forward chunk c is ``_even_blocks(n, forward)[c]``,
+* ``L = lcm(forward, backward)`` *pieces*: forward chunk c is ``split(n, forward)[c]`` (``schedule.actions.even_blocks``),
   and each forward chunk splits evenly into ``L / forward`` consecutive pieces;
 * backward chunk b is pieces ``b*L/backward .. (b+1)*L/backward - 1``, consecutive rows.
 
@@ -26,18 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fxdisag.schedule.actions import even_blocks as split  # the one even split of the project
+
 __all__ = ["RowChunks", "split"]
-
-
-def split(total: int, parts: int) -> list[range]:
-    """``total`` rows in ``parts`` consecutive blocks whose sizes differ by at most one (larger first)."""
-    base, extra = divmod(total, parts)
-    blocks, start = [], 0
-    for k in range(parts):
-        size = base + (1 if k < extra else 0)
-        blocks.append(range(start, start + size))
-        start += size
-    return blocks
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ __all__ = [
     "MAX_CHUNKS",
     "chunk_key",
     "consumes",
+    "even_blocks",
     "num_chunks",
     "produced_by",
     "required_before",
@@ -231,7 +232,8 @@ def num_chunks(chunks, kind: ActionKind, layer: int) -> int:
     return 1
 
 
-def _even_blocks(total: int, parts: int) -> list[range]:
+def even_blocks(total: int, parts: int) -> list[range]:
+    """``total`` items in ``parts`` consecutive blocks whose sizes differ by at most one (larger first)."""
     base, extra = divmod(total, parts)
     blocks, start = [], 0
     for k in range(parts):
@@ -298,7 +300,7 @@ class Stages:
         elif assignment == "contiguous":
             if J < p:
                 raise ValueError(f"contiguous assignment of {J} MoE layers over {p} groups leaves a group empty")
-            layer = [g for g, block in enumerate(_even_blocks(J, p)) for _ in block]
+            layer = [g for g, block in enumerate(even_blocks(J, p)) for _ in block]
             last = p - 1
         else:
             raise ValueError(f"layer assignment {assignment!r}: use 'round_robin' or 'contiguous'")
