@@ -43,7 +43,7 @@ from fxdisag.planner.plan import Plan
 from fxdisag.runtime import dispatch
 from fxdisag.runtime.attention import AttentionHandlers
 from fxdisag.runtime.expert import ExpertHandlers
-from fxdisag.runtime.experts import expert_tensors, local_experts, model_experts
+from fxdisag.runtime.experts import WithSharedExpert, expert_tensors, local_experts, model_experts
 from fxdisag.runtime.faults import DEFAULT_TIMEOUT, agree_on_inputs, as_timedelta, check_options, collective, wait_work
 from fxdisag.runtime.mailbox import Mailbox
 from fxdisag.runtime.routing import Routing, SlotRouting
@@ -154,11 +154,18 @@ class DisaggregatedModel(nn.Module):
         recompute = plan.recompute
         self._attention: AttentionHandlers | None = None
         self._experts: ExpertHandlers | None = None
+        self.shared_modules: dict[int, nn.Module] = {}  # MoE layer -> shared experts this rank hosts
         multi = plan.pipeline_depth > 1
         stage_map = schedule.stages if multi else None
         self.stage_map = stage_map
         first = captured.model.get_submodule(self.layout.moe[0].experts)
         dtype = next(first.parameters()).dtype
+        # Shared experts placed on an expert rank (Plan.shared_expert_rank): MoE layer -> FQN.
+        self.shared_host = plan.shared_expert_rank
+        self.shared_on_experts = {b.index: b.shared_fqn for b in program.boundaries if b.shared_fqn is not None}
+        if (self.shared_host is None) != (not self.shared_on_experts):
+            raise ValueError("the split program's shared experts do not match the plan's shared_expert_rank "
+                             f"({self.shared_host}); build the program from this plan")
         if self.has_attention:
             if multi:
                 _check_parameters_stay_in_group(program, schedule)
@@ -173,12 +180,16 @@ class DisaggregatedModel(nn.Module):
             self.stages = stages.to(device)
             for s in mine:
                 maybe_dump_graph(f"attention_stage{s}", program.stages[s].module)
+            owner, local_ids = routing.owner_slot(self.rank), routing.local_id(self.rank)
+            if self.shared_host is not None:  # the shared experts: id E, on the host's slot, after its routed ids
+                owner = owner + [list(plan.expert_ranks).index(self.shared_host)]
+                local_ids = local_ids + [len(routing.held(self.shared_host))]
             self._attention = AttentionHandlers(
                 program, self.rank, own_group, list(schedule.expert_ranks),
-                schedule.num_microbatches, routing.owner_slot(self.rank), routing.local_id(self.rank),
+                schedule.num_microbatches, owner, local_ids,
                 self.mailbox, device, groups["attention"], recompute=recompute.get("attention", False),
                 stages=stage_map, row_format=(self.layout.hidden_size, dtype), compile_stages=compile_stages,
-                chunks=schedule.chunks,
+                chunks=schedule.chunks, shared_layers=frozenset(self.shared_on_experts),
             )
             self.runner.register(self._attention)
         if self.has_experts:
@@ -191,6 +202,15 @@ class DisaggregatedModel(nn.Module):
             if weights is not None:
                 for j, mod in zip(self.expert_layers, local):
                     self.materialized_bytes += materialize_experts(model, self.layout.moe[j].experts, mod, weights)
+            # The host computes the shared experts with the model's own modules (they train in place).
+            self.shared_modules = {j: model.get_submodule(fqn) for j, fqn in self.shared_on_experts.items()
+                                   if self.rank == self.shared_host and j in self.expert_layers}
+            if weights is not None and self.shared_modules:
+                mods = list(self.shared_modules.values())
+                self.materialized_bytes += materialize(
+                    model, [t for m in mods for t in list(m.parameters()) + list(m.buffers())], weights)
+            local = [WithSharedExpert(mod, self.shared_modules[j], len(mine)) if j in self.shared_modules else mod
+                     for j, mod in zip(self.expert_layers, local)]
             self.local_experts = nn.ModuleList(local).to(device)
             self.expert_ids = mine
             for j in self.expert_layers:
@@ -205,7 +225,8 @@ class DisaggregatedModel(nn.Module):
             one_group = sorted(stage_map.attention_groups[0]) if multi else list(schedule.attention_ranks)
             self._experts = ExpertHandlers(
                 dict(zip(self.expert_layers, self.local_experts)), one_group, schedule.num_microbatches,
-                self.layout.hidden_size, (dtype, dtype), {j: self.layout.moe[j].top_k for j in self.expert_layers},
+                self.layout.hidden_size, (dtype, dtype),
+                {j: self.layout.moe[j].top_k + (j in self.shared_on_experts) for j in self.expert_layers},
                 self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
                 hops=stage_map.hops if multi else frozenset(), compile_stages=compile_stages,
@@ -231,11 +252,14 @@ class DisaggregatedModel(nn.Module):
         model = self._model
         experts = [model.get_submodule(m.experts) for m in self.layout.moe]
         drop = {id(p) for mod in experts for p in mod.parameters()}
+        drop |= {id(p) for fqn in self.shared_on_experts.values() for p in model.get_submodule(fqn).parameters()}
         if not self.has_attention:
             drop |= {id(p) for p in model.parameters()}
         elif self.stage_map is not None:  # only this group's stages
             keep = {id(p) for p in self._attention.params}
             drop |= {id(p) for p in model.parameters() if id(p) not in keep}
+        if self.has_experts:  # the shared experts this rank hosts
+            drop -= {id(p) for mod in self.shared_modules.values() for p in mod.parameters()}
         for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None and id(p) in drop and not p.is_meta:
@@ -265,7 +289,7 @@ class DisaggregatedModel(nn.Module):
             keep = {id(p) for p in self._attention.params}
             staged = {id(p) for st in self.program.stages for p in st.module.parameters()}
             for name, p in self._model.named_parameters():
-                if name.rsplit(".", 1)[0] in experts or p.is_meta:
+                if name.rsplit(".", 1)[0] in experts or p.is_meta or self._moved(name):
                     continue
                 if self.stage_map is not None and id(p) not in keep and (
                         id(p) in staged or self.stage_map.attention_slot(self.rank)[0] != 0):
@@ -279,7 +303,13 @@ class DisaggregatedModel(nn.Module):
             for m, mod in zip([self.layout.moe[j] for j in self.expert_layers], self.local_experts):
                 for pname, p, rows in expert_tensors(mod):
                     out.append((f"{m.experts}.{pname}", p, tuple(mod.fxdisag_expert_ids), rows))
+            for j, mod in self.shared_modules.items():
+                out += [(f"{self.shared_on_experts[j]}.{n}", p, None, slice(None)) for n, p in mod.named_parameters()]
         return out
+
+    def _moved(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to shared experts an expert rank hosts."""
+        return any(name.startswith(fqn + ".") for fqn in self.shared_on_experts.values())
 
     # ---- expert load (fxdisag.balance)
     def expert_token_counts(self) -> dict[int, dict[int, int]]:
@@ -325,6 +355,9 @@ class DisaggregatedModel(nn.Module):
         rank calls it with the same plan). Only the placement may differ from the current
         plan, and the rank's expert rows must already hold the experts the new placement
         gives it, ascending (``fxdisag.balance`` moves them first)."""
+        if self.shared_host is not None:
+            raise NotImplementedError(f"rebind_placement: the shared experts run on expert rank {self.shared_host} as "
+                                      "expert E of every routing table; re-placing around them is not supported")
         same = dataclasses.replace(plan, expert_placement=self.plan.expert_placement, expert_owners=self.plan.expert_owners)
         if same != self.plan:
             raise ValueError("rebind_placement: the new plan may change only expert_placement (and its owners)")
@@ -421,7 +454,7 @@ class DisaggregatedModel(nn.Module):
             keep = {id(p) for p in self._attention.params}
             staged = {id(p) for st in self.program.stages for p in st.module.parameters()}
             for name, p in self._model.named_parameters():
-                if name.rsplit(".", 1)[0] in experts:
+                if name.rsplit(".", 1)[0] in experts or self._moved(name):
                     continue
                 if self.stage_map is not None and id(p) not in keep and (
                         id(p) in staged or self.stage_map.attention_slot(self.rank)[0] != 0):
@@ -434,6 +467,10 @@ class DisaggregatedModel(nn.Module):
                 for pname, p, rows in expert_tensors(mod):
                     t = p.grad if grads else p.detach()
                     owned[f"{m.experts}.{pname}"] = (ids, None if t is None else t.detach()[rows].cpu())
+            for j, mod in self.shared_modules.items():
+                for pname, p in mod.named_parameters():
+                    t = p.grad if grads else p.detach()
+                    owned[f"{self.shared_on_experts[j]}.{pname}"] = (None, None if t is None else t.detach().cpu())
         return owned
 
     def _writes_attention(self) -> bool:
@@ -672,7 +709,9 @@ def build(
         group_experts = len(plan.expert_ranks)
     # An expert rank never runs pack(); any attention rank's table gives it a valid graph.
     router = rank if rank in plan.attention_ranks else base.attention_ranks[0]
-    gm = insert_dispatch(_graph_copy(captured.graph_module), captured.layout, routing.owner_slot(router), group_experts)
+    shared_slot = None if plan.shared_expert_rank is None else list(plan.expert_ranks).index(plan.shared_expert_rank)
+    gm = insert_dispatch(_graph_copy(captured.graph_module), captured.layout, routing.owner_slot(router), group_experts,
+                         shared_slot=shared_slot)
     program = split_stages(gm)
     if schedule is None:
         schedule = plan.schedule(len(program.boundaries))

@@ -54,6 +54,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", action="store_true",
                    help="solve the chosen plan's chunks of each MoE layer's dispatch -> experts -> combine "
                         "(forward and backward; depth 1)")
+    p.add_argument("--shared-experts", choices=("auto", "attention", "expert"), default="auto",
+                   help="where a model's shared experts run: chosen by the cost model (auto, the default), on the "
+                        "attention group, or on an expert rank as an always-selected expert (depth 1)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers of the model")
 
 
@@ -137,6 +140,7 @@ def plan_from_args(args: argparse.Namespace):
         pipeline_depth=args.pipeline_depth,
         schedule=args.schedule,
         chunks=bool(getattr(args, "chunks", False)),
+        shared_experts=getattr(args, "shared_experts", "auto"),
     )
     return result, prof, cluster
 

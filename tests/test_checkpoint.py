@@ -13,7 +13,10 @@
   saved ones; one optimizer over parameters saved with two learning rates is refused;
 * p = 1 into p = 2: a checkpoint of a 1A+1E pipeline loads into a 2-group pipeline built
   on meta (other seeded weights): the weights equal the saved ones and the next step's
-  loss equals the p = 1 run's.
+  loss equals the p = 1 run's;
+* shared experts: saved from their expert host (``Plan.shared_expert_rank``), weights and
+  Adam state load into a plan that runs them on the attention group, and the next step's
+  loss equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -361,3 +364,48 @@ def test_p1_checkpoint_loads_into_p2_built_on_meta(tmp_path):
     # and AdamW state (moments, step count) all came through.
     assert abs(after[0]["next"][0] - before[0]["next"][0]) <= 1e-5, (after[0]["next"], before[0]["next"])
     print(f"p=1 -> p=2: {len(saved)} tensors equal; next loss {after[0]['next'][0]} vs {before[0]['next'][0]}")
+
+
+# ---- shared experts saved from their expert host, loaded where the attention ranks run them
+SHARED_NAME = "model.layers.1.mlp.shared_expert.down_proj.weight"
+
+
+def _shared_save(rank: int, world: int, path: str) -> dict:
+    import fxdisag
+
+    plan = dataclasses.replace(_plan(1, 2, 4), shared_expert_rank=2)
+    dmodel, batches = _build("qwen2_moe", plan, seed=0, steps=3)
+    opts = [torch.optim.AdamW(dmodel.parameters(), lr=LR)]
+    _train(dmodel, opts, batches[:2])
+    fxdisag.save(dmodel, opts, path, step=2)
+    saved = {"state": dmodel.consolidated_state_dict(), "shared": _exp_avg(dmodel, opts, SHARED_NAME)}
+    return {**saved, "next_loss": _train(dmodel, opts, batches[2:])[0]}  # the uninterrupted run's step 3
+
+
+def _shared_load(rank: int, world: int, path: str) -> dict:
+    import fxdisag
+
+    dmodel, batches = _build("qwen2_moe", _plan(1, 2, 4), seed=1, steps=3)
+    opts = [torch.optim.AdamW(dmodel.parameters(), lr=LR)]
+    fxdisag.load(dmodel, opts, path)
+    state = dmodel.consolidated_state_dict()
+    shared = _exp_avg(dmodel, opts, SHARED_NAME)
+    return {"state": state, "shared": shared, "loss": _train(dmodel, opts, batches[2:])[0]}
+
+
+@pytest.mark.dist
+def test_shared_experts_hosted_on_an_expert_rank_save_and_load(tmp_path):
+    """The host's shared experts (weights and Adam state) reach the checkpoint, and load into
+    a plan that runs them on the attention group; the next step's loss is the one of an
+    uninterrupted run."""
+    path = str(tmp_path / "ckpt")
+    before = run_distributed(_shared_save, 3, path, timeout=120)
+    assert before[0]["shared"] is None and before[1]["shared"] is None  # only the host holds them
+    ids, saved_avg, _ = before[2]["shared"]
+    assert ids is None and saved_avg.abs().sum() > 0
+    after = run_distributed(_shared_load, 3, path, timeout=120)
+    saved, loaded = before[0]["state"], after[0]["state"]
+    wrong = [n for n in saved if not torch.equal(saved[n], loaded[n])]
+    assert sorted(saved) == sorted(loaded) and not wrong, wrong
+    assert after[0]["shared"] is not None and torch.equal(after[0]["shared"][1], saved_avg)
+    assert abs(after[0]["loss"] - before[0]["next_loss"]) <= 1e-5

@@ -85,3 +85,14 @@ def test_simulator_agrees_with_the_pipeline_formula_with_communication(bandwidth
                       pipeline_depth=1, schedule="gpipe")
         _, _, step, _ = simulate_plan(result)
         assert step == pytest.approx(result.step_time, rel=0.01)
+
+
+def test_plan_places_shared_experts_as_asked(capsys):
+    qwen2 = ["--model", "qwen2_moe", "--cluster", "1x4xa100", "--seq-len", "64", "--global-batch", "8",
+             "--pipeline-depth", "1"]
+    assert main(["plan", *qwen2, "--shared-experts", "expert", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "shared experts: on expert rank 3, as an always-selected expert" in out
+    assert "decision: shared experts: on expert rank 3, as an always-selected expert (pinned)" in out
+    assert main(["plan", *qwen2, "--shared-experts", "attention", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["binding"]["shared_expert_rank"] is None

@@ -98,3 +98,71 @@ attention stage 2: inputs ['ys_1', 'token_1', 'ntok_1', 'getitem_28', 'getitem_2
             insert_dispatch(captured.graph_module, captured.layout, [0, 1, 2, 0], 2)
         with self.assertRaisesRegex(ValueError, "placement gives 3 experts, MoE layer 0 has 4"):
             insert_dispatch(captured.graph_module, captured.layout, [0, 1, 0], 2)
+
+
+@pytest.mark.parametrize("family, slot", [("qwen2_moe", 1), ("deepseek_v3", 0)])
+def test_shared_experts_as_an_expert_match_eager_in_one_process(family, slot):
+    """insert_dispatch(shared_slot=...): the shared experts run inside the experts boundary as
+    expert E, and the split program still computes the model's loss and gradients."""
+    model = tiny_model(family, num_layers=3)
+    reference = copy.deepcopy(model)
+    batch = example_batch(model, 2, 8)
+    captured = fxdisag.capture(model, batch)
+    E = captured.layout.moe[0].num_experts
+    program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [e * 2 // E for e in range(E)], 2,
+                                           shared_slot=slot))
+    shared = [m.shared for m in captured.layout.moe]
+    assert [b.shared_fqn for b in program.boundaries] == [next(f for f in s if not f.endswith("_gate")) for s in shared]
+    # the shared experts' parameters left the attention stages (the gate, if any, stays)
+    staged = {id(p) for st in program.stages for p in st.module.parameters()}
+    for b in program.boundaries:
+        assert all(id(p) not in staged for p in model.get_submodule(b.shared_fqn).parameters())
+    loss, _ = program.graph_module(batch["input_ids"], batch["labels"])
+    loss.backward()
+    ref = reference(**batch, use_cache=False)
+    ref.loss.backward()
+    assert abs(float(loss) - float(ref.loss)) <= 1e-6
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)) <= 1e-5, name
+
+
+class SharedExpertsPassTest(expecttest.TestCase):
+    def test_qwen2_moe_boundary_carries_the_shared_expert(self):
+        model = tiny_model("qwen2_moe")
+        captured = fxdisag.capture(model, example_batch(model, 2, 8))
+        program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2,
+                                               shared_slot=1))
+        self.assertExpectedInline("\n".join(program.describe().splitlines()[1::2]), """\
+  boundary 0 (model.layers.0.mlp.experts + shared experts model.layers.0.mlp.shared_expert): send xs_0, ids_0, ws_0 -> receive ys_0
+  boundary 1 (model.layers.1.mlp.experts + shared experts model.layers.1.mlp.shared_expert): send xs_1, ids_1, ws_1 -> receive ys_1""")
+        # the routing every token carries: its top_k slots and the shared experts' (id E = 4, last)
+        index, weights = torch.tensor([[1, 3], [0, 2]]), torch.tensor([[0.625, 0.375], [0.5, 0.5]])
+        from fxdisag.runtime.dispatch import with_shared
+
+        got_index, got_weights = with_shared(index, weights, torch.tensor([[0.25], [0.75]]), 4)
+        self.assertEqual(got_index.tolist(), [[1, 3, 4], [0, 2, 4]])
+        self.assertEqual(got_weights.tolist(), [[0.625, 0.375, 0.25], [0.5, 0.5, 0.75]])
+        self.assertEqual(with_shared(index, weights, None, 4)[1][:, 2].tolist(), [1.0, 1.0])
+
+    def test_refuses_what_it_cannot_move(self):
+        from fxdisag.codegen.insert_dispatch import movable_shared_experts
+
+        model = tiny_model("qwen3_moe")
+        captured = fxdisag.capture(model, example_batch(model, 1, 4))
+        with self.assertRaisesRegex(ValueError, "has no shared experts: there is nothing to place"):
+            insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2, shared_slot=0)
+        model = tiny_model("qwen2_moe")
+        captured = fxdisag.capture(model, example_batch(model, 1, 4))
+        gm = captured.graph_module
+        self.assertEqual(movable_shared_experts(gm, captured.layout),
+                         {0: "model.layers.0.mlp.shared_expert", 1: "model.layers.1.mlp.shared_expert"})
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "model.layers.1.mlp.shared_expert")
+        with gm.graph.inserting_after(call):
+            gm.graph.call_function(torch.neg, (call,))  # a second use of the shared output
+        found = movable_shared_experts(gm, captured.layout)
+        self.assertIsInstance(found[1], ValueError)
+        self.assertRegex(str(found[1]), r"MoE layer 1 \(model.layers.1.mlp\): shared experts "
+                                        r"'model.layers.1.mlp.shared_expert' must be called once.*"
+                                        r"keep its shared experts on the attention group")
+        with self.assertRaisesRegex(ValueError, "MoE layer 1 .* must be called once"):
+            insert_dispatch(gm, captured.layout, [0, 0, 1, 1], 2, shared_slot=0)

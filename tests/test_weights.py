@@ -7,11 +7,13 @@
 * on 2-3 ranks, ``disaggregate(meta_model, weights=dir)`` trains like eager
   ``from_pretrained(dir)`` (loss <= 1e-5, gradients <= 1e-4 relative, 5-step trajectory)
   and each rank's resident parameter bytes are its share as the planner predicts; a
-  seeded meta build equals ``init_weights`` of an eager model with the same seed.
+  seeded meta build equals ``init_weights`` of an eager model with the same seed; with the
+  shared experts on an expert rank (``Plan.shared_expert_rank``) that rank alone reads them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -136,7 +138,8 @@ def _resident_bytes(model, dmodel, buffers: bool = False) -> int:
     return sum(seen.values())
 
 
-def _train_meta(rank: int, world: int, family: str, n_attn: int, path: str | None, seed: int) -> dict:
+def _train_meta(rank: int, world: int, family: str, n_attn: int, path: str | None, seed: int,
+                shared: int | None = None) -> dict:
     import fxdisag
     from fxdisag.planner.plan import Plan
 
@@ -146,6 +149,8 @@ def _train_meta(rank: int, world: int, family: str, n_attn: int, path: str | Non
     batches = [example_batch(config, 8, 12, seed=s) for s in range(STEPS)]
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
     plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=2)
+    if shared is not None:
+        plan = dataclasses.replace(plan, shared_expert_rank=shared)
     dmodel = fxdisag.disaggregate(model, batches[0], plan, weights=path, seed=seed)
     resident = _resident_bytes(model, dmodel)
     buffers = _resident_bytes(model, dmodel, buffers=True)
@@ -196,3 +201,11 @@ def test_seeded_meta_build_equals_init_weights(tmp_path):
     # qwen2_moe: shared experts on the attention side
     results = run_distributed(_train_meta, 2, "qwen2_moe", 1, None, 7, timeout=120)
     _check(results, 2)
+
+
+@pytest.mark.dist
+def test_meta_build_reads_the_shared_experts_on_their_expert_host(tmp_path):
+    # qwen2_moe, shared experts on expert rank 2: only it reads and holds them
+    _saved("qwen2_moe", tmp_path)
+    results = run_distributed(_train_meta, 3, "qwen2_moe", 1, str(tmp_path), 0, 2, timeout=150)
+    _check(results, 3)

@@ -55,6 +55,7 @@ class ExpertBoundary:
     ws: str  # routing weights, 0 in other ranks' slots        [R, K]
     ys: str  # weighted expert outputs summed per row          [R, H]
     module: fx.GraphModule = field(repr=False)
+    shared_fqn: str | None = None  # shared experts run here as one more expert (insert_dispatch's shared_slot)
 
 
 @dataclass
@@ -71,7 +72,9 @@ class StagedProgram:
             lines.append(f"attention stage {s}: inputs {stage.inputs} -> outputs {stage.outputs}")
             if s < len(self.boundaries):
                 b = self.boundaries[s]
-                lines.append(f"  boundary {b.index} ({b.experts_fqn}): send {b.xs}, {b.ids}, {b.ws} -> receive {b.ys}")
+                shared = f" + shared experts {b.shared_fqn}" if b.shared_fqn else ""
+                lines.append(f"  boundary {b.index} ({b.experts_fqn}{shared}): send {b.xs}, {b.ids}, {b.ws} -> "
+                             f"receive {b.ys}")
         return "\n".join(lines)
 
 
@@ -216,6 +219,7 @@ def split_stages(gm: fx.GraphModule) -> StagedProgram:
                     xs, ids, ws,
                     out_names[0] if n_out else "",
                     sub,
+                    call[0].meta.get("fxdisag_shared_fqn"),
                 )
             )
     top.recompile()

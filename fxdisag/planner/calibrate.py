@@ -174,7 +174,11 @@ class Calibration:
             m, fwd_flops_per_row=m.fwd_flops_per_row * ke * load,
             dispatch_bytes_per_row=m.dispatch_bytes_per_row * rows, combine_bytes_per_row=m.combine_bytes_per_row * rows,
             combine_grad_bytes_per_row=m.combine_grad_bytes_per_row * rows,
-            dispatch_grad_bytes_per_row=m.dispatch_grad_bytes_per_row * rows) for m in prof.moe]
+            dispatch_grad_bytes_per_row=m.dispatch_grad_bytes_per_row * rows,
+            # the shared experts move work the probes did not measure at this size: each
+            # side's fit over every probe prices it (a local line extrapolates poorly)
+            shared_k_attention=m.shared_k_attention * self.attention.k,
+            shared_k_experts=m.shared_k_experts * self.experts.k) for m in prof.moe]
         scaled = dataclasses.replace(prof, regions=[scale(r) for r in prof.regions], moe=moe)
         tuned = cluster.replace(
             memory_bandwidth=math.inf, action_overhead=oa, expert_action_overhead=oe,

@@ -55,6 +55,8 @@ from fxdisag.planner.formulas import (
     PIPELINE_1F1B,
     PIPELINE_TIME,
     REGION_TIME,
+    ROWS_PER_RANK,
+    SHARED_ROWS,
     STEP_TIME,
 )
 from fxdisag.planner.placement import GroupLayout, afpipe_transfer, group_span, ring_transfer
@@ -135,10 +137,17 @@ def expert_time(work: Workload, cluster, rows: float, experts_held: int, backwar
 
 def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
                        attn: dict | None = None, recompute: tuple[bool, bool] = (False, False),
-                       depth: int = 1) -> dict[str, float]:
+                       depth: int = 1, shared_host: int | None = None) -> dict[str, float]:
     """Per-micro-batch stage times of AF-pipe: attention side (pre, per layer, post), the
     busiest expert device, and the four transfers (slowest node), forward and backward.
     ``recompute`` = (attention side recomputes, experts recompute).
+
+    ``shared_host`` (an expert rank of ``layout``, depth 1): the shared experts
+    (``Workload.shared_region``) run there, on every attention device's tokens, instead of
+    in each attention stage; the host is the busiest expert device (its routed pairs are
+    the busiest's, uniform routing), and every message row of the four transfers carries
+    one more routing slot, SHARED_ROWS / r rows as many (the host's extra rows spread over
+    the transfer: its link is not priced apart).
 
     ``depth`` p > 1: ``cluster`` and ``layout`` are one group pair's nodes; the dispatch
     (and its gradient) stays inside the pair, the combine (and its gradient) crosses to
@@ -158,10 +167,14 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     t["fixed_transfer"], t["fixed_expert"] = cluster.inter_node_latency, cluster.expert_overhead
     K = work.top_k
     hop_f, hop_b = (hop_bytes_per_token(work, layout.rows_per_token(K), recorder) if depth > 1 else (0.0, 0.0))
-    for key, per_row, toward, hop, ring in (("dispatch", work.dispatch_per_row, True, hop_f, False),
-                                            ("combine", work.combine_per_row, False, hop_f, True),
-                                            ("combine_grad", work.combine_grad_per_row, True, hop_b, True),
-                                            ("dispatch_grad", work.dispatch_grad_per_row, False, hop_b, False)):
+    rows = dict(dispatch=work.dispatch_per_row, combine=work.combine_per_row,
+                combine_grad=work.combine_grad_per_row, dispatch_grad=work.dispatch_grad_per_row)
+    if shared_host is not None:
+        rows = _shared_on_experts(work, cluster, layout, seqs_per_mb, t, shared_host, rows, depth, recorder)
+    for key, per_row, toward, hop, ring in (("dispatch", rows["dispatch"], True, hop_f, False),
+                                            ("combine", rows["combine"], False, hop_f, True),
+                                            ("combine_grad", rows["combine_grad"], True, hop_b, True),
+                                            ("dispatch_grad", rows["dispatch_grad"], False, hop_b, False)):
         label = f"{key} per micro-batch (slowest node)" + (", with the hop" if depth > 1 else "")
         if ring and depth > 1:
             t[key] = ring_transfer(cluster, layout, tokens * per_row, tokens * hop, top_k=K, toward_experts=toward,
@@ -170,6 +183,40 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
             t[key] = afpipe_transfer(cluster, layout, tokens * per_row, top_k=K, toward_experts=toward,
                                      recorder=recorder, label=label, hop=tokens * hop)
     return t
+
+
+def _shared_on_experts(work: Workload, cluster, layout: GroupLayout, seqs: float, t: dict, host: int,
+                       rows: dict[str, float], depth: int, recorder=None) -> dict[str, float]:
+    """Move the shared experts' time from the attention stages to the host (``t`` in place)
+    and return the bytes per message row of the four transfers with them there."""
+    region = work.shared_region
+    if region is None:
+        raise ValueError("shared_host: the model has no shared experts an expert rank can run")
+    if depth != 1 or host not in layout.expert_ranks:
+        raise ValueError(f"shared_host={host}: an expert rank of the group pair {layout.expert_ranks}, at depth 1")
+    peak, bw = cluster.peak(work.dtype), cluster.memory_bandwidth
+    A = len(layout.attention_ranks)
+    k_attn, k_exp = work.shared_k  # a calibration's FLOP scale of each side (1: a priori)
+    for bwd, a_key, e_key in ((False, "attn_f", "expert_f"), (True, "attn_b", "expert_b")):
+        k = 2.0 if bwd else 1.0
+        where = "bwd" if bwd else "fwd"
+        flops = region.bwd_flops if bwd else region.fwd_flops
+        off = REGION_TIME(recorder, f"shared experts on one attention device, {where}, {seqs:g} seq",
+                          F=k_attn * seqs * flops, peak=peak,
+                          B=k * (region.weight_bytes + seqs * region.io_bytes), mem_bw=bw)
+        on = REGION_TIME(recorder, f"shared experts on expert rank {host}, {where}, {A} x {seqs:g} seq",
+                         F=k_exp * A * seqs * flops, peak=peak,
+                         B=k * (region.weight_bytes + A * seqs * region.io_bytes), mem_bw=bw)
+        # the stage less their time, and at least the stage cut by their share of its FLOPs
+        # (a calibration's fitted overhead may be negative: the difference alone could be too)
+        t[a_key] = max(t[a_key] - off, t[a_key] * (1.0 - work.shared_fraction[bwd]))
+        t[e_key] = t[e_key] + on
+    r = layout.rows_per_token(work.top_k)
+    P_h = ROWS_PER_RANK(E=work.num_experts, K=work.top_k, g=layout.experts_held[host])
+    r_s = SHARED_ROWS(recorder, f"message rows per token, shared experts on expert rank {host}", r=r, P_h=P_h)
+    slot = work.dtype_bytes  # one more routing weight per row (and its gradient), and an int32 id
+    return dict(dispatch=(rows["dispatch"] + slot + 4) * r_s / r, combine=rows["combine"] * r_s / r,
+                combine_grad=rows["combine_grad"] * r_s / r, dispatch_grad=(rows["dispatch_grad"] + slot) * r_s / r)
 
 
 def attention_busy(times: dict[str, float], num_layers: int, m: int) -> float:

@@ -78,6 +78,10 @@ Formulas (all times in seconds, bytes in bytes, per device unless said otherwise
                     combine's row -> token index, b_index bytes (int64) for each of the
                     token's r message rows (its distinct destination expert ranks,
                     ROWS_PER_RANK summed), because the combine that reads it runs on g + 1
+    SHARED_ROWS     r_s = r + 1 - P_h
+                    message rows per token when an expert rank (the host) runs the shared
+                    experts as an always-selected expert: the r routed rows, plus one to the
+                    host unless the token reaches it already (P_h: ROWS_PER_RANK of the host)
 
 The cost model built from them: the inputs (``workload.py``: :class:`Workload`), where
 the two groups sit and what their transfers cost (``placement.py``), the step-time
@@ -124,6 +128,7 @@ __all__ = [
     "ROWS_PER_RANK",
     "HOP_BYTES",
     "CHUNKED_SEGMENT",
+    "SHARED_ROWS",
     "FORMULAS",
     "Evaluation",
     "explain",
@@ -304,11 +309,20 @@ CHUNKED_SEGMENT = Formula(
     "every order of them takes as long). r = 1 is t_d + t_e + t_c",
 )
 
+_rs, _Ph = _s("r P_h")
+SHARED_ROWS = Formula(
+    "SHARED_ROWS",
+    _rs + 1 - _Ph,
+    "message rows per token with the shared experts on an expert rank (an always-selected expert): the token's "
+    "r routed rows, plus one to the host unless one of its top_k experts is there already (P_h: ROWS_PER_RANK "
+    "of the host's experts)",
+)
+
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in (REGION_TIME, COMPUTE_ACTION, TRANSFER_TIME, ATTENTION_STAGE, PIPELINE_TIME, PIPELINE_1F1B,
               INTERLEAVED_1F1B, INTERLEAVED_IN_FLIGHT, STEP_TIME, ALLREDUCE_TIME, MEMORY, ACTIVATIONS,
-              ROWS_PER_RANK, HOP_BYTES, CHUNKED_SEGMENT)
+              ROWS_PER_RANK, HOP_BYTES, CHUNKED_SEGMENT, SHARED_ROWS)
 }
 
 

@@ -49,7 +49,11 @@ Binding fields:
 * ``num_moe_layers`` -- when set, must match the model;
 * ``chunks`` -- per MoE layer ``[forward, backward]``: its dispatch -> expert compute ->
   combine runs as that many chunks in each pass (``fxdisag.schedule.chunk_schedule``;
-  empty: every layer unchunked; depth-1 plans only).
+  empty: every layer unchunked; depth-1 plans only);
+* ``shared_expert_rank`` -- where a model's shared experts run: None on the attention
+  group, beside the routed dispatch; an expert rank: on it, as one more expert every token
+  selects (its rows cross the link, ``codegen/insert_dispatch.py``; AF-pipe plans of
+  depth 1).
 
 ``grad_accumulation`` (rounds of m micro-batches per optimizer step) binds the training
 loop, which calls forward/backward that many times per optimizer step; the runtime does
@@ -88,7 +92,12 @@ BINDING_FIELDS = (
     "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
     "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
     "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group", "stage_costs", "chunks",
+    "shared_expert_rank",
 )
+
+
+# Notes that record a choice the search made after pricing its candidates (explain() leads with them).
+DECISION_NOTES = ("shared experts:", "dispatch -> experts -> combine")
 
 
 def _even_blocks(total: int, parts: int) -> list[range]:
@@ -139,6 +148,7 @@ class Plan:
     loss_group: int | None = None  # attention group of the final norm/head/loss (None: Stages.dealt's default)
     stage_costs: dict[str, float] = field(default_factory=dict)  # p > 1: unit durations ring_schedule orders by
     chunks: list[list[int]] = field(default_factory=list)  # per MoE layer [forward, backward] chunks; empty: 1
+    shared_expert_rank: int | None = None  # the expert rank running the shared experts (None: attention group)
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
@@ -189,6 +199,14 @@ class Plan:
         if self.pipeline_depth != 1 and any(max(c) > 1 for c in self.chunks):
             raise ValueError(f"Plan: chunks with pipeline_depth={self.pipeline_depth}: chunked layers run at depth 1 "
                              "only (the combine that crosses a hop carries its row count); leave chunks empty")
+        r = self.shared_expert_rank
+        if r is not None:
+            if isinstance(r, bool) or not isinstance(r, int) or r not in self.expert_ranks:
+                raise ValueError(f"Plan: shared_expert_rank={r!r} must be one of the expert ranks {self.expert_ranks} "
+                                 "(or None: the shared experts run on the attention group)")
+            if self.kind != "afpipe" or self.pipeline_depth != 1:
+                raise ValueError("Plan: shared_expert_rank places shared experts on an expert rank of an AF-pipe plan "
+                                 f"of depth 1 (this plan: kind {self.kind!r}, depth {self.pipeline_depth}); leave it None")
         self._check_pipeline()
 
     def _check_pipeline(self) -> None:
@@ -448,7 +466,9 @@ class Plan:
         """Every formula used, with the values and results that gave this plan's numbers."""
         if not self.evaluations:
             return "manual plan: no predictions (make one with fxdisag.planner.plan to get them)"
-        return _explain(self.evaluations)
+        decisions = [n for n in self.notes if n.startswith(DECISION_NOTES)]
+        head = "".join(f"decision: {d}\n" for d in decisions) + ("\n" if decisions else "")
+        return head + _explain(self.evaluations)
 
     def __str__(self) -> str:
         lines = []
@@ -489,6 +509,8 @@ class Plan:
             lines.append("  dispatch -> experts -> combine in chunks (forward x backward): "
                          + ", ".join(f"{f} x {b}" for f, b in pairs)
                          + (" in every MoE layer" if len(pairs) == 1 else " (per MoE layer)"))
+        if self.shared_expert_rank is not None:
+            lines.append(f"  shared experts: on expert rank {self.shared_expert_rank}, as an always-selected expert")
         if any(self.recompute.values()):
             lines.append("  activation recomputation: " + ", ".join(k for k, v in self.recompute.items() if v))
         if self.nic_split:

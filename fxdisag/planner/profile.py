@@ -136,6 +136,14 @@ class MoELayerProfile:
     combine_bytes_per_row: float
     combine_grad_bytes_per_row: float
     dispatch_grad_bytes_per_row: float
+    # The shared-experts module an expert rank can run as an always-selected expert
+    # (codegen.insert_dispatch.movable_shared_experts) and its parameter count; "" / 0: none.
+    shared_module: str = ""
+    shared_params: int = 0
+    # Seconds-per-FLOP scales of the shared experts' region on each side, set by a profiling
+    # step's calibration (planner/calibrate.py: the fitted k of the side that would run them).
+    shared_k_attention: float = 1.0
+    shared_k_experts: float = 1.0
 
     def dispatch_bytes(self, batch_size: int, seq_len: int, rows_per_token: float) -> float:
         """Bytes an attention rank sends to the experts for one micro-batch of this layer, when
@@ -526,6 +534,10 @@ def profile(
     hops = [hop for _, hop in measured]
     params, modules, stage_params = _region_params(captured)
     moe_by_layer = {m.layer: m for m in layout.moe}
+    from fxdisag.codegen.insert_dispatch import movable_shared_experts
+
+    movable = {layout.moe[j].layer: fqn for j, fqn in movable_shared_experts(captured.graph_module, layout).items()
+               if isinstance(fqn, str)}
     hidden = layout.hidden_size
 
     def fit(attr: str, key) -> SeqCost:
@@ -555,6 +567,9 @@ def profile(
                     saved_bytes_per_row=saved_row,
                     io_bytes_per_row=io_row,
                     **message_row_bytes(hidden, dsize, k),
+                    shared_module=movable.get(layer, ""),
+                    shared_params=sum(p.numel() for p in captured.model.get_submodule(movable[layer]).parameters())
+                    if layer in movable else 0,
                 )
             )
             fwd = SeqCost(2.0 * per_expert * k)

@@ -104,7 +104,9 @@ def extend_profile(short, num_layers: int, prefix: int, period: int):
     sources = [moe_of[src] for src in (_source(l, num_layers, prefix, period) for l in range(num_layers))
                if src in moe_of]  # per MoE layer of the long model: its MoE layer in the short one
     moe_layers = [l for l in range(num_layers) if _source(l, num_layers, prefix, period) in moe_of]
-    moe = [dataclasses.replace(short.moe[j], layer=l) for j, l in zip(sources, moe_layers)]
+    moe = [dataclasses.replace(short.moe[j], layer=l, shared_module=_renamed(short.moe[j].shared_module,
+                                                                             short.moe[j].layer, l)
+                               if short.moe[j].shared_module else "") for j, l in zip(sources, moe_layers)]
     hops = [short.hop_bytes[j] for j in sources] if short.hop_bytes else []
     stages = []
     if short.stage_params:  # stage 0 (embedding, prefix) and the last (head) as measured; stage j >= 1 like its source

@@ -108,6 +108,7 @@ def _domain_expert_counts(cluster, attention: list[int], experts: list[int], d: 
 
 _RECOMPUTE = ((False, False), (False, True), (True, False), (True, True))  # (attention side, experts)
 SCHEDULES = ("gpipe", "1f1b")
+SHARED_EXPERTS = ("auto", "attention", "expert")  # where plan() may put a model's shared experts
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Candidate:
     recompute: tuple[bool, bool]
     layout: GroupLayout  # of one group pair, on pair_cluster(cluster, depth)
     chunks: tuple[int, int] = (1, 1)  # (forward, backward) chunks of every MoE layer's dispatch -> combine
+    shared_host: int | None = None  # the expert rank running the shared experts (None: the attention group)
 
 
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
@@ -209,7 +211,7 @@ def candidate_step(work: Workload, cluster, cand: Candidate, recorder=None, attn
     """The predicted step of ``cand`` and its parts (``cost_afpipe.afpipe_step``)."""
     sub = pair_cluster(cluster, cand.depth)
     stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, recorder, attn=attn, recompute=cand.recompute,
-                                depth=cand.depth)
+                                depth=cand.depth, shared_host=cand.shared_host)
     sync = afpipe_sync(work, sub, cand.layout, recorder, group_share(work, cand.depth))
     return _step_of(work, cand, stages, sync, recorder)
 
@@ -239,6 +241,7 @@ def plan(
     schedule: str | None = None,
     baseline: bool = True,
     chunks: bool | tuple[int, int] = False,
+    shared_experts: str = "auto",
 ) -> Plan:
     """The fastest predicted AF-pipe plan that fits (module docstring).
 
@@ -249,8 +252,16 @@ def plan(
     Megatron-LM baseline's search (no speedups in the plan). ``chunks``: True solves the
     chosen plan's (forward, backward) chunks per MoE layer (``chunking.solve_chunks``, at
     depth 1; the search itself prices every candidate unchunked), a pair pins them, False
-    (the default) keeps every layer unchunked.
+    (the default) keeps every layer unchunked. ``shared_experts``: where a model's shared
+    experts run (``Plan.shared_expert_rank``): ``"auto"`` (the default) puts them on an expert
+    rank, as an always-selected expert, when the cost model predicts a shorter step for the
+    chosen plan, ``"attention"`` keeps them on the attention group, ``"expert"`` puts them
+    on an expert rank (depth 1; the search prices every candidate with them on the
+    attention group, then decides for the chosen one, with a note and the formulas in
+    ``explain()``).
     """
+    if shared_experts not in SHARED_EXPERTS:
+        raise ValueError(f"plan: shared_experts={shared_experts!r}; choose from {SHARED_EXPERTS}")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"plan: global_batch must be an int >= 1 (sequences per step), got {global_batch!r}")
     if not 0 < memory_fraction <= 1:
@@ -300,10 +311,47 @@ def plan(
         else:
             pinned = tuple(chunks)
             best = dataclasses.replace(best, chunks=pinned, step=step_of(pinned))
+    best, shared_note = _place_shared(work, cluster, best, shared_experts)
     made = _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap, baseline)
     if note:
         made.notes.append(note)
+    if shared_note:
+        made.notes.append(shared_note)
     return made
+
+
+def shared_host_for(cand: Candidate) -> int:
+    """The expert rank to host the shared experts: the one holding the fewest experts (it
+    computes the fewest routed pairs under uniform routing), the last among equals."""
+    held = cand.layout.experts_held
+    return min(reversed(cand.layout.expert_ranks), key=lambda r: held[r])
+
+
+def _place_shared(work: Workload, cluster, best: Candidate, choice: str) -> tuple[Candidate, str | None]:
+    """(the candidate with its shared-experts placement, the note saying why)."""
+    if choice == "attention" or (choice == "auto" and not work.shared_params):
+        return best, None
+    if not work.shared_params:
+        raise ValueError("plan: shared_experts='expert' but the profile has no shared experts an expert rank can run "
+                         "(MoELayerProfile.shared_params is 0: none, or a block insert_dispatch cannot move)")
+    if best.depth != 1:
+        if choice == "expert":
+            raise ValueError(f"plan: shared_experts='expert' with the chosen pipeline depth {best.depth}: the shared "
+                             "experts run on an expert rank at depth 1 only; pin pipeline_depth=1")
+        return best, "shared experts: on the attention group (an expert rank runs them at depth 1 only)"
+    host = shared_host_for(best)
+    moved = dataclasses.replace(best, shared_host=host)
+    t_attn = candidate_step(work, cluster, best)
+    t_exp = candidate_step(work, cluster, moved)
+    why = (f"attention stage {t_attn['attn_f'] * 1e3:.3g} -> {t_exp['attn_f'] * 1e3:.3g} ms fwd, busiest expert "
+           f"device {t_attn['expert_f'] * 1e3:.3g} -> {t_exp['expert_f'] * 1e3:.3g} ms fwd, dispatch "
+           f"{t_attn['dispatch'] * 1e3:.3g} -> {t_exp['dispatch'] * 1e3:.3g} ms per micro-batch")
+    if choice == "expert" or t_exp["step"] < t_attn["step"]:
+        return dataclasses.replace(moved, step=t_exp["step"]), (
+            f"shared experts: on expert rank {host}, as an always-selected expert ({'pinned' if choice == 'expert' else 'chosen'}): "
+            f"step {t_exp['step']:.4g} s, {t_attn['step']:.4g} s with them on the attention group ({why})")
+    return best, (f"shared experts: on the attention group, beside the dispatch: step {t_attn['step']:.4g} s, "
+                  f"{t_exp['step']:.4g} s on expert rank {host} ({why})")
 
 
 def _search(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool, depths,
@@ -396,7 +444,7 @@ def _pair_times(work: Workload, cluster, cand: Candidate, attn: dict):
     sub = pair_cluster(cluster, cand.depth)
     share = group_share(work, cand.depth)
     stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, attn=attn, recompute=cand.recompute,
-                                depth=cand.depth)
+                                depth=cand.depth, shared_host=cand.shared_host)
     return stages, afpipe_sync(work, sub, cand.layout, share=share)
 
 
@@ -479,6 +527,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         in_flight=best.in_flight,
         num_moe_layers=work.num_moe_layers,
         chunks=[list(best.chunks)] * work.num_moe_layers if best.chunks != (1, 1) else [],
+        shared_expert_rank=best.shared_host,
         pipeline_depth=p,
         loss_group=loss_group(work, p),
         nic_split=layout.nic_split() * p,

@@ -128,6 +128,12 @@ class Workload:
     stage_saved: list[float] = field(default_factory=list)
     stage_unlayered: list[float] = field(default_factory=list)  # of stage_saved: outside decoder layers
     stage_layers: list[int] = field(default_factory=list)  # decoder layers whose attention side is in stage s
+    # The shared experts an expert rank can run (MoELayerProfile.shared_params, mean over the
+    # MoE layers; 0: none): per sequence, as a region on whichever group runs them.
+    shared_params: float = 0.0
+    shared_region: RegionCost | None = None
+    shared_k: tuple[float, float] = (1.0, 1.0)  # (attention side, expert side) FLOP scales (a calibration's)
+    shared_fraction: tuple[float, float] = (0.0, 0.0)  # (fwd, bwd) their share of a MoE layer's attention-side FLOPs
     _shares: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def group_share(self, p: int, assignment: str = "round_robin", loss_group: int | None = None) -> "GroupShare":
@@ -256,5 +262,33 @@ class Workload:
             stage_saved=stage_saved,
             stage_unlayered=stage_unlayered,
             stage_layers=[len(x) for x in stage_decoder],
+            shared_params=mean("shared_params"),
+            shared_region=_shared_region(mean("shared_params"), seq_len, profile.hidden_size, profile.dtype_bytes),
+            shared_k=(mean("shared_k_attention"), mean("shared_k_experts")),
+            shared_fraction=_shared_fraction(profile, seq_len),
         )
 
+
+
+def _shared_region(params: float, seq_len: int, hidden: int, dtype_bytes: int) -> RegionCost | None:
+    """The movable shared experts of one MoE layer as a region, per sequence: 2 FLOPs per
+    parameter and token forward (an MLP of linear layers), 2x backward, a hidden row in and
+    out per token, and the weights."""
+    if not params:
+        return None
+    return RegionCost(fwd_flops=2.0 * params * seq_len, bwd_flops=4.0 * params * seq_len,
+                      io_bytes=2.0 * seq_len * hidden * dtype_bytes, weight_bytes=params * dtype_bytes)
+
+
+def _shared_fraction(profile, seq_len: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of the movable shared experts' regions over those of their
+    MoE layers' attention side, summed over the layers (a calibration scales both alike)."""
+    moved = {m.layer for m in profile.moe if m.shared_params}
+    out = []
+    for attr in ("fwd_flops", "bwd_flops"):
+        total = sum(getattr(r, attr).at(seq_len) for r in profile.regions
+                    if r.layer in moved and r.kind != "experts")
+        shared = sum(getattr(r, attr).at(seq_len) for r in profile.regions
+                     if r.layer in moved and r.kind == "shared_experts")
+        out.append(shared / total if total else 0.0)
+    return out[0], out[1]

@@ -62,6 +62,7 @@ class AttentionHandlers:
         row_format: tuple[int, torch.dtype] | None = None,
         compile_stages: bool = False,
         chunks: Mapping[int, tuple[int, int]] | None = None,
+        shared_layers: frozenset[int] = frozenset(),
     ):
         """``attention_ranks``: this rank's attention group (its slot is its index);
         ``expert_ranks``: the expert group (p = 1); ``stages``: which group runs which
@@ -69,7 +70,9 @@ class AttentionHandlers:
         to size a combine that crosses a hop; ``compile_stages``: run each stage program
         through ``torch.compile`` (inductor; one static-shape graph per stage); ``chunks``:
         MoE layer -> (forward, backward) chunks (``Schedule.chunks``; rows per chunk:
-        ``runtime/chunking.py``)."""
+        ``runtime/chunking.py``); ``shared_layers``: the MoE layers whose shared experts an
+        expert rank runs (their rows carry one more slot, the last; ``owner`` and
+        ``local_ids`` have one more entry, the shared experts' id E)."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)
@@ -94,6 +97,7 @@ class AttentionHandlers:
         self.hop_names = hop.hop_values(program) if self.hops else []
         self.row_format = row_format
         self.chunks = dict(chunks or {})
+        self.shared_layers = frozenset(shared_layers)
         seen: dict[int, nn.Parameter] = {}
         for s in self.my_stages:
             for p in program.stages[s].module.parameters():
@@ -237,6 +241,8 @@ class AttentionHandlers:
         if have >= self.route_sample_cap:
             return
         env = state.env[i]
+        if j in self.shared_layers:  # the routed slots only (the shared experts' slot is the last)
+            ids = ids[:, :-1]
         token, num_tokens = env[f"token_{j}"], env[f"ntok_{j}"].shape[0]
         full = torch.full((num_tokens, ids.shape[1]), -1, dtype=ids.dtype, device=ids.device)
         full.scatter_reduce_(0, token.unsqueeze(1).expand(-1, ids.shape[1]), ids, "amax")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 __all__ = ["pack", "expand", "reduce_rows", "expert_rows", "combine", "row_ranks", "tokens_reaching",
-           "ROUTE_SAMPLE"]
+           "with_shared", "ROUTE_SAMPLE"]
 
 # Tokens per MoE layer whose routed experts an attention rank keeps when asked to sample
 # (``DisaggregatedModel.sample_routes``: the balancer, the planner's profiling step).
@@ -67,6 +67,17 @@ def pack(
     ws = torch.where(mine, top_k_weights[token], torch.zeros((), dtype=top_k_weights.dtype, device=hidden.device))
     ids = torch.where(mine, top_k_index[token], torch.full((), -1, dtype=top_k_index.dtype, device=hidden.device))
     return xs, ws, ids, token, hidden.new_empty((num_tokens, 0))
+
+
+def with_shared(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: torch.Tensor | None,
+                shared_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing with the shared experts as one more slot every token selects: index
+    [N, K+1] (last slot ``shared_id``), weights [N, K+1] (last slot the per-token ``gate``,
+    any shape with N elements, in the weights' dtype; 1 without a gate)."""
+    n = top_k_index.shape[0]
+    index = torch.cat([top_k_index, top_k_index.new_full((n, 1), shared_id)], dim=1)
+    g = top_k_weights.new_ones((n, 1)) if gate is None else gate.reshape(n, 1).to(top_k_weights.dtype)
+    return index, torch.cat([top_k_weights, g], dim=1)
 
 
 def row_ranks(ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fxdisag.runtime.chunking import RowChunks, split
 from fxdisag.runtime.dispatch import expert_rows
+from fxdisag.runtime.experts import routed_experts
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
@@ -81,15 +82,17 @@ class ExpertHandlers:
             for p in mod.parameters():
                 seen.setdefault(id(p), p)
         self.params = list(seen.values())
-        # Tokens each local expert computed in training steps, per MoE layer, and the seconds
-        # the expert calls took for how many (row, expert) pairs: what a balancer reads
-        # between steps (fxdisag.balance). A bincount per call: no collective, no sync.
-        self.token_counts = {j: torch.zeros(next(mod.parameters()).shape[0], dtype=torch.long)
-                             for j, mod in experts.items()}
+        # Tokens each local (routed) expert computed in training steps, per MoE layer, and the
+        # seconds the expert calls took for how many (row, expert) pairs: what a balancer reads
+        # between steps (fxdisag.balance). A bincount per call: no collective, no sync. Ids
+        # past the routed ones are the shared experts (runtime.experts.WithSharedExpert).
+        self.routed_count = {j: next(routed_experts(mod).parameters()).shape[0] for j, mod in experts.items()}
+        self.token_counts = {j: torch.zeros(n, dtype=torch.long) for j, n in self.routed_count.items()}
         self.compute_seconds, self.computed_pairs = 0.0, 0
-        # Expert weights are [E_local, ...]: a replica set sums the rows of its shared experts.
-        self.grad_sync = GradSync(self.params, [RowGroup(self.params, g, rows, mailbox.timeout)
-                                                    for rows, g in replica_groups])
+        # Expert weights are [E_local, ...]: a replica set sums the rows of its replicated experts.
+        routed = list({id(p): p for mod in experts.values() for p in routed_experts(mod).parameters()}.values())
+        self.grad_sync = GradSync(self.params, [RowGroup(routed, g, rows, mailbox.timeout)
+                                                for rows, g in replica_groups])
 
     def handlers(self) -> dict[ActionKind, Handler]:
         K = ActionKind
@@ -151,7 +154,7 @@ class ExpertHandlers:
                 y = self.run_experts[j](x, e, w)
             counts = [len(q) for q in rows]
             if state.grad_enabled:
-                valid = e[e >= 0]
+                valid = e[(e >= 0) & (e < self.routed_count[j])]
                 self.token_counts[j] += torch.bincount(valid.cpu(), minlength=self.token_counts[j].numel())
                 self.compute_seconds += time.perf_counter() - t0
                 self.computed_pairs += valid.numel()

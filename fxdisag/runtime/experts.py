@@ -12,6 +12,11 @@ parameters (local id i -> global id ``expert_ids[i]``): gradients land in the mo
 parameters, in the rows of the rank's experts (zero elsewhere). The torch.compile front
 door uses it, so the optimizer a user built on ``model.parameters()`` trains them.
 ``expert_tensors(module)`` lists (name, tensor, rows of the rank's experts) for either.
+
+``WithSharedExpert(routed, shared, shared_id)`` is one MoE layer's experts call with its
+shared experts as one more, always-selected expert (``Plan.shared_expert_rank``): a
+(row, expert, weight) triple with expert ``shared_id`` computes ``weight * shared(row)``,
+every other the routed module; its ``fxdisag_expert_ids`` are the routed ones.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ModelExperts", "expert_tensors", "local_experts", "model_experts"]
+__all__ = ["ModelExperts", "WithSharedExpert", "expert_tensors", "local_experts", "model_experts",
+           "routed_experts"]
 
 
 def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
@@ -76,7 +82,40 @@ def model_experts(experts: nn.Module, expert_ids: Sequence[int]) -> ModelExperts
     return ModelExperts(experts, expert_ids)
 
 
+class WithSharedExpert(nn.Module):
+    """The routed experts and the shared experts of one MoE layer, as one experts call (module docstring).
+
+    ``shared`` is the model's own shared-experts module (its parameters train in place);
+    ``shared_id`` the id the dispatch gives it, one past the routed ids ``routed`` knows."""
+
+    def __init__(self, routed: nn.Module, shared: nn.Module, shared_id: int):
+        super().__init__()
+        self.routed = routed
+        self.shared = shared
+        self.shared_id = int(shared_id)
+        ids = getattr(routed, "fxdisag_expert_ids", None)
+        if ids is not None:
+            self.fxdisag_expert_ids = ids
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # one (row, expert, weight) triple per call row (K = 1: dispatch.expand)
+        is_shared = ids[:, 0] == self.shared_id
+        r_idx = (~is_shared).nonzero().squeeze(1)
+        s_idx = is_shared.nonzero().squeeze(1)
+        y_r = self.routed(hidden[r_idx], ids[r_idx], weights[r_idx])
+        y_s = self.shared(hidden[s_idx])
+        y_s = y_s * weights[s_idx].to(y_s.dtype)
+        out = y_r.new_zeros((hidden.shape[0], y_r.shape[1]))
+        return out.index_copy(0, r_idx, y_r).index_copy(0, s_idx, y_s.to(out.dtype))
+
+
+def routed_experts(module: nn.Module) -> nn.Module:
+    """The routed experts of an expert rank's module (itself, or a :class:`WithSharedExpert`'s)."""
+    return module.routed if isinstance(module, WithSharedExpert) else module
+
+
 def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter, slice | list[int]]]:
+    module = routed_experts(module)
     if isinstance(module, ModelExperts):
         rows = list(module.fxdisag_expert_ids)
         return [(n, p, rows) for n, p in module.full.named_parameters(recurse=False)]

@@ -1,0 +1,126 @@
+"""Where the shared experts run: the cost model's terms, the planner's decision, the Plan field.
+
+The runtime's parity for both placements is ``test_runtime.py`` (attention group: CASES'
+qwen2_moe / deepseek_v3; an expert rank: SHARED_CASES), the graph pass's
+``test_passes.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import fxdisag
+from fxdisag.planner import ClusterSpec
+from fxdisag.planner.plan import Plan
+from fxdisag.planner.search import candidate_step, plan, shared_host_for
+from fxdisag.planner.workload import Workload
+from fxdisag.testing.models import example_batch, tiny_model
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def qwen2_profile():
+    model = tiny_model("qwen2_moe", num_layers=3)
+    return fxdisag.profile(fxdisag.capture(model, example_batch(model, 2, SEQ)), 1, SEQ, torch.float32)
+
+
+def _cluster(world: int, bandwidth: float) -> ClusterSpec:
+    # memory_bandwidth inf: every region time is its FLOPs over the peak (checked by hand below)
+    return ClusterSpec.cpu(world, flops=50e9, bandwidth=bandwidth, action_overhead=1e-4).replace(
+        memory_bandwidth=float("inf"))
+
+
+def test_profile_names_the_movable_shared_experts(qwen2_profile):
+    model = tiny_model("qwen2_moe", num_layers=3)
+    for m in qwen2_profile.moe:
+        # the MLP moves; Qwen2-MoE's sigmoid gate (Linear H -> 1) stays on the attention side
+        assert m.shared_module == f"model.layers.{m.layer}.mlp.shared_expert"
+        assert m.shared_params == sum(p.numel() for p in model.get_submodule(m.shared_module).parameters())
+    plain = tiny_model("qwen3_moe")
+    prof = fxdisag.profile(fxdisag.capture(plain, example_batch(plain, 1, 8)), 1, 8, torch.float32)
+    assert [(m.shared_module, m.shared_params) for m in prof.moe] == [("", 0)] * len(prof.moe)
+    assert Workload.from_profile(prof, 8).shared_region is None
+
+
+def test_cost_model_moves_the_shared_region_to_the_host(qwen2_profile):
+    cluster = _cluster(4, 10e9)
+    best = plan(qwen2_profile, cluster, 8, seq_len=SEQ, pipeline_depth=1, num_attention=1, baseline=False,
+                shared_experts="attention")
+    work = Workload.from_profile(qwen2_profile, SEQ)
+    from fxdisag.planner.search import _search  # the candidate the pinned search chose
+
+    cand, _ = _search(work, cluster, 8, float("inf"), "adam", True, [1], 32, 1, best.num_microbatches,
+                      best.microbatch_size, best.schedule_kind)
+    host = shared_host_for(cand)
+    assert host == max(cand.layout.expert_ranks)  # equal loads: the last
+    off = candidate_step(work, cluster, cand)
+    on = candidate_step(work, cluster, dataclasses.replace(cand, shared_host=host))
+    P, S, seqs, peak = work.shared_params, SEQ, cand.seqs, cluster.peak(work.dtype)
+    A = len(cand.layout.attention_ranks)
+    assert on["attn_f"] == pytest.approx(off["attn_f"] - 2 * P * S * seqs / peak, rel=1e-9)
+    assert on["attn_b"] == pytest.approx(off["attn_b"] - 4 * P * S * seqs / peak, rel=1e-9)
+    assert on["expert_f"] == pytest.approx(off["expert_f"] + A * 2 * P * S * seqs / peak, rel=1e-9)
+    assert on["expert_b"] == pytest.approx(off["expert_b"] + A * 4 * P * S * seqs / peak, rel=1e-9)
+    # 3 expert ranks holding 4 / 3 experts each (top-2 of 4): a token reaches the host already
+    # with probability P_h; otherwise it sends one more row there (SHARED_ROWS)
+    from math import comb
+
+    g = cand.layout.experts_held[host]
+    P_h = 1 - comb(4 - g, 2) / comb(4, 2)
+    r = cand.layout.rows_per_token(2)
+    assert on["combine"] > off["combine"]
+    rows_ratio = (r + 1 - P_h) / r
+    lat = cluster.inter_node_latency
+    assert (on["combine"] - lat) == pytest.approx((off["combine"] - lat) * rows_ratio, rel=1e-6)
+
+
+@pytest.mark.parametrize("bandwidth, expect_host", [(0.05e9, False), (10e9, True)])
+def test_auto_takes_the_faster_placement(qwen2_profile, bandwidth, expect_host):
+    """Attention-bound on a fast link: the expert rank's idle time takes the shared experts;
+    on a slow link the extra rows cost more than the attention stage saves."""
+    cluster = _cluster(4, bandwidth)
+    kw = dict(seq_len=SEQ, pipeline_depth=1, num_attention=1, baseline=False)
+    auto = plan(qwen2_profile, cluster, 8, **kw)
+    attention = plan(qwen2_profile, cluster, 8, shared_experts="attention", **kw)
+    expert = plan(qwen2_profile, cluster, 8, shared_experts="expert", **kw)
+    assert attention.shared_expert_rank is None and expert.shared_expert_rank == max(expert.expert_ranks)
+    assert (auto.shared_expert_rank is not None) == expect_host
+    assert auto.step_time == min(attention.step_time, expert.step_time)
+    assert (expert.step_time < attention.step_time) == expect_host
+    (note,) = [n for n in auto.notes if n.startswith("shared experts:")]
+    where = f"on expert rank {expert.shared_expert_rank}, as an always-selected expert (chosen)" if expect_host \
+        else "on the attention group, beside the dispatch"
+    assert note.startswith(f"shared experts: {where}")
+    assert auto.explain().startswith(f"decision: {note}\n")
+    if expect_host:  # the formulas behind the moved terms are in the explanation
+        assert "SHARED_ROWS" in auto.explain() and "shared experts on expert rank" in auto.explain()
+    assert not any(n.startswith("shared experts:") for n in attention.notes)
+
+
+def test_plan_field_is_checked_and_round_trips():
+    base = Plan.manual(1, 2, 4, 2)
+    moved = dataclasses.replace(base, shared_expert_rank=2)
+    assert Plan.from_json(moved.to_json()) == moved
+    assert json.loads(moved.to_json())["binding"]["shared_expert_rank"] == 2
+    assert "shared experts: on expert rank 2, as an always-selected expert" in str(moved)
+    with pytest.raises(ValueError, match=r"shared_expert_rank=0 must be one of the expert ranks \[1, 2\]"):
+        dataclasses.replace(base, shared_expert_rank=0)
+    with pytest.raises(ValueError, match="an AF-pipe plan of depth 1"):
+        dataclasses.replace(Plan.expert_parallel(2, 4, 2), shared_expert_rank=1)
+    with pytest.raises(ValueError, match="an AF-pipe plan of depth 1"):
+        dataclasses.replace(Plan.manual(1, 1, 4, 2, pipeline_depth=2), shared_expert_rank=2)
+
+
+def test_search_refuses_shared_experts_the_model_lacks():
+    model = tiny_model("qwen3_moe")
+    prof = fxdisag.profile(fxdisag.capture(model, example_batch(model, 1, 8)), 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="shared_experts='expert' but the profile has no shared experts"):
+        plan(prof, _cluster(3, 1e9), 4, shared_experts="expert", baseline=False)
+    with pytest.raises(ValueError, match="shared_experts='nowhere'; choose from"):
+        plan(prof, _cluster(3, 1e9), 4, shared_experts="nowhere", baseline=False)
+    assert plan(prof, _cluster(3, 1e9), 4, baseline=False).shared_expert_rank is None
