@@ -1,5 +1,6 @@
-"""Shared experts on the attention group or on an expert rank: measured step time of both
-placements against the cost model's predictions and its choice (issue #14).
+"""Shared experts on the attention group, on one expert rank or a copy on every expert rank:
+measured step time of the three placements against the cost model's predictions and its
+choice (issue #14).
 
 What it guarantees: every step time is measured in this run; every prediction is the cost
 model's (``fxdisag.planner.search.plan(shared_experts=...)``) on the profile of the model
@@ -11,9 +12,10 @@ experts of width 256, top-2) with a sigmoid-gated shared expert of width ``--sha
 
 * the split (attention : expert ranks) of each configuration in ``--splits`` (per rank
   count), m = ``--microbatches``;
-* per split, the two placements, each its own ``DisaggregatedModel``, timed round-robin
-  after a warm-up: ``attention`` (``shared_expert_rank=None``) and ``expert`` (the rank
-  ``search.shared_host_for`` picks: the fewest experts, the last among equals);
+* per split, the three placements, each its own ``DisaggregatedModel``, timed round-robin
+  after a warm-up: ``attention`` (``shared_expert_ranks=[]``), ``expert`` (the rank
+  ``search.shared_host_for`` picks: the fewest experts, the last among equals) and
+  ``replicated`` (every expert rank, each token's with its first routed expert);
 * it reports each one's median step (forward + ``loss.backward()``, slowest rank from a
   barrier), the prediction, the planner's choice (``shared_experts="auto"``) and whether
   the losses agree (they compute the same thing), and the bytes the attention ranks sent.
@@ -93,9 +95,11 @@ def worker(args) -> None:
         cal = probe(captured, batches[0], prof, cluster, pinned("attention"))
         p_, c_ = cal.apply(prof, cluster, cal.microbatches_for(size))
         auto = pinned("auto", p_, c_)
-        for where in ("attention", "expert"):
+        for where in ("attention", "expert", "replicated"):
             variants.append({"split": split, "where": where, "plan": pinned(where, p_, c_)})
-        info.append({"split": split, "auto": "expert" if auto.shared_expert_rank is not None else "attention",
+        chosen = auto.shared_expert_ranks
+        info.append({"split": split, "auto": "attention" if not chosen else "expert" if len(chosen) == 1
+                     else "replicated",
                      "note": next((n for n in auto.notes if n.startswith("shared experts:")), ""),
                      "calibration": cal.describe()})
     for v in variants:
@@ -134,7 +138,7 @@ def worker(args) -> None:
         Path(args.out, f"shared_{world}r.json").write_text(json.dumps({
             "world": world, "rate": os.environ.get("FXDISAG_THROTTLE", "unlimited"), "steps": args.steps, "m": m,
             "cluster": cluster.describe(), "splits": info, "shared_width": args.shared_width,
-            "variants": [{"split": v["split"], "where": v["where"], "host": v["plan"].shared_expert_rank,
+            "variants": [{"split": v["split"], "where": v["where"], "hosts": v["plan"].shared_expert_ranks,
                           "median_step_s": statistics.median(v["times"]), "times": v["times"],
                           "predicted_s": v["plan"].step_time, "losses": v["losses"], "attention_sent": s_}
                          for v, s_ in zip(variants, sent)]}, indent=1))
@@ -147,15 +151,16 @@ def report(result: dict) -> list[str]:
              f"shared expert width {result['shared_width']}",
              f"{'split A:E':>9} {'shared on':>10} {'step ms':>9} {'pred ms':>9} {'err':>6} {'attn sent MB':>13}"]
     for v in result["variants"]:
-        where = v["where"] + (f" {v['host']}" if v["host"] is not None else "")
+        where = v["where"] + (f" {v['hosts'][0]}" if v["where"] == "expert" else "")
         err = v["predicted_s"] / v["median_step_s"] - 1
         lines.append(f"{v['split']:>9} {where:>10} {v['median_step_s'] * 1e3:>9.1f} {v['predicted_s'] * 1e3:>9.1f} "
                      f"{err:>+6.0%} {v['attention_sent'] / 1e6:>13.2f}")
     for s in result["splits"]:
         measured = {v["where"]: v["median_step_s"] for v in result["variants"] if v["split"] == s["split"]}
         best = min(measured, key=measured.get)
-        lines.append(f"  {s['split']}: planner chose {s['auto']}, measured faster: {best} "
-                     f"({measured['attention'] / measured['expert']:.2f}x expert vs attention)")
+        lines.append(f"  {s['split']}: planner chose {s['auto']}, measured fastest: {best} (vs attention: expert "
+                     f"{measured['attention'] / measured['expert']:.2f}x, replicated "
+                     f"{measured['attention'] / measured['replicated']:.2f}x)")
         lines.append(f"    {s['note']}")
     return lines
 
@@ -190,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(Path(args.out, f"shared_{world}r.json").read_text())
         print("\n".join(report(result)))
         for split in {v["split"] for v in result["variants"]}:
-            a, b = (v["losses"] for v in result["variants"] if v["split"] == split)
-            same = all(abs(x - y) <= 1e-5 for x, y in zip(a, b))
+            a, *others = (v["losses"] for v in result["variants"] if v["split"] == split)
+            same = all(abs(x - y) <= 1e-5 for b in others for x, y in zip(a, b))
             ok &= same
             print(f"{split}: losses agree across placements (<= 1e-5): {same}")
     return 0 if ok else 1

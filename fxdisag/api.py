@@ -160,12 +160,12 @@ class DisaggregatedModel(nn.Module):
         self.stage_map = stage_map
         first = captured.model.get_submodule(self.layout.moe[0].experts)
         dtype = next(first.parameters()).dtype
-        # Shared experts placed on an expert rank (Plan.shared_expert_rank): MoE layer -> FQN.
-        self.shared_host = plan.shared_expert_rank
+        # Shared experts placed on expert ranks (Plan.shared_expert_ranks): MoE layer -> FQN.
+        self.shared_hosts = list(plan.shared_expert_ranks)
         self.shared_on_experts = {b.index: b.shared_fqn for b in program.boundaries if b.shared_fqn is not None}
-        if (self.shared_host is None) != (not self.shared_on_experts):
-            raise ValueError("the split program's shared experts do not match the plan's shared_expert_rank "
-                             f"({self.shared_host}); build the program from this plan")
+        if (not self.shared_hosts) != (not self.shared_on_experts):
+            raise ValueError("the split program's shared experts do not match the plan's shared_expert_ranks "
+                             f"({self.shared_hosts}); build the program from this plan")
         if self.has_attention:
             if multi:
                 _check_parameters_stay_in_group(program, schedule)
@@ -181,9 +181,9 @@ class DisaggregatedModel(nn.Module):
             for s in mine:
                 maybe_dump_graph(f"attention_stage{s}", program.stages[s].module)
             owner, local_ids = routing.owner_slot(self.rank), routing.local_id(self.rank)
-            if self.shared_host is not None:  # the shared experts: id E, on the host's slot, after its routed ids
-                owner = owner + [list(plan.expert_ranks).index(self.shared_host)]
-                local_ids = local_ids + [len(routing.held(self.shared_host))]
+            for host in self.shared_hosts:  # the shared experts: id E (+ slot), on its host, after its routed ids
+                owner = owner + [list(plan.expert_ranks).index(host)]
+                local_ids = local_ids + [len(routing.held(host))]
             self._attention = AttentionHandlers(
                 program, self.rank, own_group, list(schedule.expert_ranks),
                 schedule.num_microbatches, owner, local_ids,
@@ -204,7 +204,7 @@ class DisaggregatedModel(nn.Module):
                     self.materialized_bytes += materialize_experts(model, self.layout.moe[j].experts, mod, weights)
             # The host computes the shared experts with the model's own modules (they train in place).
             self.shared_modules = {j: model.get_submodule(fqn) for j, fqn in self.shared_on_experts.items()
-                                   if self.rank == self.shared_host and j in self.expert_layers}
+                                   if self.rank in self.shared_hosts and j in self.expert_layers}
             if weights is not None and self.shared_modules:
                 mods = list(self.shared_modules.values())
                 self.materialized_bytes += materialize(
@@ -230,7 +230,7 @@ class DisaggregatedModel(nn.Module):
                 self.mailbox,
                 replica_groups, recompute=recompute.get("experts", False),
                 hops=stage_map.hops if multi else frozenset(), compile_stages=compile_stages,
-                chunks=schedule.chunks,
+                chunks=schedule.chunks, shared_group=groups.get("shared"),
             )
             self.runner.register(self._experts)
         # This rank's data-parallel replicas (its attention group) and, per set of experts it
@@ -355,9 +355,9 @@ class DisaggregatedModel(nn.Module):
         rank calls it with the same plan). Only the placement may differ from the current
         plan, and the rank's expert rows must already hold the experts the new placement
         gives it, ascending (``fxdisag.balance`` moves them first)."""
-        if self.shared_host is not None:
-            raise NotImplementedError(f"rebind_placement: the shared experts run on expert rank {self.shared_host} as "
-                                      "expert E of every routing table; re-placing around them is not supported")
+        if self.shared_hosts:
+            raise NotImplementedError(f"rebind_placement: the shared experts run on expert ranks {self.shared_hosts} "
+                                      "as entries of every routing table; re-placing around them is not supported")
         same = dataclasses.replace(plan, expert_placement=self.plan.expert_placement, expert_owners=self.plan.expert_owners)
         if same != self.plan:
             raise ValueError("rebind_placement: the new plan may change only expert_placement (and its owners)")
@@ -709,9 +709,9 @@ def build(
         group_experts = len(plan.expert_ranks)
     # An expert rank never runs pack(); any attention rank's table gives it a valid graph.
     router = rank if rank in plan.attention_ranks else base.attention_ranks[0]
-    shared_slot = None if plan.shared_expert_rank is None else list(plan.expert_ranks).index(plan.shared_expert_rank)
+    shared_slots = [list(plan.expert_ranks).index(r) for r in plan.shared_expert_ranks] or None
     gm = insert_dispatch(_graph_copy(captured.graph_module), captured.layout, routing.owner_slot(router), group_experts,
-                         shared_slot=shared_slot)
+                         shared_slots=shared_slots)
     program = split_stages(gm)
     if schedule is None:
         schedule = plan.schedule(len(program.boundaries))
@@ -737,6 +737,10 @@ def build(
         groups["attention"] = dist.new_group(sorted(plan.attention_ranks), timeout=td)
         for ranks, _ in routing.replica_sets:
             groups[ranks] = dist.new_group(list(ranks), timeout=td)
+        if len(plan.shared_expert_ranks) > 1:  # copies of the shared experts: their gradients summed
+            pg = dist.new_group(sorted(plan.shared_expert_ranks), timeout=td)
+            if rank in plan.shared_expert_ranks:
+                groups["shared"] = pg
     maybe_dump_text("schedule", format_grid(schedule))
     maybe_dump_text("plan", str(plan))
     return DisaggregatedModel(captured, program, schedule, plan, routing, device, groups, trace, release_unused,

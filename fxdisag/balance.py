@@ -188,10 +188,10 @@ class ExpertBalancer:
         if any(len(r) != 1 for r in plan.expert_placement):
             raise NotImplementedError("ExpertBalancer: the plan replicates experts; it moves single-replica experts "
                                       "only (make the plan without replicas)")
-        if plan.shared_expert_rank is not None:
-            raise NotImplementedError(f"ExpertBalancer: the plan runs the shared experts on expert rank "
-                                      f"{plan.shared_expert_rank}, whose compute the balancer does not price; "
-                                      "keep them on the attention group (shared_expert_rank=None) to balance")
+        if plan.shared_expert_ranks:
+            raise NotImplementedError(f"ExpertBalancer: the plan runs the shared experts on expert ranks "
+                                      f"{plan.shared_expert_ranks}, whose compute the balancer does not price; "
+                                      "keep them on the attention group (shared_expert_ranks=[]) to balance")
         if dmodel.compile_stages:
             raise NotImplementedError("ExpertBalancer: compile_stages=True compiled the stage programs with the "
                                       "old routing; build without compile_stages to balance")

@@ -54,9 +54,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", action="store_true",
                    help="solve the chosen plan's chunks of each MoE layer's dispatch -> experts -> combine "
                         "(forward and backward; depth 1)")
-    p.add_argument("--shared-experts", choices=("auto", "attention", "expert"), default="auto",
+    p.add_argument("--shared-experts", choices=("auto", "attention", "expert", "replicated"), default="auto",
                    help="where a model's shared experts run: chosen by the cost model (auto, the default), on the "
-                        "attention group, or on an expert rank as an always-selected expert (depth 1)")
+                        "attention group, on one expert rank, or a copy on every expert rank, as an always-selected "
+                        "expert (depth 1)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers of the model")
 
 

@@ -14,7 +14,7 @@
 * p = 1 into p = 2: a checkpoint of a 1A+1E pipeline loads into a 2-group pipeline built
   on meta (other seeded weights): the weights equal the saved ones and the next step's
   loss equals the p = 1 run's;
-* shared experts: saved from their expert host (``Plan.shared_expert_rank``), weights and
+* shared experts: saved from their expert host (``Plan.shared_expert_ranks``), weights and
   Adam state load into a plan that runs them on the attention group, and the next step's
   loss equals an uninterrupted run's.
 """
@@ -373,7 +373,7 @@ SHARED_NAME = "model.layers.1.mlp.shared_expert.down_proj.weight"
 def _shared_save(rank: int, world: int, path: str) -> dict:
     import fxdisag
 
-    plan = dataclasses.replace(_plan(1, 2, 4), shared_expert_rank=2)
+    plan = dataclasses.replace(_plan(1, 2, 4), shared_expert_ranks=[2])
     dmodel, batches = _build("qwen2_moe", plan, seed=0, steps=3)
     opts = [torch.optim.AdamW(dmodel.parameters(), lr=LR)]
     _train(dmodel, opts, batches[:2])

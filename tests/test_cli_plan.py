@@ -93,6 +93,9 @@ def test_plan_places_shared_experts_as_asked(capsys):
     assert main(["plan", *qwen2, "--shared-experts", "expert", "--explain"]) == 0
     out = capsys.readouterr().out
     assert "shared experts: on expert rank 3, as an always-selected expert" in out
-    assert "decision: shared experts: on expert rank 3, as an always-selected expert (pinned)" in out
+    assert "decision: shared experts: on expert rank 3 (pinned; attention: step " in out
+    assert main(["plan", *qwen2, "--shared-experts", "replicated"]) == 0
+    assert "shared experts: on every expert rank (2-3), each token's with its first routed expert" in \
+        capsys.readouterr().out
     assert main(["plan", *qwen2, "--shared-experts", "attention", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["binding"]["shared_expert_rank"] is None
+    assert json.loads(capsys.readouterr().out)["binding"]["shared_expert_ranks"] == []

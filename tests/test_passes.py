@@ -100,17 +100,19 @@ attention stage 2: inputs ['ys_1', 'token_1', 'ntok_1', 'getitem_28', 'getitem_2
             insert_dispatch(captured.graph_module, captured.layout, [0, 1, 0], 2)
 
 
-@pytest.mark.parametrize("family, slot", [("qwen2_moe", 1), ("deepseek_v3", 0)])
-def test_shared_experts_as_an_expert_match_eager_in_one_process(family, slot):
-    """insert_dispatch(shared_slot=...): the shared experts run inside the experts boundary as
-    expert E, and the split program still computes the model's loss and gradients."""
+@pytest.mark.parametrize("family, slots", [("qwen2_moe", (1,)), ("deepseek_v3", (0,)), ("qwen2_moe", (0, 1)),
+                                           ("deepseek_v3", (0, 1))])
+def test_shared_experts_as_an_expert_match_eager_in_one_process(family, slots):
+    """insert_dispatch(shared_slots=...): the shared experts run inside the experts boundary as
+    expert E (one host) or E + slot (a copy per slot), and the split program still computes
+    the model's loss and gradients."""
     model = tiny_model(family, num_layers=3)
     reference = copy.deepcopy(model)
     batch = example_batch(model, 2, 8)
     captured = fxdisag.capture(model, batch)
     E = captured.layout.moe[0].num_experts
     program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [e * 2 // E for e in range(E)], 2,
-                                           shared_slot=slot))
+                                           shared_slots=slots))
     shared = [m.shared for m in captured.layout.moe]
     assert [b.shared_fqn for b in program.boundaries] == [next(f for f in s if not f.endswith("_gate")) for s in shared]
     # the shared experts' parameters left the attention stages (the gate, if any, stays)
@@ -131,7 +133,7 @@ class SharedExpertsPassTest(expecttest.TestCase):
         model = tiny_model("qwen2_moe")
         captured = fxdisag.capture(model, example_batch(model, 2, 8))
         program = split_stages(insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2,
-                                               shared_slot=1))
+                                               shared_slots=[1]))
         self.assertExpectedInline("\n".join(program.describe().splitlines()[1::2]), """\
   boundary 0 (model.layers.0.mlp.experts + shared experts model.layers.0.mlp.shared_expert): send xs_0, ids_0, ws_0 -> receive ys_0
   boundary 1 (model.layers.1.mlp.experts + shared experts model.layers.1.mlp.shared_expert): send xs_1, ids_1, ws_1 -> receive ys_1""")
@@ -143,6 +145,10 @@ class SharedExpertsPassTest(expecttest.TestCase):
         self.assertEqual(got_index.tolist(), [[1, 3, 4], [0, 2, 4]])
         self.assertEqual(got_weights.tolist(), [[0.625, 0.375, 0.25], [0.5, 0.5, 0.75]])
         self.assertEqual(with_shared(index, weights, None, 4)[1][:, 2].tolist(), [1.0, 1.0])
+        # a copy per expert-rank slot: the token's on the slot of its first routed expert (E + slot)
+        owner = (0, 0, 1, 1)
+        self.assertEqual(with_shared(index, weights, None, 4, owner)[0][:, 2].tolist(), [4 + 0, 4 + 0])
+        self.assertEqual(with_shared(torch.tensor([[3, 0]]), weights[:1], None, 4, owner)[0].tolist(), [[3, 0, 5]])
 
     def test_refuses_what_it_cannot_move(self):
         from fxdisag.codegen.insert_dispatch import movable_shared_experts
@@ -150,7 +156,7 @@ class SharedExpertsPassTest(expecttest.TestCase):
         model = tiny_model("qwen3_moe")
         captured = fxdisag.capture(model, example_batch(model, 1, 4))
         with self.assertRaisesRegex(ValueError, "has no shared experts: there is nothing to place"):
-            insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2, shared_slot=0)
+            insert_dispatch(captured.graph_module, captured.layout, [0, 0, 1, 1], 2, shared_slots=[0])
         model = tiny_model("qwen2_moe")
         captured = fxdisag.capture(model, example_batch(model, 1, 4))
         gm = captured.graph_module
@@ -165,4 +171,4 @@ class SharedExpertsPassTest(expecttest.TestCase):
                                         r"'model.layers.1.mlp.shared_expert' must be called once.*"
                                         r"keep its shared experts on the attention group")
         with self.assertRaisesRegex(ValueError, "MoE layer 1 .* must be called once"):
-            insert_dispatch(gm, captured.layout, [0, 0, 1, 1], 2, shared_slot=0)
+            insert_dispatch(gm, captured.layout, [0, 0, 1, 1], 2, shared_slots=[0])

@@ -62,8 +62,9 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
         plan = dataclasses.replace(plan, stage_costs=stage_costs)
     if chunks:
         plan = dataclasses.replace(plan, chunks=chunks)
-    if shared is not None:  # the shared experts on expert slot `shared`
-        plan = dataclasses.replace(plan, shared_expert_rank=plan.expert_ranks[shared])
+    if shared is not None:  # the shared experts on expert slot `shared`, or a copy on every expert rank (-1)
+        hosts = plan.expert_ranks if shared == -1 else [plan.expert_ranks[shared]]
+        plan = dataclasses.replace(plan, shared_expert_ranks=list(hosts))
     dmodel = fxdisag.disaggregate(model, batches[0], plan)
     if optimizer == "zero":  # the README's recipe: attention-side state sharded over the replicas
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -82,9 +83,9 @@ def _train(rank: int, world: int, family: str, n_attn: int, m: int, mode: str = 
     own = {id(p) for p in dmodel.attention_parameters()}  # p > 1: only the group's stages
     expected_meta = {n: n.rsplit(".", 1)[0] in experts or not dmodel.has_attention or (depth > 1 and id(p) not in own)
                      for n, p in model.named_parameters()}
-    for fqn in dmodel.shared_on_experts.values():  # hosted shared experts: real on their host only
+    for fqn in dmodel.shared_on_experts.values():  # hosted shared experts: real on their hosts only
         for n, _ in model.get_submodule(fqn).named_parameters():
-            expected_meta[f"{fqn}.{n}"] = rank != plan.shared_expert_rank
+            expected_meta[f"{fqn}.{n}"] = rank not in plan.shared_expert_ranks
     released = on_meta == expected_meta and not any(p.is_meta for p in dmodel.parameters())
     held = sum(p.numel() * p.element_size() for p in dmodel.parameters())
     if rank != 0:
@@ -272,19 +273,22 @@ def test_chunked_dispatch_matches_eager(family, n_attn, n_exp, m, mode, kind, ch
                                          "adamw", None, None, chunks, timeout=240, env=env))
 
 
-# Shared experts on an expert rank, as an always-selected expert (Plan.shared_expert_rank):
+# Shared experts on expert ranks, as an always-selected expert (Plan.shared_expert_ranks):
 # both families with shared experts (Qwen2-MoE's sigmoid-gated one, DeepSeek-V3's plain sum),
-# the host first or last of the expert ranks, with 2 attention ranks, 1F1B and chunks. Their
+# one host first or last of the expert ranks, or a copy on every expert rank (-1: their
+# gradients summed over the expert ranks), with 2 attention ranks, 1F1B and chunks. Their
 # placement on the attention group is CASES' qwen2_moe and deepseek_v3.
 SHARED_CASES = [
     ("qwen2_moe", 1, 2, 2, "gpipe", 1, None),
     ("deepseek_v3", 2, 2, 1, "1f1b", 0, [[2, 4]]),
+    ("qwen2_moe", 2, 2, 2, "gpipe", -1, [[2, 2], [1, 1]]),
 ]
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("family, n_attn, n_exp, m, kind, host, chunks", SHARED_CASES,
-                         ids=[f"{c[0]}-{c[1]}a{c[2]}e-{c[4]}-host{c[5]}" for c in SHARED_CASES])
+                         ids=[f"{c[0]}-{c[1]}a{c[2]}e-{c[4]}-" + ("every" if c[5] == -1 else f"host{c[5]}")
+                              for c in SHARED_CASES])
 def test_shared_experts_on_an_expert_rank_match_eager(family, n_attn, n_exp, m, kind, host, chunks):
     _check_against_eager(run_distributed(_train, n_attn + n_exp, family, n_attn, m, "afpipe", kind, 1, 2,
                                          "round_robin", "adamw", None, None, chunks, host, timeout=240))

@@ -47,7 +47,7 @@ def test_profile_names_the_movable_shared_experts(qwen2_profile):
     assert Workload.from_profile(prof, 8).shared_region is None
 
 
-def test_cost_model_moves_the_shared_region_to_the_host(qwen2_profile):
+def test_cost_model_moves_the_shared_region_to_the_expert_group(qwen2_profile):
     cluster = _cluster(4, 10e9)
     best = plan(qwen2_profile, cluster, 8, seq_len=SEQ, pipeline_depth=1, num_attention=1, baseline=False,
                 shared_experts="attention")
@@ -58,62 +58,84 @@ def test_cost_model_moves_the_shared_region_to_the_host(qwen2_profile):
                       best.microbatch_size, best.schedule_kind)
     host = shared_host_for(cand)
     assert host == max(cand.layout.expert_ranks)  # equal loads: the last
+    every = tuple(cand.layout.expert_ranks)
     off = candidate_step(work, cluster, cand)
-    on = candidate_step(work, cluster, dataclasses.replace(cand, shared_host=host))
+    one = candidate_step(work, cluster, dataclasses.replace(cand, shared=(host,)))
+    rep = candidate_step(work, cluster, dataclasses.replace(cand, shared=every))
     P, S, seqs, peak = work.shared_params, SEQ, cand.seqs, cluster.peak(work.dtype)
     A = len(cand.layout.attention_ranks)
-    assert on["attn_f"] == pytest.approx(off["attn_f"] - 2 * P * S * seqs / peak, rel=1e-9)
-    assert on["attn_b"] == pytest.approx(off["attn_b"] - 4 * P * S * seqs / peak, rel=1e-9)
-    assert on["expert_f"] == pytest.approx(off["expert_f"] + A * 2 * P * S * seqs / peak, rel=1e-9)
-    assert on["expert_b"] == pytest.approx(off["expert_b"] + A * 4 * P * S * seqs / peak, rel=1e-9)
+    for on in (one, rep):  # the attention stage loses the region either way
+        assert on["attn_f"] == pytest.approx(off["attn_f"] - 2 * P * S * seqs / peak, rel=1e-9)
+        assert on["attn_b"] == pytest.approx(off["attn_b"] - 4 * P * S * seqs / peak, rel=1e-9)
+    # one host computes every attention device's tokens; with a copy per expert rank the
+    # busiest computes the tokens whose first expert it holds (2 of 4 experts: half)
+    assert one["expert_f"] == pytest.approx(off["expert_f"] + A * 2 * P * S * seqs / peak, rel=1e-9)
+    assert one["expert_b"] == pytest.approx(off["expert_b"] + A * 4 * P * S * seqs / peak, rel=1e-9)
+    share = max(cand.layout.experts_held.values()) / 4
+    assert rep["expert_f"] == pytest.approx(off["expert_f"] + share * A * 2 * P * S * seqs / peak, rel=1e-9)
     # 3 expert ranks holding 4 / 3 experts each (top-2 of 4): a token reaches the host already
-    # with probability P_h; otherwise it sends one more row there (SHARED_ROWS)
+    # with probability P_h; otherwise it sends one more row there (SHARED_ROWS). Copies on
+    # every rank: no row more, one slot (4 + 4 bytes) more per dispatched row.
     from math import comb
 
     g = cand.layout.experts_held[host]
     P_h = 1 - comb(4 - g, 2) / comb(4, 2)
     r = cand.layout.rows_per_token(2)
-    assert on["combine"] > off["combine"]
-    rows_ratio = (r + 1 - P_h) / r
     lat = cluster.inter_node_latency
-    assert (on["combine"] - lat) == pytest.approx((off["combine"] - lat) * rows_ratio, rel=1e-6)
+    assert (one["combine"] - lat) == pytest.approx((off["combine"] - lat) * (r + 1 - P_h) / r, rel=1e-6)
+    assert rep["combine"] == pytest.approx(off["combine"], rel=1e-9)
+    assert (rep["dispatch"] - lat) == pytest.approx((off["dispatch"] - lat) * (work.dispatch_per_row + 8)
+                                                    / work.dispatch_per_row, rel=1e-6)
+    # ... and their gradients' all-reduce over the expert ranks follows the experts'
+    from fxdisag.planner.cost_afpipe import afpipe_sync_parts, shared_sync
+
+    t_attn, t_exp = afpipe_sync_parts(work, cluster, cand.layout)
+    assert rep["sync"] == pytest.approx(max(t_attn, t_exp + shared_sync(work, cluster, cand.layout)), rel=1e-12)
+    assert shared_sync(work, cluster, cand.layout) > 0 and one["sync"] == off["sync"]
 
 
-@pytest.mark.parametrize("bandwidth, expect_host", [(0.05e9, False), (10e9, True)])
-def test_auto_takes_the_faster_placement(qwen2_profile, bandwidth, expect_host):
-    """Attention-bound on a fast link: the expert rank's idle time takes the shared experts;
-    on a slow link the extra rows cost more than the attention stage saves."""
+@pytest.mark.parametrize("bandwidth, expect", [(0.05e9, "attention"), (10e9, "replicated")])
+def test_auto_takes_the_fastest_placement(qwen2_profile, bandwidth, expect):
+    """Attention-bound on a fast link: the expert ranks' idle time takes the shared experts;
+    on a slow link the wider rows cost more than the attention stage saves."""
     cluster = _cluster(4, bandwidth)
     kw = dict(seq_len=SEQ, pipeline_depth=1, num_attention=1, baseline=False)
     auto = plan(qwen2_profile, cluster, 8, **kw)
-    attention = plan(qwen2_profile, cluster, 8, shared_experts="attention", **kw)
-    expert = plan(qwen2_profile, cluster, 8, shared_experts="expert", **kw)
-    assert attention.shared_expert_rank is None and expert.shared_expert_rank == max(expert.expert_ranks)
-    assert (auto.shared_expert_rank is not None) == expect_host
-    assert auto.step_time == min(attention.step_time, expert.step_time)
-    assert (expert.step_time < attention.step_time) == expect_host
+    pinned = {k: plan(qwen2_profile, cluster, 8, shared_experts=k, **kw) for k in ("attention", "expert", "replicated")}
+    assert pinned["attention"].shared_expert_ranks == []
+    assert pinned["expert"].shared_expert_ranks == [max(pinned["expert"].expert_ranks)]
+    assert pinned["replicated"].shared_expert_ranks == sorted(pinned["replicated"].expert_ranks)
+    assert auto.step_time == min(p.step_time for p in pinned.values())
+    assert auto.shared_expert_ranks == pinned[expect].shared_expert_ranks
+    assert auto.step_time == pinned[expect].step_time
     (note,) = [n for n in auto.notes if n.startswith("shared experts:")]
-    where = f"on expert rank {expert.shared_expert_rank}, as an always-selected expert (chosen)" if expect_host \
-        else "on the attention group, beside the dispatch"
-    assert note.startswith(f"shared experts: {where}")
+    where = {"attention": "on the attention group, beside the dispatch",
+             "replicated": "on every expert rank, each token's with its first routed expert"}[expect]
+    assert note.startswith(f"shared experts: {where} (chosen; attention: step ")
     assert auto.explain().startswith(f"decision: {note}\n")
-    if expect_host:  # the formulas behind the moved terms are in the explanation
-        assert "SHARED_ROWS" in auto.explain() and "shared experts on expert rank" in auto.explain()
-    assert not any(n.startswith("shared experts:") for n in attention.notes)
+    if expect != "attention":  # the formulas behind the moved terms are in the explanation
+        assert "shared experts on the busiest expert rank" in auto.explain()
+        assert "all-reduce the shared experts' grads over the expert ranks" in auto.explain()
+    assert "SHARED_ROWS" in pinned["expert"].explain()
+    assert not any(n.startswith("shared experts:") for n in pinned["attention"].notes)
 
 
 def test_plan_field_is_checked_and_round_trips():
     base = Plan.manual(1, 2, 4, 2)
-    moved = dataclasses.replace(base, shared_expert_rank=2)
-    assert Plan.from_json(moved.to_json()) == moved
-    assert json.loads(moved.to_json())["binding"]["shared_expert_rank"] == 2
-    assert "shared experts: on expert rank 2, as an always-selected expert" in str(moved)
-    with pytest.raises(ValueError, match=r"shared_expert_rank=0 must be one of the expert ranks \[1, 2\]"):
-        dataclasses.replace(base, shared_expert_rank=0)
+    for hosts, words in (([2], "on expert rank 2"), ([2, 1], "on every expert rank (1-2)")):
+        moved = dataclasses.replace(base, shared_expert_ranks=hosts)
+        assert moved.shared_expert_ranks == sorted(hosts)
+        assert Plan.from_json(moved.to_json()) == moved
+        assert json.loads(moved.to_json())["binding"]["shared_expert_ranks"] == sorted(hosts)
+        assert f"shared experts: {words}" in str(moved)
+    with pytest.raises(ValueError, match=r"shared_expert_ranks=\[0\]; give one expert rank, every expert rank \[1, 2\]"):
+        dataclasses.replace(base, shared_expert_ranks=[0])
+    with pytest.raises(ValueError, match=r"shared_expert_ranks=\[1, 2\]; give one expert rank"):
+        dataclasses.replace(Plan.manual(1, 3, 4, 2), shared_expert_ranks=[1, 2])  # a subset of 2 of 3
     with pytest.raises(ValueError, match="an AF-pipe plan of depth 1"):
-        dataclasses.replace(Plan.expert_parallel(2, 4, 2), shared_expert_rank=1)
+        dataclasses.replace(Plan.expert_parallel(2, 4, 2), shared_expert_ranks=[1])
     with pytest.raises(ValueError, match="an AF-pipe plan of depth 1"):
-        dataclasses.replace(Plan.manual(1, 1, 4, 2, pipeline_depth=2), shared_expert_rank=2)
+        dataclasses.replace(Plan.manual(1, 1, 4, 2, pipeline_depth=2), shared_expert_ranks=[2])
 
 
 def test_search_refuses_shared_experts_the_model_lacks():
@@ -123,4 +145,4 @@ def test_search_refuses_shared_experts_the_model_lacks():
         plan(prof, _cluster(3, 1e9), 4, shared_experts="expert", baseline=False)
     with pytest.raises(ValueError, match="shared_experts='nowhere'; choose from"):
         plan(prof, _cluster(3, 1e9), 4, shared_experts="nowhere", baseline=False)
-    assert plan(prof, _cluster(3, 1e9), 4, baseline=False).shared_expert_rank is None
+    assert plan(prof, _cluster(3, 1e9), 4, baseline=False).shared_expert_ranks == []

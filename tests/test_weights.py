@@ -8,7 +8,7 @@
   ``from_pretrained(dir)`` (loss <= 1e-5, gradients <= 1e-4 relative, 5-step trajectory)
   and each rank's resident parameter bytes are its share as the planner predicts; a
   seeded meta build equals ``init_weights`` of an eager model with the same seed; with the
-  shared experts on an expert rank (``Plan.shared_expert_rank``) that rank alone reads them.
+  shared experts on an expert rank (``Plan.shared_expert_ranks``) that rank alone reads them.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def _train_meta(rank: int, world: int, family: str, n_attn: int, path: str | Non
     num_experts = fxdisag.find_layout(model).moe[0].num_experts
     plan = Plan.manual(num_attention=n_attn, num_expert=world - n_attn, num_experts=num_experts, num_microbatches=2)
     if shared is not None:
-        plan = dataclasses.replace(plan, shared_expert_rank=shared)
+        plan = dataclasses.replace(plan, shared_expert_ranks=[shared])
     dmodel = fxdisag.disaggregate(model, batches[0], plan, weights=path, seed=seed)
     resident = _resident_bytes(model, dmodel)
     buffers = _resident_bytes(model, dmodel, buffers=True)

@@ -26,14 +26,16 @@ Contract: ``insert_dispatch(gm, layout, owner, num_ranks) -> gm`` (in place, ret
 ``owner[e]`` is the expert-rank slot (0..R-1) holding expert e; ``R`` the number of
 expert ranks. The pass does not decide placement: the plan does.
 
-``shared_slot`` (an expert-rank slot; ``Plan.shared_expert_rank``) moves every MoE layer's
-shared experts to that slot as one more, always-selected expert, id E (one past the
-routed ids). The block must add them to the routed output, optionally scaled by a
-per-token gate (DeepSeek-V3: ``out + shared(h)``; Qwen2-MoE: ``out + sigmoid(g(h)) *
-shared(h)``), with ``shared`` one call_module on the experts' rows; then::
+``shared_slots`` (expert-rank slots; ``Plan.shared_expert_ranks``) moves every MoE layer's
+shared experts to them as one more, always-selected expert: one slot t, id E (one past
+the routed ids) on t; every slot 0..R-1, a copy on each, id E + t on slot t, a token's on
+the slot of its first routed expert. The block must add them to the routed output,
+optionally scaled by a per-token gate (DeepSeek-V3: ``out + shared(h)``; Qwen2-MoE:
+``out + sigmoid(g(h)) * shared(h)``), with ``shared`` one call_module on the experts'
+rows; then::
 
-      index', weights' = fxdisag.runtime.dispatch.with_shared(index, weights, gate or None, E)
-      ... pack(hidden, index', weights', owner + (shared_slot,)) ...      # as above
+      index', weights' = fxdisag.runtime.dispatch.with_shared(index, weights, gate or None, E[, owner])
+      ... pack(hidden, index', weights', owner + shared owners) ...      # as above
       y = call_module(fxdisag_shared_<j>)(x, e, w)   # runtime.experts.WithSharedExpert
       out = combine(...)                              # routed + gate * shared, per token
 
@@ -41,7 +43,7 @@ shared(h)``), with ``shared`` one call_module on the experts' rows; then::
   they stay on the attention side), the experts node carries ``meta["fxdisag_shared_fqn"]``,
   and the values are the block's up to float rounding of the per-token sum. A block
   built otherwise raises ValueError naming it (keep its shared experts on the attention
-  group: ``shared_slot=None``).
+  group: ``shared_slots=None``).
 """
 
 from __future__ import annotations
@@ -94,25 +96,28 @@ def _args3(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
 
 
 def insert_dispatch(gm: fx.GraphModule, layout: ModelLayout, owner: Sequence[int], num_ranks: int,
-                    shared_slot: int | None = None) -> fx.GraphModule:
+                    shared_slots: Sequence[int] | None = None) -> fx.GraphModule:
     owner = tuple(int(o) for o in owner)
     if any(not 0 <= o < num_ranks for o in owner):
         raise ValueError(f"owner slots {owner} must lie in [0, {num_ranks})")
-    if shared_slot is not None:
-        if not 0 <= shared_slot < num_ranks:
-            raise ValueError(f"shared_slot={shared_slot} must lie in [0, {num_ranks})")
+    if shared_slots is not None:
+        shared_slots = tuple(int(t) for t in shared_slots)
+        if not (len(shared_slots) == 1 and 0 <= shared_slots[0] < num_ranks) and shared_slots != tuple(range(num_ranks)):
+            raise ValueError(f"shared_slots={shared_slots} must be one slot in [0, {num_ranks}) or every slot")
         if not any(m.shared for m in layout.moe):
             raise ValueError(f"{layout.model_class} has no shared experts: there is nothing to place on an expert rank "
-                             "(leave the plan's shared_expert_rank None)")
+                             "(leave the plan's shared_expert_ranks empty)")
     graph = gm.graph
     for j, (node, moe) in enumerate(zip(experts_nodes(gm, layout), layout.moe)):
         if len(owner) != moe.num_experts:
             raise ValueError(f"placement gives {len(owner)} experts, MoE layer {moe.layer} has {moe.num_experts}")
         hidden, index, weights = _args3(node)
         layer_owner, target, shared_fqn = owner, node.target, None
-        if shared_slot is not None and moe.shared:
-            index, weights, shared_fqn = _move_shared(gm, node, moe, hidden, index, weights, j)
-            layer_owner = owner + (int(shared_slot),)
+        if shared_slots is not None and moe.shared:
+            replicated = len(shared_slots) > 1
+            index, weights, shared_fqn = _move_shared(gm, node, moe, hidden, index, weights, j,
+                                                      owner if replicated else None)
+            layer_owner = owner + shared_slots
             target = f"fxdisag_shared_{j}"
             gm.add_submodule(target, WithSharedExpert(gm.get_submodule(node.target), gm.get_submodule(shared_fqn),
                                                       moe.num_experts))
@@ -181,7 +186,7 @@ def _shared_term(node: fx.Node, moe, hidden: fx.Node) -> tuple[fx.Node, fx.Node,
     """(view chain's end, add, added term, shared call, gate or None) of the block's
     ``routed + [gate *] shared(h)``; ValueError naming the block otherwise."""
     where = f"MoE layer {moe.layer} ({moe.block})"
-    fix = "keep its shared experts on the attention group (Plan.shared_expert_rank=None)"
+    fix = "keep its shared experts on the attention group (Plan.shared_expert_ranks=[])"
     end = node
     while len(end.users) == 1 and _is_view(next(iter(end.users))):
         end = next(iter(end.users))
@@ -230,7 +235,7 @@ def _depends_on(value: fx.Node, node: fx.Node) -> bool:
 
 def movable_shared_experts(gm: fx.GraphModule, layout: ModelLayout) -> dict[int, str | ValueError]:
     """Per MoE layer index j with shared experts: the FQN of the shared-experts module
-    ``insert_dispatch(shared_slot=...)`` moves to an expert rank, or the ValueError saying
+    ``insert_dispatch(shared_slots=...)`` moves to expert ranks, or the ValueError saying
     why it cannot (read-only: the graph is not changed)."""
     out: dict[int, str | ValueError] = {}
     for j, (node, moe) in enumerate(zip(experts_nodes(gm, layout), layout.moe)):
@@ -243,7 +248,7 @@ def movable_shared_experts(gm: fx.GraphModule, layout: ModelLayout) -> dict[int,
 
 
 def _move_shared(gm: fx.GraphModule, node: fx.Node, moe, hidden: fx.Node, index: fx.Node, weights: fx.Node,
-                 j: int) -> tuple[fx.Node, fx.Node, str]:
+                 j: int, owner: tuple[int, ...] | None) -> tuple[fx.Node, fx.Node, str]:
     """Take layer j's shared experts out of the block's sum (module docstring): the augmented
     (index, weights) nodes, inserted before the experts node, and the shared module's FQN."""
     end, add, term, call, gate = _shared_term(node, moe, hidden)
@@ -251,7 +256,7 @@ def _move_shared(gm: fx.GraphModule, node: fx.Node, moe, hidden: fx.Node, index:
     if gate is not None:
         _hoist(graph, gate, node)
     with graph.inserting_before(node):
-        aug = graph.create_node("call_function", dispatch.with_shared, (index, weights, gate, moe.num_experts),
+        aug = graph.create_node("call_function", dispatch.with_shared, (index, weights, gate, moe.num_experts, owner),
                                 name=f"with_shared_{j}")
         aug.meta["fxdisag_region"] = RegionTag("router", moe.layer, moe.block)
         index2 = graph.create_node("call_function", operator.getitem, (aug, 0), name=f"shared_index_{j}")

@@ -55,7 +55,7 @@ class ExpertBoundary:
     ws: str  # routing weights, 0 in other ranks' slots        [R, K]
     ys: str  # weighted expert outputs summed per row          [R, H]
     module: fx.GraphModule = field(repr=False)
-    shared_fqn: str | None = None  # shared experts run here as one more expert (insert_dispatch's shared_slot)
+    shared_fqn: str | None = None  # shared experts run here as one more expert (insert_dispatch's shared_slots)
 
 
 @dataclass

@@ -73,6 +73,7 @@ __all__ = [
     "chunked_stages",
     "hop_bytes_per_token",
     "expert_time",
+    "shared_sync",
 ]
 
 
@@ -137,17 +138,19 @@ def expert_time(work: Workload, cluster, rows: float, experts_held: int, backwar
 
 def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb: float, recorder=None,
                        attn: dict | None = None, recompute: tuple[bool, bool] = (False, False),
-                       depth: int = 1, shared_host: int | None = None) -> dict[str, float]:
+                       depth: int = 1, shared: tuple[int, ...] = ()) -> dict[str, float]:
     """Per-micro-batch stage times of AF-pipe: attention side (pre, per layer, post), the
     busiest expert device, and the four transfers (slowest node), forward and backward.
     ``recompute`` = (attention side recomputes, experts recompute).
 
-    ``shared_host`` (an expert rank of ``layout``, depth 1): the shared experts
-    (``Workload.shared_region``) run there, on every attention device's tokens, instead of
-    in each attention stage; the host is the busiest expert device (its routed pairs are
-    the busiest's, uniform routing), and every message row of the four transfers carries
+    ``shared`` (expert ranks of ``layout``, depth 1; ``Plan.shared_expert_ranks``): the
+    shared experts (``Workload.shared_region``) run there instead of in each attention
+    stage. One host: on every attention device's tokens; it is the busiest expert device
+    (its routed pairs are the busiest's, uniform routing), and every message row carries
     one more routing slot, SHARED_ROWS / r rows as many (the host's extra rows spread over
-    the transfer: its link is not priced apart).
+    the transfer: its link is not priced apart). Every expert rank: each computes the
+    tokens whose first routed expert it holds (the busiest: ``max held / E`` of them), and
+    no row more crosses (the slot does).
 
     ``depth`` p > 1: ``cluster`` and ``layout`` are one group pair's nodes; the dispatch
     (and its gradient) stays inside the pair, the combine (and its gradient) crosses to
@@ -169,8 +172,8 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     hop_f, hop_b = (hop_bytes_per_token(work, layout.rows_per_token(K), recorder) if depth > 1 else (0.0, 0.0))
     rows = dict(dispatch=work.dispatch_per_row, combine=work.combine_per_row,
                 combine_grad=work.combine_grad_per_row, dispatch_grad=work.dispatch_grad_per_row)
-    if shared_host is not None:
-        rows = _shared_on_experts(work, cluster, layout, seqs_per_mb, t, shared_host, rows, depth, recorder)
+    if shared:
+        rows = _shared_on_experts(work, cluster, layout, seqs_per_mb, t, tuple(shared), rows, depth, recorder)
     for key, per_row, toward, hop, ring in (("dispatch", rows["dispatch"], True, hop_f, False),
                                             ("combine", rows["combine"], False, hop_f, True),
                                             ("combine_grad", rows["combine_grad"], True, hop_b, True),
@@ -185,17 +188,22 @@ def afpipe_stage_times(work: Workload, cluster, layout: GroupLayout, seqs_per_mb
     return t
 
 
-def _shared_on_experts(work: Workload, cluster, layout: GroupLayout, seqs: float, t: dict, host: int,
+def _shared_on_experts(work: Workload, cluster, layout: GroupLayout, seqs: float, t: dict, hosts: tuple[int, ...],
                        rows: dict[str, float], depth: int, recorder=None) -> dict[str, float]:
-    """Move the shared experts' time from the attention stages to the host (``t`` in place)
-    and return the bytes per message row of the four transfers with them there."""
+    """Move the shared experts' time from the attention stages to their expert ranks (``t``
+    in place) and return the bytes per message row of the four transfers with them there."""
     region = work.shared_region
     if region is None:
-        raise ValueError("shared_host: the model has no shared experts an expert rank can run")
-    if depth != 1 or host not in layout.expert_ranks:
-        raise ValueError(f"shared_host={host}: an expert rank of the group pair {layout.expert_ranks}, at depth 1")
+        raise ValueError("shared: the model has no shared experts an expert rank can run")
+    every = sorted(hosts) == sorted(layout.expert_ranks)
+    if depth != 1 or not (every or (len(hosts) == 1 and hosts[0] in layout.expert_ranks)):
+        raise ValueError(f"shared={hosts}: one expert rank of the group pair {layout.expert_ranks}, or all of them, "
+                         "at depth 1")
     peak, bw = cluster.peak(work.dtype), cluster.memory_bandwidth
     A = len(layout.attention_ranks)
+    # the tokens the busiest host computes: all (one host), or those whose first expert it holds
+    share = max(layout.experts_held[h] for h in hosts) / work.num_experts if every else 1.0
+    where_on = "the busiest expert rank" if every else f"expert rank {hosts[0]}"
     k_attn, k_exp = work.shared_k  # a calibration's FLOP scale of each side (1: a priori)
     for bwd, a_key, e_key in ((False, "attn_f", "expert_f"), (True, "attn_b", "expert_b")):
         k = 2.0 if bwd else 1.0
@@ -204,19 +212,34 @@ def _shared_on_experts(work: Workload, cluster, layout: GroupLayout, seqs: float
         off = REGION_TIME(recorder, f"shared experts on one attention device, {where}, {seqs:g} seq",
                           F=k_attn * seqs * flops, peak=peak,
                           B=k * (region.weight_bytes + seqs * region.io_bytes), mem_bw=bw)
-        on = REGION_TIME(recorder, f"shared experts on expert rank {host}, {where}, {A} x {seqs:g} seq",
-                         F=k_exp * A * seqs * flops, peak=peak,
-                         B=k * (region.weight_bytes + A * seqs * region.io_bytes), mem_bw=bw)
+        on = REGION_TIME(recorder, f"shared experts on {where_on}, {where}, {A * share:g} x {seqs:g} seq",
+                         F=k_exp * A * share * seqs * flops, peak=peak,
+                         B=k * (region.weight_bytes + A * share * seqs * region.io_bytes), mem_bw=bw)
         # the stage less their time, and at least the stage cut by their share of its FLOPs
         # (a calibration's fitted overhead may be negative: the difference alone could be too)
         t[a_key] = max(t[a_key] - off, t[a_key] * (1.0 - work.shared_fraction[bwd]))
         t[e_key] = t[e_key] + on
     r = layout.rows_per_token(work.top_k)
-    P_h = ROWS_PER_RANK(E=work.num_experts, K=work.top_k, g=layout.experts_held[host])
-    r_s = SHARED_ROWS(recorder, f"message rows per token, shared experts on expert rank {host}", r=r, P_h=P_h)
+    r_s = r
+    if not every:
+        P_h = ROWS_PER_RANK(E=work.num_experts, K=work.top_k, g=layout.experts_held[hosts[0]])
+        r_s = SHARED_ROWS(recorder, f"message rows per token, shared experts on expert rank {hosts[0]}", r=r, P_h=P_h)
     slot = work.dtype_bytes  # one more routing weight per row (and its gradient), and an int32 id
     return dict(dispatch=(rows["dispatch"] + slot + 4) * r_s / r, combine=rows["combine"] * r_s / r,
                 combine_grad=rows["combine_grad"] * r_s / r, dispatch_grad=(rows["dispatch_grad"] + slot) * r_s / r)
+
+
+def shared_sync(work: Workload, cluster, layout: GroupLayout, recorder=None) -> float:
+    """The all-reduce of the shared experts' gradients over the expert ranks holding a copy
+    of them (every expert rank of ``layout``), after their other gradients'."""
+    g, k = group_span(layout.expert_ranks, cluster.devices_per_node)
+    nics = min(n.nics_experts * g / n.experts for n in layout.nodes if n.experts)
+    return ALLREDUCE_TIME(
+        recorder, "all-reduce the shared experts' grads over the expert ranks",
+        bytes=work.shared_params * work.num_moe_layers * work.dtype_bytes, g=g, k=k, nics=nics,
+        bw_link=cluster.intra_node_bandwidth, bw_nic=cluster.nic_bandwidth, lat_link=cluster.intra_node_latency,
+        lat_nic=cluster.inter_node_latency,
+    )
 
 
 def attention_busy(times: dict[str, float], num_layers: int, m: int) -> float:

@@ -148,8 +148,8 @@ def rank_parameter_bytes(profile, plan) -> dict[int, int]:
     Attention rank of group g: the attention-side parameters of the stages group g runs.
     Expert rank of group g: for each MoE layer of group g, one expert's parameters for every
     expert the rank holds. Expert-parallel plans: every rank holds every stage and its own
-    experts of every layer. ``plan.shared_expert_rank``: the shared experts
-    (``MoELayerProfile.shared_params``) count on that rank instead of the attention ranks.
+    experts of every layer. ``plan.shared_expert_ranks``: the shared experts
+    (``MoELayerProfile.shared_params``) count on each of those ranks instead of the attention ranks.
     """
     if not profile.stage_params:
         raise ValueError(f"the profile of {profile.model} has no per-stage parameter counts (a synthetic or older "
@@ -176,11 +176,12 @@ def rank_parameter_bytes(profile, plan) -> dict[int, int]:
         for r in ranks:
             held = sum(r in replicas for replicas in placement)
             out[r] = size * held * sum(per_expert[j] for j in layers)
-    if plan.shared_expert_rank is not None:  # depth 1: the shared experts move off every attention rank
+    if plan.shared_expert_ranks:  # depth 1: the shared experts move off every attention rank, to each host
         moved = size * sum(m.shared_params for m in profile.moe)
         for r in plan.attention_ranks:
             out[r] -= moved
-        out[plan.shared_expert_rank] += moved
+        for r in plan.shared_expert_ranks:
+            out[r] += moved
     return out
 
 

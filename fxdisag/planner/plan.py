@@ -50,10 +50,12 @@ Binding fields:
 * ``chunks`` -- per MoE layer ``[forward, backward]``: its dispatch -> expert compute ->
   combine runs as that many chunks in each pass (``fxdisag.schedule.chunk_schedule``;
   empty: every layer unchunked; depth-1 plans only);
-* ``shared_expert_rank`` -- where a model's shared experts run: None on the attention
-  group, beside the routed dispatch; an expert rank: on it, as one more expert every token
-  selects (its rows cross the link, ``codegen/insert_dispatch.py``; AF-pipe plans of
-  depth 1).
+* ``shared_expert_ranks`` -- the expert ranks that run a model's shared experts, as one
+  more expert every token selects (its gate the weight; ``codegen/insert_dispatch.py``):
+  empty, none (they run in the attention stages, beside the dispatch); one rank, that
+  rank, for every token (one more row to it for a token that does not reach it already);
+  every expert rank, a copy on each, a token's on the rank of its first routed expert
+  (no extra row; their gradients summed over the expert ranks). AF-pipe plans of depth 1.
 
 ``grad_accumulation`` (rounds of m micro-batches per optimizer step) binds the training
 loop, which calls forward/backward that many times per optimizer step; the runtime does
@@ -92,7 +94,7 @@ BINDING_FIELDS = (
     "kind", "attention_ranks", "expert_ranks", "expert_placement", "routing_domains", "expert_owners",
     "num_microbatches", "microbatch_size", "grad_accumulation", "schedule_kind", "in_flight", "recompute",
     "num_moe_layers", "pipeline_depth", "layer_assignment", "loss_group", "stage_costs", "chunks",
-    "shared_expert_rank",
+    "shared_expert_ranks",
 )
 
 
@@ -148,7 +150,7 @@ class Plan:
     loss_group: int | None = None  # attention group of the final norm/head/loss (None: Stages.dealt's default)
     stage_costs: dict[str, float] = field(default_factory=dict)  # p > 1: unit durations ring_schedule orders by
     chunks: list[list[int]] = field(default_factory=list)  # per MoE layer [forward, backward] chunks; empty: 1
-    shared_expert_rank: int | None = None  # the expert rank running the shared experts (None: attention group)
+    shared_expert_ranks: list[int] = field(default_factory=list)  # expert ranks running the shared experts
     routing_domains: list[list[int]] = field(default_factory=list)  # empty: one domain, all ranks
     expert_owners: dict[str, list[int]] = field(default_factory=dict)  # str(attention rank) -> rank per expert
     nic_split: list[tuple[float, float]] = field(default_factory=list)  # per node: (attention NICs, expert NICs)
@@ -199,14 +201,17 @@ class Plan:
         if self.pipeline_depth != 1 and any(max(c) > 1 for c in self.chunks):
             raise ValueError(f"Plan: chunks with pipeline_depth={self.pipeline_depth}: chunked layers run at depth 1 "
                              "only (the combine that crosses a hop carries its row count); leave chunks empty")
-        r = self.shared_expert_rank
-        if r is not None:
-            if isinstance(r, bool) or not isinstance(r, int) or r not in self.expert_ranks:
-                raise ValueError(f"Plan: shared_expert_rank={r!r} must be one of the expert ranks {self.expert_ranks} "
-                                 "(or None: the shared experts run on the attention group)")
+        self.shared_expert_ranks = sorted(self.shared_expert_ranks)
+        shared = self.shared_expert_ranks
+        if shared:
+            if any(isinstance(r, bool) or not isinstance(r, int) for r in shared) or not (
+                    (len(shared) == 1 and shared[0] in self.expert_ranks)
+                    or shared == sorted(self.expert_ranks)):
+                raise ValueError(f"Plan: shared_expert_ranks={shared!r}; give one expert rank, every expert rank "
+                                 f"{sorted(self.expert_ranks)}, or none (the shared experts run on the attention group)")
             if self.kind != "afpipe" or self.pipeline_depth != 1:
-                raise ValueError("Plan: shared_expert_rank places shared experts on an expert rank of an AF-pipe plan "
-                                 f"of depth 1 (this plan: kind {self.kind!r}, depth {self.pipeline_depth}); leave it None")
+                raise ValueError("Plan: shared_expert_ranks places shared experts on expert ranks of an AF-pipe plan "
+                                 f"of depth 1 (this plan: kind {self.kind!r}, depth {self.pipeline_depth}); leave it empty")
         self._check_pipeline()
 
     def _check_pipeline(self) -> None:
@@ -461,6 +466,15 @@ class Plan:
         data = dataclasses.asdict(self)
         return {k: data[k] for k in BINDING_FIELDS}
 
+    def describe_shared(self) -> str:
+        """Where the shared experts run, in words."""
+        ranks = self.shared_expert_ranks
+        if not ranks:
+            return "on the attention group"
+        if len(ranks) == 1:
+            return f"on expert rank {ranks[0]}"
+        return f"on every expert rank ({_ranges(ranks)}), each token's with its first routed expert"
+
     # ------------------------------------------------------------------ printing
     def explain(self) -> str:
         """Every formula used, with the values and results that gave this plan's numbers."""
@@ -509,8 +523,8 @@ class Plan:
             lines.append("  dispatch -> experts -> combine in chunks (forward x backward): "
                          + ", ".join(f"{f} x {b}" for f, b in pairs)
                          + (" in every MoE layer" if len(pairs) == 1 else " (per MoE layer)"))
-        if self.shared_expert_rank is not None:
-            lines.append(f"  shared experts: on expert rank {self.shared_expert_rank}, as an always-selected expert")
+        if self.shared_expert_ranks:
+            lines.append(f"  shared experts: {self.describe_shared()}, as an always-selected expert")
         if any(self.recompute.values()):
             lines.append("  activation recomputation: " + ", ".join(k for k, v in self.recompute.items() if v))
         if self.nic_split:

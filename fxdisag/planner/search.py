@@ -57,6 +57,7 @@ from fxdisag.planner.cost_afpipe import (
     afpipe_sync_parts,
     attention_times,
     hop_bytes_per_token,
+    shared_sync,
 )
 from fxdisag.planner.cost_megatron import best_megatron, megatron_memory, megatron_times
 from fxdisag.planner.formulas import Recorder
@@ -108,7 +109,7 @@ def _domain_expert_counts(cluster, attention: list[int], experts: list[int], d: 
 
 _RECOMPUTE = ((False, False), (False, True), (True, False), (True, True))  # (attention side, experts)
 SCHEDULES = ("gpipe", "1f1b")
-SHARED_EXPERTS = ("auto", "attention", "expert")  # where plan() may put a model's shared experts
+SHARED_EXPERTS = ("auto", "attention", "expert", "replicated")  # where plan() may put a model's shared experts
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Candidate:
     recompute: tuple[bool, bool]
     layout: GroupLayout  # of one group pair, on pair_cluster(cluster, depth)
     chunks: tuple[int, int] = (1, 1)  # (forward, backward) chunks of every MoE layer's dispatch -> combine
-    shared_host: int | None = None  # the expert rank running the shared experts (None: the attention group)
+    shared: tuple[int, ...] = ()  # expert ranks running the shared experts (none: the attention group)
 
 
 def _domain_options(work: Workload, cluster, attention, experts, optimizer, shard, cap):
@@ -211,8 +212,11 @@ def candidate_step(work: Workload, cluster, cand: Candidate, recorder=None, attn
     """The predicted step of ``cand`` and its parts (``cost_afpipe.afpipe_step``)."""
     sub = pair_cluster(cluster, cand.depth)
     stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, recorder, attn=attn, recompute=cand.recompute,
-                                depth=cand.depth, shared_host=cand.shared_host)
+                                depth=cand.depth, shared=cand.shared)
     sync = afpipe_sync(work, sub, cand.layout, recorder, group_share(work, cand.depth))
+    if len(cand.shared) > 1:  # copies of the shared experts: their gradients' all-reduce follows the experts'
+        t_attn, t_exp = afpipe_sync_parts(work, sub, cand.layout, share=group_share(work, cand.depth))
+        sync = max(t_attn, t_exp + shared_sync(work, sub, cand.layout, recorder))
     return _step_of(work, cand, stages, sync, recorder)
 
 
@@ -253,12 +257,13 @@ def plan(
     chosen plan's (forward, backward) chunks per MoE layer (``chunking.solve_chunks``, at
     depth 1; the search itself prices every candidate unchunked), a pair pins them, False
     (the default) keeps every layer unchunked. ``shared_experts``: where a model's shared
-    experts run (``Plan.shared_expert_rank``): ``"auto"`` (the default) puts them on an expert
-    rank, as an always-selected expert, when the cost model predicts a shorter step for the
-    chosen plan, ``"attention"`` keeps them on the attention group, ``"expert"`` puts them
-    on an expert rank (depth 1; the search prices every candidate with them on the
-    attention group, then decides for the chosen one, with a note and the formulas in
-    ``explain()``).
+    experts run (``Plan.shared_expert_ranks``): ``"auto"`` (the default) moves them to the
+    expert group, as an always-selected expert, when the cost model predicts a shorter step
+    for the chosen plan, ``"attention"`` keeps them on the attention group, ``"expert"``
+    puts them on one expert rank (``shared_host_for``), ``"replicated"`` a copy on every
+    expert rank (each token's with its first routed expert); ``"auto"`` weighs all three
+    (depth 1; the search prices every candidate with them on the attention group, then
+    decides for the chosen one, with a note and the formulas in ``explain()``).
     """
     if shared_experts not in SHARED_EXPERTS:
         raise ValueError(f"plan: shared_experts={shared_experts!r}; choose from {SHARED_EXPERTS}")
@@ -332,26 +337,29 @@ def _place_shared(work: Workload, cluster, best: Candidate, choice: str) -> tupl
     if choice == "attention" or (choice == "auto" and not work.shared_params):
         return best, None
     if not work.shared_params:
-        raise ValueError("plan: shared_experts='expert' but the profile has no shared experts an expert rank can run "
-                         "(MoELayerProfile.shared_params is 0: none, or a block insert_dispatch cannot move)")
+        raise ValueError(f"plan: shared_experts={choice!r} but the profile has no shared experts an expert rank can "
+                         "run (MoELayerProfile.shared_params is 0: none, or a block insert_dispatch cannot move)")
     if best.depth != 1:
-        if choice == "expert":
-            raise ValueError(f"plan: shared_experts='expert' with the chosen pipeline depth {best.depth}: the shared "
-                             "experts run on an expert rank at depth 1 only; pin pipeline_depth=1")
-        return best, "shared experts: on the attention group (an expert rank runs them at depth 1 only)"
-    host = shared_host_for(best)
-    moved = dataclasses.replace(best, shared_host=host)
-    t_attn = candidate_step(work, cluster, best)
-    t_exp = candidate_step(work, cluster, moved)
-    why = (f"attention stage {t_attn['attn_f'] * 1e3:.3g} -> {t_exp['attn_f'] * 1e3:.3g} ms fwd, busiest expert "
-           f"device {t_attn['expert_f'] * 1e3:.3g} -> {t_exp['expert_f'] * 1e3:.3g} ms fwd, dispatch "
-           f"{t_attn['dispatch'] * 1e3:.3g} -> {t_exp['dispatch'] * 1e3:.3g} ms per micro-batch")
-    if choice == "expert" or t_exp["step"] < t_attn["step"]:
-        return dataclasses.replace(moved, step=t_exp["step"]), (
-            f"shared experts: on expert rank {host}, as an always-selected expert ({'pinned' if choice == 'expert' else 'chosen'}): "
-            f"step {t_exp['step']:.4g} s, {t_attn['step']:.4g} s with them on the attention group ({why})")
-    return best, (f"shared experts: on the attention group, beside the dispatch: step {t_attn['step']:.4g} s, "
-                  f"{t_exp['step']:.4g} s on expert rank {host} ({why})")
+        if choice != "auto":
+            raise ValueError(f"plan: shared_experts={choice!r} with the chosen pipeline depth {best.depth}: the shared "
+                             "experts run on expert ranks at depth 1 only; pin pipeline_depth=1")
+        return best, "shared experts: on the attention group (expert ranks run them at depth 1 only)"
+    options = {"attention": best, "expert": dataclasses.replace(best, shared=(shared_host_for(best),)),
+               "replicated": dataclasses.replace(best, shared=tuple(sorted(best.layout.expert_ranks)))}
+    times = {k: candidate_step(work, cluster, c) for k, c in options.items()}
+    pick = min(times, key=lambda k: times[k]["step"]) if choice == "auto" else choice
+    words = {"attention": "on the attention group, beside the dispatch",
+             "expert": f"on expert rank {options['expert'].shared[0]}",
+             "replicated": "on every expert rank, each token's with its first routed expert"}
+
+    def terms(k: str) -> str:
+        t = times[k]
+        return (f"{k}: step {t['step']:.4g} s, attention stage {t['attn_f'] * 1e3:.3g} ms fwd, busiest expert "
+                f"device {t['expert_f'] * 1e3:.3g} ms fwd, dispatch {t['dispatch'] * 1e3:.3g} ms per micro-batch")
+
+    how = "pinned" if choice != "auto" else "chosen"
+    note = (f"shared experts: {words[pick]} ({how}; " + "; ".join(terms(k) for k in times) + ")")
+    return dataclasses.replace(options[pick], step=times[pick]["step"]), note
 
 
 def _search(work: Workload, cluster, global_batch: int, cap: float, optimizer: str, shard: bool, depths,
@@ -444,7 +452,7 @@ def _pair_times(work: Workload, cluster, cand: Candidate, attn: dict):
     sub = pair_cluster(cluster, cand.depth)
     share = group_share(work, cand.depth)
     stages = afpipe_stage_times(work, sub, cand.layout, cand.seqs, attn=attn, recompute=cand.recompute,
-                                depth=cand.depth, shared_host=cand.shared_host)
+                                depth=cand.depth, shared=cand.shared)
     return stages, afpipe_sync(work, sub, cand.layout, share=share)
 
 
@@ -527,7 +535,7 @@ def _make_plan(profile, work: Workload, cluster, global_batch: int, best: Candid
         in_flight=best.in_flight,
         num_moe_layers=work.num_moe_layers,
         chunks=[list(best.chunks)] * work.num_moe_layers if best.chunks != (1, 1) else [],
-        shared_expert_rank=best.shared_host,
+        shared_expert_ranks=list(best.shared),
         pipeline_depth=p,
         loss_group=loss_group(work, p),
         nic_split=layout.nic_split() * p,

@@ -70,12 +70,19 @@ def pack(
 
 
 def with_shared(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: torch.Tensor | None,
-                shared_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                shared_id: int, owner: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing with the shared experts as one more slot every token selects: index
-    [N, K+1] (last slot ``shared_id``), weights [N, K+1] (last slot the per-token ``gate``,
-    any shape with N elements, in the weights' dtype; 1 without a gate)."""
+    [N, K+1], weights [N, K+1] (last slot the per-token ``gate``, any shape with N
+    elements, in the weights' dtype; 1 without a gate). The last slot's id is
+    ``shared_id`` (one host), or with ``owner`` (rank slot per routed expert: a copy on
+    every expert rank) ``shared_id + owner[first routed expert]``, the copy on the rank the
+    token's row reaches anyway."""
     n = top_k_index.shape[0]
-    index = torch.cat([top_k_index, top_k_index.new_full((n, 1), shared_id)], dim=1)
+    if owner is None:
+        last = top_k_index.new_full((n, 1), shared_id)
+    else:
+        last = shared_id + _owner_table(owner, top_k_index.device)[top_k_index[:, :1]].to(top_k_index.dtype)
+    index = torch.cat([top_k_index, last], dim=1)
     g = top_k_weights.new_ones((n, 1)) if gate is None else gate.reshape(n, 1).to(top_k_weights.dtype)
     return index, torch.cat([top_k_weights, g], dim=1)
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fxdisag.runtime.chunking import RowChunks, split
 from fxdisag.runtime.dispatch import expert_rows
-from fxdisag.runtime.experts import routed_experts
+from fxdisag.runtime.experts import WithSharedExpert, routed_experts
 from fxdisag.runtime.grads import GradSync, RowGroup
 from fxdisag.runtime.mailbox import Mailbox, Receive, byte_size, message_tag, pack_bytes, unpack_bytes
 from fxdisag.runtime.runner import Handler, StepState
@@ -58,13 +58,16 @@ class ExpertHandlers:
         hops: frozenset[int] = frozenset(),
         compile_stages: bool = False,
         chunks: Mapping[int, tuple[int, int]] | None = None,
+        shared_group: dist.ProcessGroup | None = None,
     ):
         """``attention_ranks``: one attention group (its size sizes the dispatch receives);
         ``top_k``: per MoE layer this rank holds, its top_k (the width of the routing slots
         of a dispatched row); ``replica_groups``: (local ids of the shared experts, process
         group) per replica set; ``compile_stages``: run each layer's experts call through
         ``torch.compile`` (dynamic shapes: the row count changes every step); ``chunks``:
-        MoE layer -> (forward, backward) chunks (``Schedule.chunks``)."""
+        MoE layer -> (forward, backward) chunks (``Schedule.chunks``); ``shared_group``: the
+        expert ranks holding copies of the shared experts (``WithSharedExpert``), over which
+        their gradients are summed."""
         self.experts = experts
         self.attention_ranks = list(attention_ranks)
         self.num_microbatches = num_microbatches
@@ -91,8 +94,11 @@ class ExpertHandlers:
         self.compute_seconds, self.computed_pairs = 0.0, 0
         # Expert weights are [E_local, ...]: a replica set sums the rows of its replicated experts.
         routed = list({id(p): p for mod in experts.values() for p in routed_experts(mod).parameters()}.values())
-        self.grad_sync = GradSync(self.params, [RowGroup(routed, g, rows, mailbox.timeout)
-                                                for rows, g in replica_groups])
+        sync = [RowGroup(routed, g, rows, mailbox.timeout) for rows, g in replica_groups]
+        shared = [p for mod in experts.values() if isinstance(mod, WithSharedExpert) for p in mod.shared.parameters()]
+        if shared and shared_group is not None:
+            sync.append(RowGroup(shared, shared_group, None, mailbox.timeout))
+        self.grad_sync = GradSync(self.params, sync)
 
     def handlers(self) -> dict[ActionKind, Handler]:
         K = ActionKind

@@ -14,8 +14,8 @@ door uses it, so the optimizer a user built on ``model.parameters()`` trains the
 ``expert_tensors(module)`` lists (name, tensor, rows of the rank's experts) for either.
 
 ``WithSharedExpert(routed, shared, shared_id)`` is one MoE layer's experts call with its
-shared experts as one more, always-selected expert (``Plan.shared_expert_rank``): a
-(row, expert, weight) triple with expert ``shared_id`` computes ``weight * shared(row)``,
+shared experts as one more, always-selected expert (``Plan.shared_expert_ranks``): a
+(row, expert, weight) triple with expert ``shared_id`` (or above) computes ``weight * shared(row)``,
 every other the routed module; its ``fxdisag_expert_ids`` are the routed ones.
 """
 
@@ -98,8 +98,9 @@ class WithSharedExpert(nn.Module):
             self.fxdisag_expert_ids = ids
 
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # one (row, expert, weight) triple per call row (K = 1: dispatch.expand)
-        is_shared = ids[:, 0] == self.shared_id
+        # one (row, expert, weight) triple per call row (K = 1: dispatch.expand); ids from
+        # shared_id up are the shared experts (the single-process graph numbers their copies)
+        is_shared = ids[:, 0] >= self.shared_id
         r_idx = (~is_shared).nonzero().squeeze(1)
         s_idx = is_shared.nonzero().squeeze(1)
         y_r = self.routed(hidden[r_idx], ids[r_idx], weights[r_idx])
