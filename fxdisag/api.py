@@ -272,7 +272,8 @@ class DisaggregatedModel(nn.Module):
         return list(self._attention.params) if self._attention is not None else []
 
     def expert_parameters(self) -> list[nn.Parameter]:
-        """This rank's slices of the routed experts, every MoE layer it holds (empty on attention-only ranks)."""
+        """This rank's slices of the routed experts, every MoE layer it holds, and the shared
+        experts it hosts (``Plan.shared_expert_ranks``; empty on attention-only ranks)."""
         return list(self.local_experts.parameters()) if self.has_experts else []
 
     def named_local_tensors(self) -> list[tuple[str, torch.Tensor, tuple[int, ...] | None, slice | list[int]]]:

@@ -72,7 +72,7 @@ class AttentionHandlers:
         MoE layer -> (forward, backward) chunks (``Schedule.chunks``; rows per chunk:
         ``runtime/chunking.py``); ``shared_layers``: the MoE layers whose shared experts an
         expert rank runs (their rows carry one more slot, the last; ``owner`` and
-        ``local_ids`` have one more entry, the shared experts' id E)."""
+        ``local_ids`` have one more entry per host: id E for one, E + slot for copies)."""
         self.program = program
         self.rank = rank
         self.attention_ranks = list(attention_ranks)

@@ -89,8 +89,9 @@ class ExpertHandlers:
         # seconds the expert calls took for how many (row, expert) pairs: what a balancer reads
         # between steps (fxdisag.balance). A bincount per call: no collective, no sync. Ids
         # past the routed ones are the shared experts (runtime.experts.WithSharedExpert).
-        self.routed_count = {j: next(routed_experts(mod).parameters()).shape[0] for j, mod in experts.items()}
-        self.token_counts = {j: torch.zeros(n, dtype=torch.long) for j, n in self.routed_count.items()}
+        self.token_counts = {j: torch.zeros(next(routed_experts(mod).parameters()).shape[0], dtype=torch.long)
+                             for j, mod in experts.items()}
+        self.shared_id = {j: mod.shared_id for j, mod in experts.items() if isinstance(mod, WithSharedExpert)}
         self.compute_seconds, self.computed_pairs = 0.0, 0
         # Expert weights are [E_local, ...]: a replica set sums the rows of its replicated experts.
         routed = list({id(p): p for mod in experts.values() for p in routed_experts(mod).parameters()}.values())
@@ -160,7 +161,7 @@ class ExpertHandlers:
                 y = self.run_experts[j](x, e, w)
             counts = [len(q) for q in rows]
             if state.grad_enabled:
-                valid = e[(e >= 0) & (e < self.routed_count[j])]
+                valid = e[(e >= 0) & (e < self.shared_id.get(j, self.token_counts[j].numel()))]
                 self.token_counts[j] += torch.bincount(valid.cpu(), minlength=self.token_counts[j].numel())
                 self.compute_seconds += time.perf_counter() - t0
                 self.computed_pairs += valid.numel()
