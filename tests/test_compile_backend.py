@@ -44,6 +44,23 @@ def _dynamo_capture(model, batch):
     return got["captured"]
 
 
+def test_dynamo_graph_keeps_shared_experts_on_the_attention_group():
+    """Dynamo inlines the shared MLP (only the routed experts stay one call), so the front
+    door cannot move it to expert ranks: the graph says why, per layer, and the profile
+    offers nothing to move (the planner keeps the attention group)."""
+    import fxdisag
+    from fxdisag.codegen.insert_dispatch import movable_shared_experts
+
+    model = tiny_model("qwen2_moe")
+    batch = example_batch(model, 2, 8)
+    captured = _dynamo_capture(model, batch)
+    found = movable_shared_experts(captured.graph_module, captured.layout)
+    assert sorted(found) == [0, 1] and all(isinstance(v, ValueError) for v in found.values())
+    assert "is not a shared-experts call" in str(found[0]) and "Plan.shared_expert_ranks=[]" in str(found[0])
+    prof = fxdisag.profile(captured, 1, 8, torch.float32)
+    assert [m.shared_params for m in prof.moe] == [0, 0]
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_dynamo_graph_is_exact_and_tagged_like_capture(family):
     import fxdisag

@@ -525,6 +525,7 @@ def profile(
     if not dtype.is_floating_point:
         raise ValueError(f"profile: dtype must be a floating dtype, got {dtype}")
     t0 = time.perf_counter()
+    built = captured  # the graph a build transforms: what it can move to expert ranks is read from it
     captured = captured.for_profile()  # runs on meta, at two sequence lengths
     layout = captured.layout
     dsize = torch.empty((), dtype=dtype).element_size()
@@ -536,7 +537,7 @@ def profile(
     moe_by_layer = {m.layer: m for m in layout.moe}
     from fxdisag.codegen.insert_dispatch import movable_shared_experts
 
-    movable = {layout.moe[j].layer: fqn for j, fqn in movable_shared_experts(captured.graph_module, layout).items()
+    movable = {layout.moe[j].layer: fqn for j, fqn in movable_shared_experts(built.graph_module, built.layout).items()
                if isinstance(fqn, str)}
     hidden = layout.hidden_size
 
