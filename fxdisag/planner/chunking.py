@@ -29,9 +29,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CHUNK_GRID", "ChunkChoice", "solve_chunks"]
+__all__ = ["CHUNK_GRID", "CHUNK_TIE", "ChunkChoice", "solve_chunks"]
 
 CHUNK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16)
+# The tie ``plan(chunks=True)`` solves with. Measured (benchmarks/RESULTS.md, bench_chunks.py,
+# two runs): the calibrated model prices a pair of many chunks 10-21% low (each chunk's
+# attention-side send/receive actions are not in CHUNKED_SEGMENT), and it picked 8 x 4,
+# 16 x 8, 8 x 8 where 4 x 4 measured 6-9% faster; within 10% the fewest chunks win.
+CHUNK_TIE = 0.10
 
 
 @dataclass(frozen=True)

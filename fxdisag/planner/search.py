@@ -255,7 +255,8 @@ def plan(
     ``schedule`` pin those choices instead of searching. ``baseline=False`` skips the
     Megatron-LM baseline's search (no speedups in the plan). ``chunks``: True solves the
     chosen plan's (forward, backward) chunks per MoE layer (``chunking.solve_chunks``, at
-    depth 1; the search itself prices every candidate unchunked), a pair pins them, False
+    depth 1, near ties within ``CHUNK_TIE`` to the fewest chunks; the search itself prices
+    every candidate unchunked), a pair pins them, False
     (the default) keeps every layer unchunked. ``shared_experts``: where a model's shared
     experts run (``Plan.shared_expert_ranks``): ``"auto"`` (the default) moves them to the
     expert group, as an always-selected expert, when the cost model predicts a shorter step
@@ -305,13 +306,13 @@ def plan(
         if best.depth != 1:
             raise ValueError(f"plan: chunks={chunks!r} with the chosen pipeline depth {best.depth}: chunked layers "
                              "run at depth 1 only; pin pipeline_depth=1 or leave chunks=False")
-        from fxdisag.planner.chunking import solve_chunks
+        from fxdisag.planner.chunking import CHUNK_TIE, solve_chunks
 
         def step_of(c: tuple[int, int]) -> float:
             return candidate_step(work, cluster, dataclasses.replace(best, chunks=c))["step"]
 
         if chunks is True:
-            choice = solve_chunks(step_of)
+            choice = solve_chunks(step_of, tie=CHUNK_TIE)
             best, note = dataclasses.replace(best, chunks=choice.chunks, step=choice.step), choice.describe()
         else:
             pinned = tuple(chunks)
