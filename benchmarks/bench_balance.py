@@ -16,6 +16,8 @@ Reports:
 * the median step time of each run over the steps after the balancer's first decision;
 * the bytes the busiest rank sent per step;
 * the balancer's reports (imbalance, swaps, predicted saving and cost);
+* per move, the predicted saving per step against the measured one (the balanced run's
+  median step change across the move, less the static run's over the same steps);
 * the migration's measured time.
 
 ``FXDISAG_THROTTLE`` (e.g. ``200mbit``) emulates a slow NIC inside the processes, as for the
@@ -99,7 +101,7 @@ def worker(args) -> None:
     opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-3)
     balancer = fxdisag.ExpertBalancer(dmodel, opt, every=args.every, horizon=args.horizon) \
         if args.variant == "balanced" else None
-    times, losses, reports, sent = [], [], [], []
+    times, losses, reports, sent, decisions = [], [], [], [], []
     for batch in batches:
         dist.barrier()
         t0 = time.perf_counter()
@@ -114,15 +116,39 @@ def worker(args) -> None:
             report = balancer.step()
             if report is not None:
                 reports.append(str(report))
+                decisions.append({"step": report.step, "moved": report.moved,
+                                  "saving_s": report.saving_per_step_s, "cost_s": report.cost_s})
     moved = [r for r in (balancer.reports if balancer else []) if r.moved]
     every_sent: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_sent, sent)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"variant": args.variant, "times": times, "losses": losses, "reports": reports,
+                                      "decisions": decisions,
                                       "sent": every_sent,
                                       "migration_s": [r.migration_s for r in moved],
                                       "moved_bytes": [r.moved_bytes for r in moved]}), flush=True)
     dist.destroy_process_group()
+
+
+def measured_savings(static: list[float], balanced: list[float], decisions: list[dict], every: int) -> list[str]:
+    """Per move: the balancer's predicted saving per step against the measured one, the
+    change of the balanced run's median step across the move less the static run's over the
+    same steps (both runs share the machine's drift). The windows are the ``every`` steps
+    before and after the decision (decision at step s: steps s-every..s-1 and s..s+every-1)."""
+    lines = ["per move: predicted saving vs measured (balanced run's median step change across the move, "
+             "less the static run's over the same steps)"]
+    for d in decisions:
+        s = d["step"]
+        if not d["moved"] or s - every < 0 or s + every > len(balanced):
+            continue
+        before, after = slice(s - every, s), slice(s, s + every)
+        delta_b = statistics.median(balanced[before]) - statistics.median(balanced[after])
+        delta_s = statistics.median(static[before]) - statistics.median(static[after])
+        lines.append(f"  step {s}: predicted {d['saving_s'] * 1e3:.1f} ms/step, measured {(delta_b - delta_s) * 1e3:.1f} "
+                     f"ms/step (balanced {delta_b * 1e3:+.1f}, static {delta_s * 1e3:+.1f})")
+    if len(lines) == 1:
+        lines.append("  (no move with a full window on both sides)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["migration_s"]:
             print(f"  migrations: {[f'{s * 1e3:.1f} ms' for s in r['migration_s']]}, "
                   f"{[f'{b / 1e6:.2f} MB' for b in r['moved_bytes']]}")
+    for line in measured_savings(results["static"]["times"], results["balanced"]["times"],
+                                 results["balanced"]["decisions"], args.every):
+        print(line)
     s, b = (statistics.median(results[v]["times"][after:]) for v in ("static", "balanced"))
     print(f"speed-up of balancing: {s / b:.2f}x; losses equal: "
           f"{max(abs(x - y) for x, y in zip(results['static']['losses'], results['balanced']['losses'])):.2e} max diff")
