@@ -16,7 +16,7 @@ import torch
 import fxdisag
 from fxdisag.planner import ClusterSpec
 from fxdisag.planner.plan import Plan
-from fxdisag.planner.search import candidate_step, plan, shared_host_for
+from fxdisag.planner.search import candidate_memory, candidate_step, plan, shared_host_for
 from fxdisag.planner.workload import Workload
 from fxdisag.testing.models import example_batch, tiny_model
 
@@ -146,3 +146,25 @@ def test_search_refuses_shared_experts_the_model_lacks():
     with pytest.raises(ValueError, match="shared_experts='nowhere'; choose from"):
         plan(prof, _cluster(3, 1e9), 4, shared_experts="nowhere", baseline=False)
     assert plan(prof, _cluster(3, 1e9), 4, baseline=False).shared_expert_ranks == []
+
+
+def test_hosts_hold_the_shared_experts_memory(qwen2_profile):
+    """The hosts keep the shared experts' weights, gradients and optimizer state (the
+    attention devices shed them); a placement that does not fit is refused when pinned and
+    skipped by auto."""
+    from fxdisag.planner.search import PlanError, _place_shared, _search
+
+    cluster = _cluster(4, 10e9)
+    work = Workload.from_profile(qwen2_profile, SEQ)
+    cand, _ = _search(work, cluster, 8, float("inf"), "adam", True, [1], 32, 1, None, None, "gpipe")
+    moved = dataclasses.replace(cand, shared=tuple(cand.layout.expert_ranks))
+    off, on = (candidate_memory(work, cluster, c, "adam", False) for c in (cand, moved))
+    L, P = work.num_moe_layers, work.shared_params
+    per_param = 4 + 4 + 8  # fp32 weights, gradients and Adam's two moments, unsharded
+    assert on["experts"] - off["experts"] == pytest.approx(P * L * per_param, rel=1e-9)
+    assert off["attention"] - on["attention"] == pytest.approx(P * L * per_param, rel=1e-9)
+    cap = off["experts"] + P * L * per_param / 2  # room for the routed experts, not for the shared ones
+    with pytest.raises(PlanError, match="shared_experts='replicated' does not fit"):
+        _place_shared(work, cluster, cand, "replicated", "adam", False, cap)
+    kept, note = _place_shared(work, cluster, cand, "auto", "adam", False, cap)
+    assert kept.shared == () and "replicated: step" in note and "does not fit in memory" in note

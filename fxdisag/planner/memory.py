@@ -91,44 +91,48 @@ def _expert_activations(work: Workload, pairs_in_flight: float, pairs_per_unit: 
 
 def afpipe_memory(work: Workload, layout: GroupLayout, seqs_per_mb: int, m: int, optimizer: str,
                   shard_optimizer: bool, recorder=None, recompute: tuple[bool, bool] = (False, False),
-                  share: GroupShare | None = None, tail_microbatches: int | None = None) -> dict[str, float]:
+                  share: GroupShare | None = None, tail_microbatches: int | None = None,
+                  shared: bool = False) -> dict[str, float]:
     """``m``: micro-batches whose activations a device keeps at once (GPipe: all of a
     round's; 1F1B: those in flight); ``tail_microbatches`` of them for the last stage's
     (head and loss; default m: 1F1B runs its backward right after its forward, so 1).
     ``share`` (pipeline depth p > 1): ``layout`` is one
     group pair, and a device holds only its group's stages and MoE layers; the result is
     the fullest group's (:meth:`Workload.group_share`), its optimizer state sharded over
-    the group's replicas."""
+    the group's replicas. ``shared`` (depth 1, ``Plan.shared_expert_ranks``): the shared
+    experts' weights, gradients and optimizer state (``Workload.shared_params`` per MoE
+    layer, not sharded) move from the attention devices to the expert device."""
     share = share or work.group_share(1)
     groups = range(share.depth)
     att = [_afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, None, recompute, share,
-                                    g, tail_microbatches) for g in groups]
-    exp = [_afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, None, recompute, share, g)
-           for g in groups]
+                                    g, tail_microbatches, shared) for g in groups]
+    exp = [_afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, None, recompute, share, g,
+                                 shared) for g in groups]
     attention, experts = max(att), max(exp)
     if recorder is not None:  # the formulas of the fullest groups
         g_a, g_e = att.index(attention), exp.index(experts)
         _afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute,
-                                 share, g_a, tail_microbatches)
+                                 share, g_a, tail_microbatches, shared)
         _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
-                              g_e)
+                              g_e, shared)
     return {"attention": attention, "experts": experts}
 
 
 def _afpipe_attention_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
-                             group, tail_microbatches=None) -> float:
+                             group, tail_microbatches=None, shared=False) -> float:
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
+    moved = work.shared_params * work.num_moe_layers if shared else 0.0
     A = len(layout.attention_ranks)
     where = f" (group {group})" if share.depth > 1 else ""
     tail = None if tail_microbatches is None else tail_microbatches * seqs_per_mb
     act_a = _attention_activations(work, m * seqs_per_mb, seqs_per_mb, recompute[0], recorder,
                                    f"activations per attention device{where}", share, group, tail)
-    return MEMORY(recorder, f"memory per attention device{where}", P=share.attention_params[group], w=w, grad=g,
-                  opt=o, shard=A if shard_optimizer else 1, act=act_a)
+    return MEMORY(recorder, f"memory per attention device{where}", P=share.attention_params[group] - moved, w=w,
+                  grad=g, opt=o, shard=A if shard_optimizer else 1, act=act_a)
 
 
 def _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimizer, recorder, recompute, share,
-                          group) -> float:
+                          group, shared=False) -> float:
     w, g, o = param_bytes(optimizer, work.dtype_bytes)
     L = share.moe_layers[group]
     where = f" (group {group})" if share.depth > 1 else ""
@@ -138,8 +142,12 @@ def _afpipe_expert_memory(work, layout, seqs_per_mb, m, optimizer, shard_optimiz
     act_e = _expert_activations(work, m * L * pairs, pairs, recompute[1], recorder,
                                 f"activations per expert device{where}", received_in_flight=m * L * received)
     # optimizer state of an expert is sharded over its replicas; use the least replicated one held
-    return MEMORY(recorder, f"memory per expert device{where}", P=layout.experts_per_device * work.params_per_expert * L,
-                  w=w, grad=g, opt=o, shard=layout.min_replicas if shard_optimizer else 1, act=act_e)
+    total = MEMORY(recorder, f"memory per expert device{where}", P=layout.experts_per_device * work.params_per_expert * L,
+                   w=w, grad=g, opt=o, shard=layout.min_replicas if shard_optimizer else 1, act=act_e)
+    if shared:  # a host of the shared experts: their weights, gradients and optimizer state besides
+        total += MEMORY(recorder, f"shared experts on an expert device{where}", P=work.shared_params * L, w=w, grad=g,
+                        opt=o, shard=1, act=0.0)
+    return total
 
 
 def rank_parameter_bytes(profile, plan) -> dict[int, int]:

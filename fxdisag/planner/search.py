@@ -225,7 +225,8 @@ def candidate_memory(work: Workload, cluster, cand: Candidate, optimizer: str, s
     activations of the micro-batches its schedule keeps in flight."""
     keep = cand.m if cand.schedule == "gpipe" else min(cand.in_flight, cand.m)
     return afpipe_memory(work, cand.layout, cand.seqs, keep, optimizer, shard, recorder, recompute=cand.recompute,
-                         share=group_share(work, cand.depth), tail_microbatches=None if cand.schedule == "gpipe" else 1)
+                         share=group_share(work, cand.depth), tail_microbatches=None if cand.schedule == "gpipe" else 1,
+                         shared=bool(cand.shared))
 
 
 def plan(
@@ -317,7 +318,7 @@ def plan(
         else:
             pinned = tuple(chunks)
             best = dataclasses.replace(best, chunks=pinned, step=step_of(pinned))
-    best, shared_note = _place_shared(work, cluster, best, shared_experts)
+    best, shared_note = _place_shared(work, cluster, best, shared_experts, optimizer, shard_optimizer, cap)
     made = _make_plan(profile, work, cluster, global_batch, best, optimizer, shard_optimizer, cap, baseline)
     if note:
         made.notes.append(note)
@@ -333,8 +334,11 @@ def shared_host_for(cand: Candidate) -> int:
     return min(reversed(cand.layout.expert_ranks), key=lambda r: held[r])
 
 
-def _place_shared(work: Workload, cluster, best: Candidate, choice: str) -> tuple[Candidate, str | None]:
-    """(the candidate with its shared-experts placement, the note saying why)."""
+def _place_shared(work: Workload, cluster, best: Candidate, choice: str, optimizer: str, shard: bool,
+                  cap: float) -> tuple[Candidate, str | None]:
+    """(the candidate with its shared-experts placement, the note saying why). ``"auto"``
+    takes the fastest placement that fits in ``cap`` per device (the hosts keep the shared
+    experts' weights, gradients and optimizer state)."""
     if choice == "attention" or (choice == "auto" and not work.shared_params):
         return best, None
     if not work.shared_params:
@@ -348,7 +352,17 @@ def _place_shared(work: Workload, cluster, best: Candidate, choice: str) -> tupl
     options = {"attention": best, "expert": dataclasses.replace(best, shared=(shared_host_for(best),)),
                "replicated": dataclasses.replace(best, shared=tuple(sorted(best.layout.expert_ranks)))}
     times = {k: candidate_step(work, cluster, c) for k, c in options.items()}
-    pick = min(times, key=lambda k: times[k]["step"]) if choice == "auto" else choice
+    fits = {k: k == "attention" or max(candidate_memory(work, cluster, c, optimizer, shard).values()) <= cap
+            for k, c in options.items()}  # the searched candidate (attention) fits
+    if choice == "auto":
+        pick = min((k for k in times if fits[k]), key=lambda k: times[k]["step"])
+    elif not fits[choice]:
+        raise PlanError(f"plan: shared_experts={choice!r} does not fit: the expert devices would need "
+                        f"{max(candidate_memory(work, cluster, options[choice], optimizer, shard).values()) / 1e9:.2f} "
+                        f"GB of {cap / 1e9:.2f} GB (the shared experts' weights, gradients and optimizer state); "
+                        "use 'attention' or 'auto'")
+    else:
+        pick = choice
     words = {"attention": "on the attention group, beside the dispatch",
              "expert": f"on expert rank {options['expert'].shared[0]}",
              "replicated": "on every expert rank, each token's with its first routed expert"}
@@ -356,7 +370,8 @@ def _place_shared(work: Workload, cluster, best: Candidate, choice: str) -> tupl
     def terms(k: str) -> str:
         t = times[k]
         return (f"{k}: step {t['step']:.4g} s, attention stage {t['attn_f'] * 1e3:.3g} ms fwd, busiest expert "
-                f"device {t['expert_f'] * 1e3:.3g} ms fwd, dispatch {t['dispatch'] * 1e3:.3g} ms per micro-batch")
+                f"device {t['expert_f'] * 1e3:.3g} ms fwd, dispatch {t['dispatch'] * 1e3:.3g} ms per micro-batch"
+                + ("" if fits[k] else ", does not fit in memory"))
 
     how = "pinned" if choice != "auto" else "chosen"
     note = (f"shared experts: {words[pick]} ({how}; " + "; ".join(terms(k) for k in times) + ")")
