@@ -141,7 +141,7 @@ class MoELayerProfile:
     shared_module: str = ""
     shared_params: int = 0
     # Seconds-per-FLOP scales of the shared experts' region on each side, set by a profiling
-    # step's calibration (planner/calibrate.py: the fitted k of the side that would run them).
+    # step's calibration (planner/calibrate.py: each side's fit over every probe; 1: a priori).
     shared_k_attention: float = 1.0
     shared_k_experts: float = 1.0
 
