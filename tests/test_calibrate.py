@@ -285,3 +285,25 @@ def test_a_choice_inside_the_probes_noise_goes_to_the_fewest_microbatches():
         assert any("does not resolve" in n for n in notes) == (min(near) != resolved)
         changed |= min(near) != resolved
     assert changed  # the per-step fits decided at least one of these choices
+
+
+def test_auto_solves_the_chosen_plans_chunks():
+    """plan='auto' (a priori here: a given cluster, no profiling step) solves the chosen
+    plan's chunks as plan(chunks=True) does for its split and micro-batches."""
+    import fxdisag
+    from fxdisag.planner.auto import auto_plan
+    from fxdisag.planner.search import plan
+    from fxdisag.testing.models import example_batch, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    batch = example_batch(model, 4, 64)
+    captured = fxdisag.capture(model, batch)
+    slow = ClusterSpec.cpu(2, flops=80e9, bandwidth=0.02e9, latency=1e-5)  # the transfers dominate: chunks pay
+    chosen = auto_plan(captured, batch, cluster=slow, num_microbatches=1)
+    prof = fxdisag.profile(captured, 1, 64, torch.float32)
+    pinned = plan(prof, slow, 4, seq_len=64, num_attention=len(chosen.attention_ranks), num_microbatches=1,
+                  microbatch_size=chosen.microbatch_size, pipeline_depth=1, schedule="gpipe", chunks=True)
+    assert chosen.chunks and chosen.chunks == pinned.chunks and chosen.step_time == pinned.step_time
+    assert any(n.startswith("dispatch -> experts -> combine in") for n in chosen.notes)
+    fast = ClusterSpec.cpu(2, flops=80e9, bandwidth=1e12, action_overhead=1e-2)  # each chunk's overhead is dear
+    assert auto_plan(captured, batch, cluster=fast, num_microbatches=1).chunks == []

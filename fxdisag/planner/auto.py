@@ -26,7 +26,10 @@ rank -- returns the same :class:`Plan` on every rank:
    action and per FLOP, measured on the ranks that run them), then step 3 again, each
    candidate with the profile and cluster calibrated around its micro-batch size. A model that cannot run a step (meta device, a batch
    without labels) keeps the a priori plan, and the log says why;
-5. rank 0's plan is broadcast, so ranks whose measurements differ agree.
+5. the chosen plan's chunks of each MoE layer's dispatch -> experts -> combine, solved
+   on the (calibrated) cost model with the split and micro-batches kept
+   (:func:`with_chunks`; near ties to the fewest chunks, ``chunking.CHUNK_TIE``);
+6. rank 0's plan is broadcast, so ranks whose measurements differ agree.
 
 ``num_microbatches`` pins m (the torch.compile option ``microbatches``).
 """
@@ -45,7 +48,7 @@ from fxdisag.planner.plan import Plan
 from fxdisag.planner.profile import profile
 from fxdisag.planner.search import PlanError, plan
 
-__all__ = ["auto_plan", "runnable_plan"]
+__all__ = ["auto_plan", "runnable_plan", "with_chunks"]
 
 log = logging.getLogger("fxdisag.planner")
 
@@ -132,6 +135,26 @@ def _predict(prof, cluster: ClusterSpec, batch: int, seq_len: int, a: int, m: in
         return math.inf
 
 
+def with_chunks(chosen: Plan, prof, cluster: ClusterSpec, batch: int, seq_len: int) -> Plan:
+    """``chosen`` with its MoE layers' chunks solved (``plan(chunks=True)``: the fewest chunks
+    within ``chunking.CHUNK_TIE``) on ``prof`` / ``cluster`` (calibrated, when the choice
+    was), its split, micro-batches and shared-expert placement kept. The step 3 search
+    prices unchunked candidates; this solves the winner's chunks (step 5 of the contract)."""
+    a = len(chosen.attention_ranks)
+    where = {0: "attention", 1: "expert"}.get(len(chosen.shared_expert_ranks), "replicated")
+    try:
+        solved = plan(prof, cluster, batch, seq_len=seq_len, num_attention=a, num_microbatches=chosen.num_microbatches,
+                      microbatch_size=chosen.microbatch_size, pipeline_depth=1, schedule="gpipe", chunks=True,
+                      shared_experts=where)
+    except PlanError:
+        return chosen
+    if not solved.chunks or (solved.attention_ranks, solved.expert_placement) != (
+            chosen.attention_ranks, chosen.expert_placement):
+        return chosen
+    log.info("plan='auto': %s", next(n for n in solved.notes if n.startswith("dispatch -> experts")))
+    return solved
+
+
 def _split(plan: Plan) -> str:
     return f"{len(plan.attention_ranks)}A+{len(plan.expert_ranks)}E"
 
@@ -150,6 +173,7 @@ def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None
     batch, seq = example_inputs["input_ids"].shape
     prof = profile(captured, batch_size=1, seq_len=seq, dtype=_param_dtype(captured))
     best, _ = runnable_plan(prof, cluster, batch, seq, num_microbatches)
+    priced = (prof, cluster)  # what the choice was priced with (calibrated below, when it is)
     if calibrate:
         from fxdisag.planner.calibrate import CalibrationError, probe
 
@@ -167,6 +191,8 @@ def auto_plan(captured, example_inputs: Mapping[str, torch.Tensor], cluster=None
             log.info("plan='auto': profiling step of %s in %.1f s: %s; a priori m=%d (%s), calibrated m=%d (%s)",
                      cal.plan, cal.seconds, cal.describe(), a_priori.num_microbatches,
                      _split(a_priori), best.num_microbatches, _split(best))
+            priced = cal.apply(prof, cluster, cal.microbatches_for(best.microbatch_size))
+    best = with_chunks(best, *priced, batch, seq)
     if dist.is_initialized():
         box = [best.to_json()]
         dist.broadcast_object_list(box, src=0)

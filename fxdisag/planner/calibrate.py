@@ -335,8 +335,9 @@ def probe(captured, batch: Mapping[str, torch.Tensor], prof, cluster: ClusterSpe
     pairs_here = None
     try:
         for m in ms:
+            # unchunked, shared experts on the attention group: what the fitted model prices
             p = dataclasses.replace(plan, num_microbatches=m, microbatch_size=per_rank // m, grad_accumulation=1,
-                                    schedule_kind="gpipe", in_flight=None)
+                                    schedule_kind="gpipe", in_flight=None, chunks=[], shared_expert_ranks=[])
             dm = build(captured, batch, p, sync_params=False, trace=True, release_unused=False,
                        timeout=timeout or DEFAULT_TIMEOUT)
             busy: list[tuple[float, float, int, int]] = []
