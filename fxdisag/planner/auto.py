@@ -148,9 +148,9 @@ def with_chunks(chosen: Plan, prof, cluster: ClusterSpec, batch: int, seq_len: i
                       shared_experts=where)
     except PlanError:
         return chosen
-    if not solved.chunks or (solved.attention_ranks, solved.expert_placement) != (
-            chosen.attention_ranks, chosen.expert_placement):
-        return chosen
+    keep = ("attention_ranks", "expert_ranks", "expert_placement", "num_microbatches", "shared_expert_ranks")
+    if not solved.chunks or any(getattr(solved, k) != getattr(chosen, k) for k in keep):
+        return chosen  # unchunked, or (another search's tie) not the chosen plan with chunks
     log.info("plan='auto': %s", next(n for n in solved.notes if n.startswith("dispatch -> experts")))
     return solved
 
