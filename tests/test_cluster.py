@@ -128,9 +128,10 @@ def test_measure_reads_the_link_latency_and_rate():
     # (at least the configured 3 ms, and far below the 10 ms of a 2 MB message at this rate, so
     # it is not taken from the bandwidth exchange), and its bandwidth the rate (within the
     # throttle's pacing error). The upper bound leaves room for a loaded CI host: CI read
-    # 4.76 ms once, when sleeps and gloo's threads were late on 2 busy cores.
+    # 4.76 ms once and 6.21 ms once (2026-12-08), when sleeps and gloo's threads were late on
+    # 2 busy cores; 8 ms still tells the latency from the 10 ms exchange.
     specs = run_distributed(_measure_throttled, 2, timeout=120,
                             env={"FXDISAG_THROTTLE": "200mbit,latency=3ms"})
     c = ClusterSpec.from_dict(specs[0])
-    assert 3e-3 <= c.inter_node_latency < 6e-3
+    assert 3e-3 <= c.inter_node_latency < 8e-3
     assert 0.7 * 25e6 < c.nic_bandwidth < 1.2 * 25e6
