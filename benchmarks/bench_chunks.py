@@ -16,7 +16,9 @@ of ``bench_afpipe_vs_ep.py``:
   ``DisaggregatedModel``, timed round-robin after a warm-up;
 * it reports each variant's median step (forward + ``loss.backward()``; slowest rank from a
   barrier), the prediction, and whether the losses agree (they compute the same thing);
-* the timelines of the last step of (1, 1) and the solver's pair, one above the other.
+* the timelines of the last step of (1, 1) and the solver's pair, one above the other, in
+  ``benchmarks/timelines_chunks_<ranks>r_<rate>.png`` (the figures RESULTS.md shows: a run
+  replaces them).
 
 The link is emulated in-process (``FXDISAG_THROTTLE``, default 400mbit): no root needed.
 The ranks share this machine's 2 cores: at 4 ranks each computes about 2x slower.
@@ -33,13 +35,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
+
+from timing import has_matplotlib, round_robin, stack_pngs  # noqa: E402
 
 FIXED = ((1, 1), (2, 2), (4, 4))
 
@@ -95,33 +98,17 @@ def worker(args) -> None:
         v["dmodel"] = fxdisag.disaggregate(make_model(cfg), example, v["plan"], trace=True)
         v["times"], v["losses"] = [], []
 
-    def step(v, batch, record: bool) -> None:
-        dmodel = v["dmodel"]
-        for p in dmodel.parameters():
-            p.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = dmodel(**batch)
-        out.loss.backward()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if record:
-            v["times"].append(elapsed.item())
-            v["losses"].append(float(out.loss.detach()))
+    def record(k: int, seconds: float, loss: float) -> None:
+        variants[k]["times"].append(seconds)
+        variants[k]["losses"].append(loss)
 
-    for v in variants:
-        for k in range(args.warmup):
-            step(v, batches[k], record=False)
-    for s in range(args.steps):  # round-robin, each start rotated: drift hits every variant alike
-        k = s % len(variants)
-        for v in variants[k:] + variants[:k]:
-            step(v, batches[args.warmup + s], record=True)
+    round_robin([v["dmodel"] for v in variants], batches, args.warmup, args.steps, record)
     pngs = []
     rate = os.environ.get("FXDISAG_THROTTLE", "unlimited")
     for v in variants:
         if v["chunks"] == (1, 1) or v["solver"]:
             stem = Path(args.out) / f"timeline_{world}r_m{v['m']}_c{v['chunks'][0]}x{v['chunks'][1]}"
-            png = str(stem) + ".png" if _has_matplotlib() else None
+            png = str(stem) + ".png" if has_matplotlib() else None
             v["dmodel"].write_timeline(
                 trace_json=str(stem) + ".json", png=png,
                 title=f"{world} ranks, m={v['m']}, chunks {v['chunks'][0]} x {v['chunks'][1]}, {rate}: "
@@ -140,31 +127,6 @@ def worker(args) -> None:
             indent=1))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def stack(paths: list[str], target: Path) -> str | None:
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    images = [Image.open(p).convert("RGB") for p in paths if Path(p).exists()]
-    if not images:
-        return None
-    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
-    y = 0
-    for image in images:
-        sheet.paste(image, (0, y))
-        y += image.height
-    sheet.save(target)
-    return str(target)
 
 
 def report(result: dict) -> list[str]:
@@ -214,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         same = all(abs(x - y) <= 1e-5 for other in losses[1:] for x, y in zip(losses[0], other))
         ok &= same
         print(f"losses agree across variants (<= 1e-5): {same}")
-        sheet = stack(result["timelines"], HERE / f"timelines_chunks_{world}r_{args.rate}.png")
+        sheet = stack_pngs(result["timelines"], HERE / f"timelines_chunks_{world}r_{args.rate}.png")
         if sheet:
             print(f"timelines (1 x 1 and the solver's, per m), one above the other: {sheet}")
     return 0 if ok else 1

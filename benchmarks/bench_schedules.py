@@ -54,6 +54,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+from timing import has_matplotlib, stack_pngs  # noqa: E402
+
 SCHEDULES = ("gpipe", "1f1b")
 EP_MICROBATCHES = 2
 
@@ -173,13 +175,7 @@ def worker(config: str, m: int, steps: int, warmup: int, out: str, in_flight: in
             times.append(elapsed.item())
             losses.append(float(out_.loss.detach()))
     stem = Path(out) / f"timeline_{config}_m{m}"
-    png = None
-    try:
-        import matplotlib  # noqa: F401
-
-        png = str(stem) + ".png"
-    except ImportError:
-        pass
+    png = str(stem) + ".png" if has_matplotlib() else None
     dmodel.write_timeline(trace_json=str(stem) + ".json", png=png,
                           title=f"{config}, m={m}, {os.environ.get('FXDISAG_THROTTLE', 'unlimited')}: "
                                 f"step {statistics.median(times):.3f} s (median)")
@@ -203,24 +199,11 @@ def _mb(value) -> str:
 
 def stack_timelines(out: str, configs: list[str], m: int, name: str) -> str | None:
     """One PNG with every configuration's timeline, one above the other (same time scale
-    is not forced: each panel is its own step), or None without matplotlib's PIL."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
+    is not forced: each panel is its own step), or None without PIL or a panel."""
     paths = [Path(out, f"timeline_{c}_m{m}.png") for c in configs]
     if not all(p.exists() for p in paths):
         return None
-    images = [Image.open(p).convert("RGB") for p in paths]
-    width = max(i.width for i in images)
-    sheet = Image.new("RGB", (width, sum(i.height for i in images)), "white")
-    y = 0
-    for image in images:
-        sheet.paste(image, (0, y))
-        y += image.height
-    target = Path(out, name)
-    sheet.save(target)
-    return str(target)
+    return stack_pngs(paths, Path(out, name))
 
 
 def main(argv: list[str] | None = None) -> int:

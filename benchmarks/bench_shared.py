@@ -34,13 +34,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
+
+from timing import round_robin  # noqa: E402
 
 SEQ_LEN, GLOBAL_BATCH = 128, 16
 SPLITS = {2: ["1:1"], 4: ["2:2", "1:3"]}
@@ -106,28 +107,13 @@ def worker(args) -> None:
         v["dmodel"] = fxdisag.disaggregate(make_model(cfg), example, v["plan"], trace=True)
         v["times"], v["losses"], v["sent"] = [], [], []
 
-    def step(v, batch, record: bool) -> None:
-        dmodel = v["dmodel"]
-        for p in dmodel.parameters():
-            p.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = dmodel(**batch)
-        out.loss.backward()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if record:
-            v["times"].append(elapsed.item())
-            v["losses"].append(float(out.loss.detach()))
-            v["sent"].append(sum(dmodel.step_sent_bytes().values()))
+    def record(k: int, seconds: float, loss: float) -> None:
+        v = variants[k]
+        v["times"].append(seconds)
+        v["losses"].append(loss)
+        v["sent"].append(sum(v["dmodel"].step_sent_bytes().values()))
 
-    for v in variants:
-        for k in range(args.warmup):
-            step(v, batches[k], record=False)
-    for s in range(args.steps):  # round-robin, each start rotated: drift hits every variant alike
-        k = s % len(variants)
-        for v in variants[k:] + variants[:k]:
-            step(v, batches[args.warmup + s], record=True)
+    round_robin([v["dmodel"] for v in variants], batches, args.warmup, args.steps, record)
     sent = []
     for v in variants:
         mine = statistics.median(v["sent"]) if v["dmodel"].has_attention else 0.0

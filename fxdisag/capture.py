@@ -47,7 +47,7 @@ from torch import nn
 
 from fxdisag.layout import LayoutError, ModelLayout, find_layout
 
-__all__ = ["CaptureError", "CapturedModel", "RegionTag", "capture", "REGION_KINDS"]
+__all__ = ["CaptureError", "CapturedModel", "RegionTag", "capture", "depends_on", "REGION_KINDS"]
 
 REGION_KINDS = (
     "embed",
@@ -626,3 +626,18 @@ def _innermost_module(tracer: _MoETracer) -> str:
         fqn = fqn[len("model.") :] if fqn.startswith("model.") else fqn
         return f"module {fqn!r} ({getattr(cls, '__name__', cls)})"
     return "the top-level forward"
+
+
+def depends_on(node: fx.Node, source: fx.Node | None) -> bool:
+    """Whether ``node`` is ``source`` or computed from it (a walk over its inputs)."""
+    if source is None:
+        return False
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False

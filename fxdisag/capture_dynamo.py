@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxdisag.capture import SUPPORTED_INPUTS, CapturedModel, CaptureError, tag_regions
+from fxdisag.capture import SUPPORTED_INPUTS, CapturedModel, CaptureError, depends_on, tag_regions
 from fxdisag.layout import find_layout
 
 __all__ = ["DynamoInputs", "DynamoOutputs", "dynamo_inputs", "dynamo_outputs", "from_dynamo", "graph_root"]
@@ -255,21 +255,6 @@ def _input_name(parts: list[str]) -> str:
                        f"{', '.join(SUPPORTED_INPUTS)}")
 
 
-def _reads(node: fx.Node, source: fx.Node | None) -> bool:
-    """Whether ``node`` depends on ``source`` (the loss is the scalar computed from the labels)."""
-    if source is None:
-        return False
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n is source:
-            return True
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return False
-
-
 def _outputs(out_node: fx.Node, labels: fx.Node | None, vocab: int, ids: fx.Node | None = None) -> DynamoOutputs:
     values = out_node.args[0]
     values = list(values) if isinstance(values, (tuple, list)) else [values]
@@ -277,9 +262,9 @@ def _outputs(out_node: fx.Node, labels: fx.Node | None, vocab: int, ids: fx.Node
               for v in values]
     alias = False
     if labels is None and ids is not None:  # model(input_ids=x, labels=x): the same tensor twice
-        alias = any(s == () and _value(v).is_floating_point() and _reads(v, ids) for v, s in zip(values, shapes))
+        alias = any(s == () and _value(v).is_floating_point() and depends_on(v, ids) for v, s in zip(values, shapes))
     source = ids if alias else labels
-    losses = [i for i, s in enumerate(shapes) if s == () and _reads(values[i], source)]
+    losses = [i for i, s in enumerate(shapes) if s == () and depends_on(values[i], source)]
     logits = [i for i, s in enumerate(shapes) if s is not None and len(s) == 3 and str(s[-1]) == str(vocab)
               and _value(values[i]).is_floating_point()]
     has_labels = source is not None

@@ -59,6 +59,17 @@ def test_pack_gradients_equal_the_experts_call():
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
+def _assert_trains_like_eager(program, model, reference, batch) -> None:
+    """The split program's loss (<= 1e-6) and every gradient (relative <= 1e-5) equal eager's."""
+    loss, _ = program.graph_module(batch["input_ids"], batch["labels"])
+    loss.backward()
+    ref = reference(**batch, use_cache=False)
+    ref.loss.backward()
+    assert abs(float(loss) - float(ref.loss)) <= 1e-6
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)) <= 1e-5, name
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_split_program_matches_eager_in_one_process(family):
     model = tiny_model(family)
@@ -69,13 +80,7 @@ def test_split_program_matches_eager_in_one_process(family):
     owner = [e * 3 // num_experts for e in range(num_experts)]
     program = split_stages(insert_dispatch(captured.graph_module, captured.layout, owner, 3))
     assert len(program.stages) == len(captured.layout.moe) + 1
-    loss, _ = program.graph_module(batch["input_ids"], batch["labels"])
-    loss.backward()
-    ref = reference(**batch, use_cache=False)
-    ref.loss.backward()
-    assert abs(float(loss) - float(ref.loss)) <= 1e-6
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        assert float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)) <= 1e-5, name
+    _assert_trains_like_eager(program, model, reference, batch)
 
 
 class SplitShapeTest(expecttest.TestCase):
@@ -119,13 +124,7 @@ def test_shared_experts_as_an_expert_match_eager_in_one_process(family, slots):
     staged = {id(p) for st in program.stages for p in st.module.parameters()}
     for b in program.boundaries:
         assert all(id(p) not in staged for p in model.get_submodule(b.shared_fqn).parameters())
-    loss, _ = program.graph_module(batch["input_ids"], batch["labels"])
-    loss.backward()
-    ref = reference(**batch, use_cache=False)
-    ref.loss.backward()
-    assert abs(float(loss) - float(ref.loss)) <= 1e-6
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        assert float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)) <= 1e-5, name
+    _assert_trains_like_eager(program, model, reference, batch)
 
 
 class SharedExpertsPassTest(expecttest.TestCase):

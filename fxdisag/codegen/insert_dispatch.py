@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from fxdisag.capture import RegionTag
+from fxdisag.capture import RegionTag, depends_on
 from fxdisag.dump import maybe_dump_graph
 from fxdisag.layout import ModelLayout
 from fxdisag.runtime import dispatch
@@ -216,21 +216,9 @@ def _shared_term(node: fx.Node, moe, hidden: fx.Node) -> tuple[fx.Node, fx.Node,
     if len(call.args) != 1 or call.kwargs or len(call.users) != 1 or _root(call.args[0]) is not _root(hidden):
         raise ValueError(f"{where}: shared experts {call.target!r} must be called once, on the experts' own rows "
                          f"(got {call.format_node()}); {fix}")
-    if gate is not None and _depends_on(gate, node):
+    if gate is not None and depends_on(gate, node):
         raise ValueError(f"{where}: the shared experts' gate depends on the routed experts' output; {fix}")
     return end, add, term, call, gate
-
-
-def _depends_on(value: fx.Node, node: fx.Node) -> bool:
-    seen, stack = set(), [value]
-    while stack:
-        n = stack.pop()
-        if n is node:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
 
 
 def movable_shared_experts(gm: fx.GraphModule, layout: ModelLayout) -> dict[int, str | ValueError]:

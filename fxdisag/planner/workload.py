@@ -131,7 +131,6 @@ class Workload:
     # The shared experts an expert rank can run (MoELayerProfile.shared_params, mean over the
     # MoE layers; 0: none): per sequence, as a region on whichever group runs them.
     shared_params: float = 0.0
-    shared_region: RegionCost | None = None
     shared_k: tuple[float, float] = (1.0, 1.0)  # (attention side, expert side) FLOP scales (a calibration's)
     shared_fraction: tuple[float, float] = (0.0, 0.0)  # (fwd, bwd) their share of a MoE layer's attention-side FLOPs
     _shares: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -174,6 +173,18 @@ class Workload:
     @property
     def num_moe_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def shared_region(self) -> RegionCost | None:
+        """The movable shared experts of one MoE layer as a region, per sequence (None:
+        none): 2 FLOPs per parameter and token forward (an MLP of linear layers), 2x
+        backward, a hidden row in and out per token, and the weights."""
+        if not self.shared_params:
+            return None
+        return RegionCost(fwd_flops=2.0 * self.shared_params * self.seq_len,
+                          bwd_flops=4.0 * self.shared_params * self.seq_len,
+                          io_bytes=2.0 * self.seq_len * self.expert_input_per_row,
+                          weight_bytes=self.shared_params * self.dtype_bytes)
 
     @classmethod
     def from_profile(cls, profile, seq_len: int) -> "Workload":
@@ -263,21 +274,10 @@ class Workload:
             stage_unlayered=stage_unlayered,
             stage_layers=[len(x) for x in stage_decoder],
             shared_params=mean("shared_params"),
-            shared_region=_shared_region(mean("shared_params"), seq_len, profile.hidden_size, profile.dtype_bytes),
             shared_k=(mean("shared_k_attention"), mean("shared_k_experts")),
             shared_fraction=_shared_fraction(profile, seq_len),
         )
 
-
-
-def _shared_region(params: float, seq_len: int, hidden: int, dtype_bytes: int) -> RegionCost | None:
-    """The movable shared experts of one MoE layer as a region, per sequence: 2 FLOPs per
-    parameter and token forward (an MLP of linear layers), 2x backward, a hidden row in and
-    out per token, and the weights."""
-    if not params:
-        return None
-    return RegionCost(fwd_flops=2.0 * params * seq_len, bwd_flops=4.0 * params * seq_len,
-                      io_bytes=2.0 * seq_len * hidden * dtype_bytes, weight_bytes=params * dtype_bytes)
 
 
 def _shared_fraction(profile, seq_len: int) -> tuple[float, float]:
